@@ -1,0 +1,117 @@
+"""The one seam where fastrnn picks a backend and a thread count.
+
+The compiled modules are imported lazily, on first use, so that
+``import fastrnn`` stays cheap and never compiles anything.
+"""
+import importlib
+import os
+import threading
+import warnings
+
+BACKENDS = ("cython", "numba", "numpy")
+ENV_VAR = "FASTRNN_BACKEND"
+
+_MODULES = {
+    "cython": "fastrnn._cykernels",
+    "numba": "fastrnn._numba_kernels",
+    "numpy": None,
+}
+_lock = threading.Lock()
+_loaded = {}          # name -> module (or None for numpy)
+_failed = {}          # name -> reason string
+_warned = False
+_num_threads = None
+
+
+def _try_load(name):
+    with _lock:
+        if name in _loaded:
+            return True
+        if name in _failed:
+            return False
+        modname = _MODULES[name]
+        if modname is None:
+            _loaded[name] = None
+            return True
+        try:
+            _loaded[name] = importlib.import_module(modname)
+            return True
+        except Exception as exc:  # ImportError, numba compile errors, ...
+            _failed[name] = f"{type(exc).__name__}: {exc}"
+            return False
+
+
+def available_backends():
+    """The backends that can run here, as a tuple, fastest first."""
+    return tuple(name for name in BACKENDS if _try_load(name))
+
+
+def resolve(backend="auto"):
+    """Return the name of the backend to use for ``backend``.
+
+    ``"auto"`` means the ``FASTRNN_BACKEND`` environment variable if it is
+    set, else the fastest available backend.  An explicit choice that is not
+    available raises ``ValueError`` listing the available ones.
+    """
+    global _warned
+    if backend is None:
+        backend = "auto"
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, one of "
+                        f"{('auto',) + BACKENDS}, got {type(backend).__name__}")
+    if backend == "auto":
+        env = os.environ.get(ENV_VAR, "").strip().lower()
+        if env and env != "auto":
+            if env not in BACKENDS:
+                raise ValueError(f"{ENV_VAR}={env!r} is not a backend; "
+                                 f"expected one of {BACKENDS}")
+            backend = env
+        else:
+            for name in BACKENDS:
+                if _try_load(name):
+                    if name != BACKENDS[0] and not _warned:
+                        _warned = True
+                        reasons = "; ".join(f"{k}: {v}" for k, v in _failed.items())
+                        warnings.warn(f"fastrnn: compiled backends unavailable "
+                                      f"({reasons}); falling back to {name!r}",
+                                      RuntimeWarning, stacklevel=3)
+                    return name
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, "
+                         f"got {backend!r}")
+    if not _try_load(backend):
+        raise ValueError(f"backend {backend!r} is not available "
+                         f"({_failed.get(backend)}); available backends: "
+                         f"{available_backends()}")
+    return backend
+
+
+def module(name):
+    """The kernel module of a loaded backend."""
+    if not _try_load(name):
+        raise ValueError(f"backend {name!r} is not available")
+    return _loaded[name]
+
+
+def _default_threads():
+    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def set_num_threads(n):
+    """Set the number of threads fastrnn's kernels use (default:
+    ``OMP_NUM_THREADS``, else the cores this process may run on)."""
+    global _num_threads
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    _num_threads = n
+
+
+def get_num_threads():
+    """The number of threads fastrnn's kernels use."""
+    return _num_threads if _num_threads is not None else _default_threads()

@@ -1,0 +1,264 @@
+"""fastrnn's kernels on NumPy arrays: forward and backward (BPTT) of the
+tanh-RNN and the LSTM, in Keras's weight layout.
+
+Shapes: ``x`` (B, T, I); ``kernel`` (I, G*H); ``recurrent_kernel`` (H, G*H);
+``bias`` (G*H,) or None; ``h0``/``c0`` (B, H) or None (zeros);
+``mask`` (B, T) bool or None.  G = 4 for the LSTM (gate blocks i, f, c, o),
+G = 1 for the RNN.  float32 and float64 are supported; results have the
+inputs' dtype.  The math is specified by :mod:`fastrnn.reference`.
+
+The compiled backends run in time-major, reading order internally: this
+module moves arrays between that layout and the public one, allocates every
+buffer, and calls one kernel entry point per pass.
+"""
+from collections import namedtuple
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import _backend, _checks, reference
+
+__all__ = ["lstm_forward", "lstm_backward", "rnn_forward", "rnn_backward",
+           "LSTMResult", "RNNResult", "LSTMGrads", "RNNGrads", "Workspace"]
+
+LSTMResult = namedtuple("LSTMResult", "outputs h c workspace")
+RNNResult = namedtuple("RNNResult", "outputs h workspace")
+LSTMGrads = namedtuple("LSTMGrads", "x h0 c0 kernel recurrent_kernel bias")
+RNNGrads = namedtuple("RNNGrads", "x h0 kernel recurrent_kernel bias")
+
+ACTIVATIONS = {"tanh": 0, "relu": 1, "linear": 2}
+_NO_MASK = np.zeros((0, 0), dtype=np.uint8)
+
+
+@dataclass(eq=False)
+class Workspace:
+    """What a forward pass keeps for its backward pass.
+
+    Opaque to users: pass it to ``lstm_backward``/``rnn_backward``.  Backward
+    runs on the backend that made it and does not modify it.
+    """
+    kind: str                 # "lstm" or "rnn"
+    backend: str              # the backend that made it
+    shape: tuple              # (B, T, I, H)
+    dtype: np.dtype
+    go_backwards: bool
+    has_bias: bool
+    activation: str = "tanh"
+    data: dict = field(default_factory=dict, repr=False)
+
+
+# ----------------------------------------------------------------- layout ---
+def _time_major(a, go_backwards):
+    """(B, T, ...) -> contiguous (T, B, ...) in reading order."""
+    a = a.swapaxes(0, 1)
+    if go_backwards:
+        a = a[::-1]
+    return np.ascontiguousarray(a)
+
+
+def _batch_major(a, go_backwards):
+    """Inverse of ``_time_major``: (T, B, ...) reading order -> (B, T, ...)."""
+    if go_backwards:
+        a = a[::-1]
+    return np.ascontiguousarray(a.swapaxes(0, 1))
+
+
+def _seen(mask_tm):
+    """(T, B, 1): whether the row has had an unmasked step yet (its output is
+    zero before that, while its state is still h0)."""
+    return np.logical_or.accumulate(mask_tm.astype(bool), axis=0)[:, :, None]
+
+
+def _degenerate(B, T, H):
+    return B == 0 or T == 0 or H == 0
+
+
+# ------------------------------------------------------------------- LSTM ---
+def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
+                 mask=None, go_backwards=False, return_workspace=False,
+                 backend="auto"):
+    """LSTM forward pass.
+
+    Returns ``LSTMResult(outputs (B, T, H), h (B, H), c (B, H), workspace)``;
+    ``workspace`` is None unless ``return_workspace=True``.
+    """
+    x, W, U, b, (B, T, I, H) = _checks.weights(x, kernel, recurrent_kernel,
+                                               bias, 4)
+    h0 = _checks.optional_state("h0", h0, B, H, x.dtype)
+    c0 = _checks.optional_state("c0", c0, B, H, x.dtype)
+    mask = _checks.mask_array(mask, B, T)
+    go_backwards = _checks.flag("go_backwards", go_backwards)
+    training = _checks.flag("return_workspace", return_workspace)
+    name = _backend.resolve(backend)
+    ws = Workspace("lstm", name, (B, T, I, H), x.dtype, go_backwards,
+                   bias is not None)
+
+    if name == "numpy" or _degenerate(B, T, H):
+        out, h, c, ref_ws = reference.lstm_forward(x, W, U, b, h0, c0, mask,
+                                                   go_backwards)
+        ws.data = {"reference": ref_ws}
+        return LSTMResult(out, h, c, ws if training else None)
+
+    dt = x.dtype
+    x_tm = _time_major(x, go_backwards)
+    mask_tm = _NO_MASK if mask is None else _time_major(mask, go_backwards).view(np.uint8)
+    hs = np.empty((T + 1, B, H), dt)
+    hs[0] = h0
+    cs = np.empty((T + 1 if training else 2, B, H), dt)
+    cs[0] = c0
+    gates = np.empty((T, B, 4 * H), dt)
+    _backend.module(name).lstm_forward(
+        x_tm, np.ascontiguousarray(W), np.ascontiguousarray(U),
+        np.ascontiguousarray(b), mask_tm, hs, cs, gates, training,
+        _backend.get_num_threads())
+    seen = None if mask is None else _seen(mask_tm)
+    out_tm = hs[1:] if seen is None else hs[1:] * seen
+    outputs = _batch_major(out_tm, False)
+    c = cs[T if training else T % 2].copy()
+    if training:
+        ws.data = dict(x_tm=x_tm, W=W, U=U, mask_tm=mask_tm, hs=hs, cs=cs,
+                       gates=gates, seen=seen)
+    return LSTMResult(outputs, hs[T].copy(), c, ws if training else None)
+
+
+def _check_workspace(workspace, kind):
+    if not isinstance(workspace, Workspace):
+        raise TypeError(f"workspace must be the Workspace returned by "
+                        f"{kind}_forward(..., return_workspace=True), "
+                        f"got {type(workspace).__name__}")
+    if workspace.kind != kind:
+        raise ValueError(f"workspace was made by {workspace.kind}_forward, "
+                         f"not {kind}_forward")
+
+
+def _d_arrays(workspace, d_outputs, states):
+    B, T, I, H = workspace.shape
+    dt = workspace.dtype
+    if d_outputs is None:
+        d_out = np.zeros((B, T, H), dt)
+    else:
+        d_out = _checks.as_float_array("d_outputs", d_outputs, 3, dt)
+        _checks.check_shape("d_outputs", d_out, (B, T, H))
+    ds = [_checks.optional_state(n, a, B, H, dt) for n, a in states]
+    return d_out, ds
+
+
+def lstm_backward(workspace, d_outputs, d_h=None, d_c=None):
+    """Backward pass of ``lstm_forward``.
+
+    d_outputs (B, T, H), d_h, d_c (B, H): gradients of the loss with respect
+    to the forward's outputs, h and c (None means zeros).  Returns
+    ``LSTMGrads(x, h0, c0, kernel, recurrent_kernel, bias)``; ``bias`` is None
+    when the forward had no bias.
+    """
+    _check_workspace(workspace, "lstm")
+    d_out, (d_h, d_c) = _d_arrays(workspace, d_outputs,
+                                  [("d_h", d_h), ("d_c", d_c)])
+    B, T, I, H = workspace.shape
+    dt = workspace.dtype
+    if "reference" in workspace.data:
+        g = reference.lstm_backward(workspace.data["reference"], d_out, d_h, d_c)
+        return LSTMGrads(g["x"], g["h0"], g["c0"], g["kernel"],
+                         g["recurrent_kernel"],
+                         g["bias"] if workspace.has_bias else None)
+    d = workspace.data
+    d_out_tm = _time_major(d_out, workspace.go_backwards)
+    if d["seen"] is not None:
+        d_out_tm *= d["seen"]
+    dh = np.array(d_h, dtype=dt, order="C", copy=True)
+    dc = np.array(d_c, dtype=dt, order="C", copy=True)
+    dx_tm = np.empty((T, B, I), dt)
+    dW = np.empty((I, 4 * H), dt)
+    dU = np.empty((H, 4 * H), dt)
+    db = np.empty(4 * H, dt)
+    dz = np.empty((T, B, 4 * H), dt)
+    work = np.empty((B, H), dt)
+    _backend.module(workspace.backend).lstm_backward(
+        d["x_tm"], np.ascontiguousarray(d["W"]), np.ascontiguousarray(d["U"]),
+        d["mask_tm"], d["hs"], d["cs"], d["gates"], d_out_tm, dh, dc,
+        dx_tm, dW, dU, db, dz, work, _backend.get_num_threads())
+    dx = _batch_major(dx_tm, workspace.go_backwards)
+    return LSTMGrads(dx, dh, dc, dW, dU, db if workspace.has_bias else None)
+
+
+# -------------------------------------------------------------------- RNN ---
+def _activation_code(activation):
+    if activation is None:
+        activation = "linear"
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, "
+                         f"got {activation!r}")
+    return activation
+
+
+def rnn_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *,
+                activation="tanh", mask=None, go_backwards=False,
+                return_workspace=False, backend="auto"):
+    """Simple RNN forward pass,
+    ``h_t = activation(x_t @ kernel + h_{t-1} @ recurrent_kernel + bias)``.
+
+    Returns ``RNNResult(outputs (B, T, H), h (B, H), workspace)``.
+    """
+    x, W, U, b, (B, T, I, H) = _checks.weights(x, kernel, recurrent_kernel,
+                                               bias, 1)
+    h0 = _checks.optional_state("h0", h0, B, H, x.dtype)
+    mask = _checks.mask_array(mask, B, T)
+    activation = _activation_code(activation)
+    go_backwards = _checks.flag("go_backwards", go_backwards)
+    training = _checks.flag("return_workspace", return_workspace)
+    name = _backend.resolve(backend)
+    ws = Workspace("rnn", name, (B, T, I, H), x.dtype, go_backwards,
+                   bias is not None, activation)
+
+    if name == "numpy" or _degenerate(B, T, H):
+        out, h, ref_ws = reference.rnn_forward(x, W, U, b, h0, activation,
+                                               mask, go_backwards)
+        ws.data = {"reference": ref_ws}
+        return RNNResult(out, h, ws if training else None)
+
+    dt = x.dtype
+    x_tm = _time_major(x, go_backwards)
+    mask_tm = _NO_MASK if mask is None else _time_major(mask, go_backwards).view(np.uint8)
+    hs = np.empty((T + 1, B, H), dt)
+    hs[0] = h0
+    z = np.empty((T, B, H), dt)
+    _backend.module(name).rnn_forward(
+        x_tm, np.ascontiguousarray(W), np.ascontiguousarray(U),
+        np.ascontiguousarray(b), mask_tm, hs, z, ACTIVATIONS[activation],
+        _backend.get_num_threads())
+    seen = None if mask is None else _seen(mask_tm)
+    out_tm = hs[1:] if seen is None else hs[1:] * seen
+    outputs = _batch_major(out_tm, False)
+    if training:
+        ws.data = dict(x_tm=x_tm, W=W, U=U, mask_tm=mask_tm, hs=hs, seen=seen)
+    return RNNResult(outputs, hs[T].copy(), ws if training else None)
+
+
+def rnn_backward(workspace, d_outputs, d_h=None):
+    """Backward pass of ``rnn_forward``.  Returns
+    ``RNNGrads(x, h0, kernel, recurrent_kernel, bias)``."""
+    _check_workspace(workspace, "rnn")
+    d_out, (d_h,) = _d_arrays(workspace, d_outputs, [("d_h", d_h)])
+    B, T, I, H = workspace.shape
+    dt = workspace.dtype
+    if "reference" in workspace.data:
+        g = reference.rnn_backward(workspace.data["reference"], d_out, d_h)
+        return RNNGrads(g["x"], g["h0"], g["kernel"], g["recurrent_kernel"],
+                        g["bias"] if workspace.has_bias else None)
+    d = workspace.data
+    d_out_tm = _time_major(d_out, workspace.go_backwards)
+    if d["seen"] is not None:
+        d_out_tm *= d["seen"]
+    dh = np.array(d_h, dtype=dt, order="C", copy=True)
+    dx_tm = np.empty((T, B, I), dt)
+    dW = np.empty((I, H), dt)
+    dU = np.empty((H, H), dt)
+    db = np.empty(H, dt)
+    dz = np.empty((T, B, H), dt)
+    work = np.empty((B, H), dt)
+    _backend.module(workspace.backend).rnn_backward(
+        d["x_tm"], np.ascontiguousarray(d["W"]), np.ascontiguousarray(d["U"]),
+        d["mask_tm"], d["hs"], ACTIVATIONS[workspace.activation], d_out_tm, dh,
+        dx_tm, dW, dU, db, dz, work, _backend.get_num_threads())
+    dx = _batch_major(dx_tm, workspace.go_backwards)
+    return RNNGrads(dx, dh, dW, dU, db if workspace.has_bias else None)
