@@ -1,0 +1,120 @@
+/*
+ * fastrnn: fused tanh-RNN and LSTM kernels (forward and BPTT backward).
+ *
+ * Every entry point works on caller-allocated, C-contiguous buffers in
+ * time-major *reading order* (the caller reverses the time axis for
+ * go_backwards), with Keras's weight layout:
+ *
+ *   T, B, I, H   time steps, batch rows, input features, hidden units
+ *                (T, B, H >= 1; I >= 0)
+ *   x     (T, B, I)       inputs
+ *   W     (I, G*H)        kernel; LSTM gate blocks i, f, c, o (G = 4); RNN G = 1
+ *   U     (H, G*H)        recurrent kernel
+ *   bias  (G*H)           bias (zeros when the layer has none)
+ *   mask  (T, B) uint8    nonzero = row b takes step t; NULL = no mask.
+ *                         A masked row carries its state over unchanged.
+ *   hs    (T+1, B, H)     hs[0] = h0 on entry; hs[t+1] = state after step t
+ *
+ * BLAS is passed in as a function pointer (the caller hands in SciPy's
+ * sgemm/dgemm from scipy.linalg.cython_blas), so nothing else is linked.
+ * Functions return 0 on success, nonzero on bad arguments or failed
+ * allocation.  They hold no global state and are safe to call from several
+ * threads at once.
+ */
+#ifndef FASTRNN_H
+#define FASTRNN_H
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef void (*fr_sgemm_fn)(char *transa, char *transb, int *m, int *n, int *k,
+                            float *alpha, float *a, int *lda, float *b, int *ldb,
+                            float *beta, float *c, int *ldc);
+typedef void (*fr_dgemm_fn)(char *transa, char *transb, int *m, int *n, int *k,
+                            double *alpha, double *a, int *lda, double *b, int *ldb,
+                            double *beta, double *c, int *ldc);
+
+enum { FR_ACT_TANH = 0, FR_ACT_RELU = 1, FR_ACT_LINEAR = 2 };
+
+/*
+ * LSTM forward.
+ *   cs     (T+1, B, H) when training, else (2, B, H): cs[0] = c0 on entry;
+ *          the cell state after step t is in cs[t+1] (training) or
+ *          cs[(t+1) % 2] (inference).
+ *   gates  (T, B, 4H) scratch; when training, holds on exit the activated
+ *          gates i, f, g, o that lstm_backward needs.
+ *   nthreads  OpenMP threads for the pointwise work (ignored without OpenMP).
+ */
+int fr_lstm_forward_f32(fr_sgemm_fn gemm, int nthreads, int training,
+                        int T, int B, int I, int H,
+                        const float *x, const float *W, const float *U,
+                        const float *bias, const unsigned char *mask,
+                        float *hs, float *cs, float *gates);
+int fr_lstm_forward_f64(fr_dgemm_fn gemm, int nthreads, int training,
+                        int T, int B, int I, int H,
+                        const double *x, const double *W, const double *U,
+                        const double *bias, const unsigned char *mask,
+                        double *hs, double *cs, double *gates);
+
+/*
+ * LSTM backward (BPTT), from the forward's saved hs, cs (T+1, B, H) and
+ * activated gates (T, B, 4H).
+ *   d_out  (T, B, H)   gradient w.r.t. hs[1:] (the caller has folded in
+ *                      Keras's zero-output-before-first-step rule)
+ *   dh, dc (B, H)      in: gradient w.r.t. the final h and c;
+ *                      out: gradient w.r.t. h0 and c0
+ *   dx (T, B, I), dW (I, 4H), dU (H, 4H), db (4H)   outputs
+ *   dz     (T, B, 4H)  scratch: pre-activation gradients
+ *   work   (B, H)      scratch
+ */
+int fr_lstm_backward_f32(fr_sgemm_fn gemm, int nthreads, int T, int B, int I, int H,
+                         const float *x, const float *W, const float *U,
+                         const unsigned char *mask, const float *hs,
+                         const float *cs, const float *gates, const float *d_out,
+                         float *dh, float *dc, float *dx, float *dW, float *dU,
+                         float *db, float *dz, float *work);
+int fr_lstm_backward_f64(fr_dgemm_fn gemm, int nthreads, int T, int B, int I, int H,
+                         const double *x, const double *W, const double *U,
+                         const unsigned char *mask, const double *hs,
+                         const double *cs, const double *gates, const double *d_out,
+                         double *dh, double *dc, double *dx, double *dW, double *dU,
+                         double *db, double *dz, double *work);
+
+/*
+ * Simple RNN forward: hs[t+1] = act(x[t] W + hs[t] U + bias).
+ *   z    (T, B, H) scratch (pre-activations)
+ *   act  FR_ACT_TANH, FR_ACT_RELU or FR_ACT_LINEAR
+ */
+int fr_rnn_forward_f32(fr_sgemm_fn gemm, int nthreads, int act, int T, int B, int I, int H,
+                       const float *x, const float *W, const float *U,
+                       const float *bias, const unsigned char *mask,
+                       float *hs, float *z);
+int fr_rnn_forward_f64(fr_dgemm_fn gemm, int nthreads, int act, int T, int B, int I, int H,
+                       const double *x, const double *W, const double *U,
+                       const double *bias, const unsigned char *mask,
+                       double *hs, double *z);
+
+/*
+ * Simple RNN backward, with the activation's derivative taken from the saved
+ * outputs hs.  Arguments as for the LSTM, without the cell state.
+ */
+int fr_rnn_backward_f32(fr_sgemm_fn gemm, int nthreads, int act, int T, int B, int I, int H,
+                        const float *x, const float *W, const float *U,
+                        const unsigned char *mask, const float *hs,
+                        const float *d_out, float *dh, float *dx, float *dW,
+                        float *dU, float *db, float *dz, float *work);
+int fr_rnn_backward_f64(fr_dgemm_fn gemm, int nthreads, int act, int T, int B, int I, int H,
+                        const double *x, const double *W, const double *U,
+                        const unsigned char *mask, const double *hs,
+                        const double *d_out, double *dh, double *dx, double *dW,
+                        double *dU, double *db, double *dz, double *work);
+
+/* How the kernels were built: compiler, OpenMP version (0 without). */
+const char *fr_compiler(void);
+int fr_openmp_version(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* FASTRNN_H */

@@ -1,0 +1,115 @@
+/*
+ * fastrnn's C kernels: see fastrnn.h for the contract.  The bodies live in
+ * rnn_kernels_impl.h and are instantiated here for float and double.
+ *
+ * float uses a vectorisable exp (Cephes-style: range reduction, a degree-6
+ * polynomial, 2^n through the exponent bits; about 1 ulp) and tanh built on
+ * it, so that the gate pass compiles to SIMD code; double, used for gradient
+ * checks, uses libm.  NaN propagates through both.
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "fastrnn.h"
+
+/* The gate passes are compiled for AVX-512, AVX2 and baseline x86-64 and the
+ * best one is picked at load time (GCC function multi-versioning). */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
+    defined(__linux__) && !defined(FASTRNN_NO_MULTIVERSION)
+#define FR_VECTORIZE __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define FR_VECTORIZE
+#endif
+
+static inline float fr_expf(float x)
+{
+    /* clamp to the finite range; comparisons leave NaN untouched */
+    x = x > 88.0f ? 88.0f : x;
+    x = x < -87.0f ? -87.0f : x;
+    /* n = round(x / ln 2), exactly, without libm */
+    float fn = x * 1.44269504088896341f + 12582912.0f;
+    fn -= 12582912.0f;
+    float r = x - fn * 0.693359375f;
+    r = r + fn * 2.12194440e-4f;
+    float p = 1.9875691500E-4f;
+    p = p * r + 1.3981999507E-3f;
+    p = p * r + 8.3334519073E-3f;
+    p = p * r + 4.1665795894E-2f;
+    p = p * r + 1.6666665459E-1f;
+    p = p * r + 5.0000001201E-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t i; float f; } u;
+    u.i = ((int32_t)fn + 127) << 23;
+    return p * u.f;
+}
+
+static inline float fr_sigmoidf(float x)
+{
+    return 1.0f / (1.0f + fr_expf(-x));
+}
+
+static inline float fr_tanhf(float x)
+{
+    float ax = x < 0 ? -x : x;
+    /* small |x|: odd polynomial (Cephes tanhf), no cancellation */
+    float z = x * x;
+    float small = ((((-5.70498872745E-3f * z + 2.06390887954E-2f) * z
+                     - 5.37397155531E-2f) * z + 1.33314422036E-1f) * z
+                   - 3.33332819422E-1f) * z * x + x;
+    /* larger |x|: 1 - 2 / (exp(2|x|) + 1), with the sign of x */
+    float e = fr_expf(2.0f * ax);
+    float big = 1.0f - 2.0f / (e + 1.0f);
+    big = x < 0 ? -big : big;
+    return ax < 0.625f ? small : big;   /* NaN: takes big, which is NaN */
+}
+
+static inline double fr_sigmoid(double x)
+{
+    return 1.0 / (1.0 + exp(-x));
+}
+
+#define REAL float
+#define SUF f32
+#define GEMM_T fr_sgemm_fn
+#define SIGMOID(v) fr_sigmoidf(v)
+#define TANH(v) fr_tanhf(v)
+#include "rnn_kernels_impl.h"
+#undef REAL
+#undef SUF
+#undef GEMM_T
+#undef SIGMOID
+#undef TANH
+
+#define REAL double
+#define SUF f64
+#define GEMM_T fr_dgemm_fn
+#define SIGMOID(v) fr_sigmoid(v)
+#define TANH(v) tanh(v)
+#include "rnn_kernels_impl.h"
+
+const char *fr_compiler(void)
+{
+#if defined(__clang__)
+    return "clang " __clang_version__;
+#elif defined(__GNUC__)
+    return "gcc " __VERSION__;
+#elif defined(_MSC_VER)
+    return "msvc";
+#else
+    return "unknown";
+#endif
+}
+
+int fr_openmp_version(void)
+{
+#ifdef _OPENMP
+    return _OPENMP;
+#else
+    return 0;
+#endif
+}

@@ -1,0 +1,222 @@
+"""The cython backend: thin typed wrappers over the C kernels in csrc/.
+
+Each function checks the buffers' shapes against each other (a wrong shape
+raises ValueError, never reaches C), takes SciPy's BLAS from
+``scipy.linalg.cython_blas`` and calls the kernel without the GIL.  The
+contract (time-major, reading-order buffers) is documented in csrc/fastrnn.h
+and in fastrnn/ops.py, which is the only caller.
+"""
+from cython cimport floating
+from scipy.linalg.cython_blas cimport sgemm, dgemm
+
+cdef extern from "fastrnn.h" nogil:
+    ctypedef void (*fr_sgemm_fn)(char*, char*, int*, int*, int*, float*, float*,
+                                 int*, float*, int*, float*, float*, int*)
+    ctypedef void (*fr_dgemm_fn)(char*, char*, int*, int*, int*, double*, double*,
+                                 int*, double*, int*, double*, double*, int*)
+    int fr_lstm_forward_f32(fr_sgemm_fn, int, int, int, int, int, int,
+                            const float*, const float*, const float*, const float*,
+                            const unsigned char*, float*, float*, float*)
+    int fr_lstm_forward_f64(fr_dgemm_fn, int, int, int, int, int, int,
+                            const double*, const double*, const double*, const double*,
+                            const unsigned char*, double*, double*, double*)
+    int fr_lstm_backward_f32(fr_sgemm_fn, int, int, int, int, int,
+                             const float*, const float*, const float*,
+                             const unsigned char*, const float*, const float*,
+                             const float*, const float*, float*, float*, float*,
+                             float*, float*, float*, float*, float*)
+    int fr_lstm_backward_f64(fr_dgemm_fn, int, int, int, int, int,
+                             const double*, const double*, const double*,
+                             const unsigned char*, const double*, const double*,
+                             const double*, const double*, double*, double*, double*,
+                             double*, double*, double*, double*, double*)
+    int fr_rnn_forward_f32(fr_sgemm_fn, int, int, int, int, int, int,
+                           const float*, const float*, const float*, const float*,
+                           const unsigned char*, float*, float*)
+    int fr_rnn_forward_f64(fr_dgemm_fn, int, int, int, int, int, int,
+                           const double*, const double*, const double*, const double*,
+                           const unsigned char*, double*, double*)
+    int fr_rnn_backward_f32(fr_sgemm_fn, int, int, int, int, int, int,
+                            const float*, const float*, const float*,
+                            const unsigned char*, const float*, const float*,
+                            float*, float*, float*, float*, float*, float*, float*)
+    int fr_rnn_backward_f64(fr_dgemm_fn, int, int, int, int, int, int,
+                            const double*, const double*, const double*,
+                            const unsigned char*, const double*, const double*,
+                            double*, double*, double*, double*, double*, double*, double*)
+    const char *fr_compiler()
+    int fr_openmp_version()
+
+
+def build_info():
+    """How the extension was built: {"compiler": str, "openmp": str}."""
+    cdef int omp = fr_openmp_version()
+    return {"compiler": fr_compiler().decode(),
+            "openmp": f"OpenMP {omp}" if omp else "no",
+            "blas": "scipy.linalg.cython_blas"}
+
+
+cdef inline void _expect(str name, tuple got, tuple want) except *:
+    if got != want:
+        raise ValueError(f"{name} must have shape {want}, got {got}")
+
+
+cdef inline const unsigned char* _mask_ptr(const unsigned char[:, ::1] mask,
+                                           Py_ssize_t T, Py_ssize_t B) except? NULL:
+    if mask.shape[0] == 0:
+        return NULL
+    _expect("mask", (mask.shape[0], mask.shape[1]), (T, B))
+    return &mask[0, 0]
+
+
+def lstm_forward(const floating[:, :, ::1] x, const floating[:, ::1] W,
+                 const floating[:, ::1] U, const floating[::1] bias,
+                 const unsigned char[:, ::1] mask, floating[:, :, ::1] hs,
+                 floating[:, :, ::1] cs, floating[:, :, ::1] gates,
+                 bint training, int nthreads):
+    cdef Py_ssize_t T = x.shape[0], B = x.shape[1], I = x.shape[2], H = U.shape[0]
+    _expect("W", (W.shape[0], W.shape[1]), (I, 4 * H))
+    _expect("U", (U.shape[0], U.shape[1]), (H, 4 * H))
+    _expect("bias", (bias.shape[0],), (4 * H,))
+    _expect("hs", (hs.shape[0], hs.shape[1], hs.shape[2]), (T + 1, B, H))
+    _expect("cs", (cs.shape[0], cs.shape[1], cs.shape[2]), (T + 1 if training else 2, B, H))
+    _expect("gates", (gates.shape[0], gates.shape[1], gates.shape[2]), (T, B, 4 * H))
+    if T < 1 or B < 1 or H < 1:
+        raise ValueError("T, B and H must be at least 1")
+    cdef const unsigned char* m = _mask_ptr(mask, T, B)
+    cdef const floating* px = &x[0, 0, 0] if I > 0 else NULL
+    cdef const floating* pW = &W[0, 0] if I > 0 else NULL
+    cdef int rc
+    with nogil:
+        if floating is float:
+            rc = fr_lstm_forward_f32(<fr_sgemm_fn>sgemm, nthreads, training, T, B, I, H,
+                                     px, pW, &U[0, 0], &bias[0], m,
+                                     &hs[0, 0, 0], &cs[0, 0, 0], &gates[0, 0, 0])
+        else:
+            rc = fr_lstm_forward_f64(<fr_dgemm_fn>dgemm, nthreads, training, T, B, I, H,
+                                     px, pW, &U[0, 0], &bias[0], m,
+                                     &hs[0, 0, 0], &cs[0, 0, 0], &gates[0, 0, 0])
+    if rc:
+        raise ValueError("fastrnn: lstm_forward rejected its sizes")
+
+
+def lstm_backward(const floating[:, :, ::1] x, const floating[:, ::1] W,
+                  const floating[:, ::1] U, const unsigned char[:, ::1] mask,
+                  const floating[:, :, ::1] hs, const floating[:, :, ::1] cs,
+                  const floating[:, :, ::1] gates, const floating[:, :, ::1] d_out,
+                  floating[:, ::1] dh, floating[:, ::1] dc, floating[:, :, ::1] dx,
+                  floating[:, ::1] dW, floating[:, ::1] dU, floating[::1] db,
+                  floating[:, :, ::1] dz, floating[:, ::1] work, int nthreads):
+    cdef Py_ssize_t T = x.shape[0], B = x.shape[1], I = x.shape[2], H = U.shape[0]
+    _expect("W", (W.shape[0], W.shape[1]), (I, 4 * H))
+    _expect("U", (U.shape[0], U.shape[1]), (H, 4 * H))
+    _expect("hs", (hs.shape[0], hs.shape[1], hs.shape[2]), (T + 1, B, H))
+    _expect("cs", (cs.shape[0], cs.shape[1], cs.shape[2]), (T + 1, B, H))
+    _expect("gates", (gates.shape[0], gates.shape[1], gates.shape[2]), (T, B, 4 * H))
+    _expect("d_out", (d_out.shape[0], d_out.shape[1], d_out.shape[2]), (T, B, H))
+    _expect("dh", (dh.shape[0], dh.shape[1]), (B, H))
+    _expect("dc", (dc.shape[0], dc.shape[1]), (B, H))
+    _expect("dx", (dx.shape[0], dx.shape[1], dx.shape[2]), (T, B, I))
+    _expect("dW", (dW.shape[0], dW.shape[1]), (I, 4 * H))
+    _expect("dU", (dU.shape[0], dU.shape[1]), (H, 4 * H))
+    _expect("db", (db.shape[0],), (4 * H,))
+    _expect("dz", (dz.shape[0], dz.shape[1], dz.shape[2]), (T, B, 4 * H))
+    _expect("work", (work.shape[0], work.shape[1]), (B, H))
+    if T < 1 or B < 1 or H < 1:
+        raise ValueError("T, B and H must be at least 1")
+    cdef const unsigned char* m = _mask_ptr(mask, T, B)
+    cdef const floating* px = &x[0, 0, 0] if I > 0 else NULL
+    cdef const floating* pW = &W[0, 0] if I > 0 else NULL
+    cdef floating* pdx = &dx[0, 0, 0] if I > 0 else NULL
+    cdef floating* pdW = &dW[0, 0] if I > 0 else NULL
+    cdef int rc
+    with nogil:
+        if floating is float:
+            rc = fr_lstm_backward_f32(<fr_sgemm_fn>sgemm, nthreads, T, B, I, H,
+                                      px, pW, &U[0, 0], m, &hs[0, 0, 0], &cs[0, 0, 0],
+                                      &gates[0, 0, 0], &d_out[0, 0, 0], &dh[0, 0],
+                                      &dc[0, 0], pdx, pdW, &dU[0, 0], &db[0],
+                                      &dz[0, 0, 0], &work[0, 0])
+        else:
+            rc = fr_lstm_backward_f64(<fr_dgemm_fn>dgemm, nthreads, T, B, I, H,
+                                      px, pW, &U[0, 0], m, &hs[0, 0, 0], &cs[0, 0, 0],
+                                      &gates[0, 0, 0], &d_out[0, 0, 0], &dh[0, 0],
+                                      &dc[0, 0], pdx, pdW, &dU[0, 0], &db[0],
+                                      &dz[0, 0, 0], &work[0, 0])
+    if rc:
+        raise ValueError("fastrnn: lstm_backward rejected its sizes")
+
+
+def rnn_forward(const floating[:, :, ::1] x, const floating[:, ::1] W,
+                const floating[:, ::1] U, const floating[::1] bias,
+                const unsigned char[:, ::1] mask, floating[:, :, ::1] hs,
+                floating[:, :, ::1] z, int act, int nthreads):
+    cdef Py_ssize_t T = x.shape[0], B = x.shape[1], I = x.shape[2], H = U.shape[0]
+    _expect("W", (W.shape[0], W.shape[1]), (I, H))
+    _expect("U", (U.shape[0], U.shape[1]), (H, H))
+    _expect("bias", (bias.shape[0],), (H,))
+    _expect("hs", (hs.shape[0], hs.shape[1], hs.shape[2]), (T + 1, B, H))
+    _expect("z", (z.shape[0], z.shape[1], z.shape[2]), (T, B, H))
+    if T < 1 or B < 1 or H < 1:
+        raise ValueError("T, B and H must be at least 1")
+    if act < 0 or act > 2:
+        raise ValueError(f"act must be 0 (tanh), 1 (relu) or 2 (linear), got {act}")
+    cdef const unsigned char* m = _mask_ptr(mask, T, B)
+    cdef const floating* px = &x[0, 0, 0] if I > 0 else NULL
+    cdef const floating* pW = &W[0, 0] if I > 0 else NULL
+    cdef int rc
+    with nogil:
+        if floating is float:
+            rc = fr_rnn_forward_f32(<fr_sgemm_fn>sgemm, nthreads, act, T, B, I, H,
+                                    px, pW, &U[0, 0], &bias[0], m, &hs[0, 0, 0],
+                                    &z[0, 0, 0])
+        else:
+            rc = fr_rnn_forward_f64(<fr_dgemm_fn>dgemm, nthreads, act, T, B, I, H,
+                                    px, pW, &U[0, 0], &bias[0], m, &hs[0, 0, 0],
+                                    &z[0, 0, 0])
+    if rc:
+        raise ValueError("fastrnn: rnn_forward rejected its sizes")
+
+
+def rnn_backward(const floating[:, :, ::1] x, const floating[:, ::1] W,
+                 const floating[:, ::1] U, const unsigned char[:, ::1] mask,
+                 const floating[:, :, ::1] hs, int act,
+                 const floating[:, :, ::1] d_out, floating[:, ::1] dh,
+                 floating[:, :, ::1] dx, floating[:, ::1] dW, floating[:, ::1] dU,
+                 floating[::1] db, floating[:, :, ::1] dz, floating[:, ::1] work,
+                 int nthreads):
+    cdef Py_ssize_t T = x.shape[0], B = x.shape[1], I = x.shape[2], H = U.shape[0]
+    _expect("W", (W.shape[0], W.shape[1]), (I, H))
+    _expect("U", (U.shape[0], U.shape[1]), (H, H))
+    _expect("hs", (hs.shape[0], hs.shape[1], hs.shape[2]), (T + 1, B, H))
+    _expect("d_out", (d_out.shape[0], d_out.shape[1], d_out.shape[2]), (T, B, H))
+    _expect("dh", (dh.shape[0], dh.shape[1]), (B, H))
+    _expect("dx", (dx.shape[0], dx.shape[1], dx.shape[2]), (T, B, I))
+    _expect("dW", (dW.shape[0], dW.shape[1]), (I, H))
+    _expect("dU", (dU.shape[0], dU.shape[1]), (H, H))
+    _expect("db", (db.shape[0],), (H,))
+    _expect("dz", (dz.shape[0], dz.shape[1], dz.shape[2]), (T, B, H))
+    _expect("work", (work.shape[0], work.shape[1]), (B, H))
+    if T < 1 or B < 1 or H < 1:
+        raise ValueError("T, B and H must be at least 1")
+    if act < 0 or act > 2:
+        raise ValueError(f"act must be 0 (tanh), 1 (relu) or 2 (linear), got {act}")
+    cdef const unsigned char* m = _mask_ptr(mask, T, B)
+    cdef const floating* px = &x[0, 0, 0] if I > 0 else NULL
+    cdef const floating* pW = &W[0, 0] if I > 0 else NULL
+    cdef floating* pdx = &dx[0, 0, 0] if I > 0 else NULL
+    cdef floating* pdW = &dW[0, 0] if I > 0 else NULL
+    cdef int rc
+    with nogil:
+        if floating is float:
+            rc = fr_rnn_backward_f32(<fr_sgemm_fn>sgemm, nthreads, act, T, B, I, H,
+                                     px, pW, &U[0, 0], m, &hs[0, 0, 0], &d_out[0, 0, 0],
+                                     &dh[0, 0], pdx, pdW, &dU[0, 0], &db[0],
+                                     &dz[0, 0, 0], &work[0, 0])
+        else:
+            rc = fr_rnn_backward_f64(<fr_dgemm_fn>dgemm, nthreads, act, T, B, I, H,
+                                     px, pW, &U[0, 0], m, &hs[0, 0, 0], &d_out[0, 0, 0],
+                                     &dh[0, 0], pdx, pdW, &dU[0, 0], &db[0],
+                                     &dz[0, 0, 0], &work[0, 0])
+    if rc:
+        raise ValueError("fastrnn: rnn_backward rejected its sizes")
