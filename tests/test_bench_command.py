@@ -1,0 +1,141 @@
+"""`fastrnn bench` (fastrnn.bench.main) on tiny shapes: the JSON report's
+fields, the printed tables, and argument errors.  No timing assertions."""
+import json
+import sys
+
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn import bench
+
+TINY_LSTM = "lstm:2x4x3x5"
+TINY_RNN = "rnn:2x4x3x5"
+
+
+def _run(tmp_path, *args):
+    path = tmp_path / "report.json"
+    rc = bench.main(["--quick", "--repeats", "2", "--quiet", "--no-torch",
+                     "--json", str(path), *args])
+    return rc, json.loads(path.read_text())
+
+
+def test_flop_formulas():
+    lstm = bench.Case("lstm", 32, 100, 64, 128)
+    assert bench.flops(lstm, "fwd") == 2 * 32 * (64 + 128) * 4 * 128 * 100
+    assert bench.flops(lstm, "fwd+bwd") == 3 * bench.flops(lstm, "fwd")
+    rnn = bench.Case("rnn", 1, 100, 128, 256)
+    assert bench.flops(rnn, "fwd") == 2 * 1 * (128 + 256) * 256 * 100
+
+
+def test_grid_is_issue_4s():
+    assert [str(c) for c in bench.GRID] == [
+        "lstm-1x100x128x256", "lstm-32x100x64x128", "lstm-64x50x256x256",
+        "lstm-16x100x128x512", "lstm-128x20x32x64",
+        "rnn-1x100x128x256", "rnn-32x100x64x128"]
+    assert set(bench.KERAS_ANCHORS_MS) == set(bench.GRID)
+    assert set(bench.QUICK_GRID) <= set(bench.GRID)
+
+
+def test_parse_shapes():
+    assert bench.parse_shapes("lstm:2x4x3x5, SimpleRNN:1x2x3x4") == (
+        bench.Case("lstm", 2, 4, 3, 5), bench.Case("rnn", 1, 2, 3, 4))
+    assert bench.parse_shapes(TINY_LSTM)[0].spec == TINY_LSTM
+    for bad in ("gru:1x2x3x4", "lstm:1x2x3", "lstm:1x2x3x0", "lstm", ",", "rnn:axbxcxd"):
+        with pytest.raises(ValueError, match="shapes"):
+            bench.parse_shapes(bad)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--shapes", "lstm:1x2"], "LAYER:BxTxIxH"),
+    (["--repeats", "0"], "--repeats"),
+    (["--threads", "-1"], "--threads"),
+    (["--backend", "fortran"], "invalid choice"),
+])
+def test_bad_arguments_exit_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        bench.main(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib_is_a_one_line_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # import fails
+    with pytest.raises(SystemExit, match=r"fastrnn\[plot\]"):
+        bench.main(["--shapes", TINY_RNN, "--plot", str(tmp_path / "p.png")])
+    assert not (tmp_path / "p.png").exists()
+
+
+def _check_group(group, layer, pass_, contenders):
+    case = bench.Case(layer, 2, 4, 3, 5)
+    assert group["name"] == f"{case}-{pass_}"
+    assert (group["layer"], group["B"], group["T"], group["I"], group["H"],
+            group["pass"]) == (layer, 2, 4, 3, 5, pass_)
+    assert group["gflop"] == pytest.approx(bench.flops(case, pass_) / 1e9)
+    assert group["keras_anchor_ms"] is None
+    rows = {r["contender"]: r for r in group["rows"]}
+    assert list(rows) == contenders
+    for name, r in rows.items():
+        assert len(r["times_ms"]) == 2 and all(t > 0 for t in r["times_ms"])
+        assert r["median_ms"] == pytest.approx(float(np.median(r["times_ms"])))
+        assert r["gflops"] == pytest.approx(group["gflop"] / (r["median_ms"] / 1e3))
+        assert 0 < r["peak_fraction"]
+        if pass_ == "fwd":
+            assert r["max_abs_err"] < 1e-5, name
+        else:
+            assert r["max_abs_err"] is None
+    return rows
+
+
+def test_quick_json_report_with_keras_and_memory(tmp_path, capsys):
+    rc, report = _run(tmp_path, "--shapes", TINY_LSTM)
+    assert rc == 0
+    assert report["failed"] == {}
+    assert report["sgemm_gflops"] > 0 and report["repeats"] == 2
+    assert report["dtype"] == "float32"
+    assert report["available_backends"] == list(fastrnn.available_backends())
+    contenders = ["keras", "fastrnn.keras"] + [
+        f"ops[{b}]" for b in fastrnn.available_backends()]
+    assert [g["pass"] for g in report["groups"]] == ["fwd", "fwd+bwd"]
+    for g in report["groups"]:
+        rows = _check_group(g, "lstm", g["pass"], contenders)
+        assert rows["keras"]["speedup"] == 1.0
+        for r in rows.values():
+            assert r["speedup"] == pytest.approx(
+                rows["keras"]["median_ms"] / r["median_ms"])
+    memory = {m["contender"]: m for m in report["memory"]}
+    assert sorted(memory) == ["fastrnn.keras", "keras"]
+    for m in memory.values():
+        assert m["case"] == "lstm-2x4x3x5" and m["error"] is None
+        assert isinstance(m["peak_extra_bytes"], int) and m["peak_extra_bytes"] >= 0
+    out = capsys.readouterr().out
+    assert "NumPy sgemm 1024^3 peak" in out
+    assert "LSTM B=2 T=4 I=3 H=5  forward+backward" in out
+    assert "Peak extra resident memory" in out
+    assert "Speed-up of fastrnn.keras over stock Keras" in out
+
+
+def test_no_keras_report_has_kernel_rows_only(tmp_path):
+    rc, report = _run(tmp_path, "--shapes", TINY_RNN, "--no-keras",
+                      "--no-memory", "--backend", "numpy")
+    assert rc == 0 and report["failed"] == {}
+    for g, pass_ in zip(report["groups"], bench.PASSES):
+        rows = _check_group(g, "rnn", pass_, ["ops[numpy]"])
+        assert rows["ops[numpy]"]["speedup"] is None
+    assert report["memory"] == []
+
+
+def test_runners_agree_with_the_reference():
+    case = bench.Case("lstm", 2, 3, 4, 5)
+    data = bench.make_data(case)
+    want = np.asarray(bench.build_runner("ops[numpy]", case, "fwd", data)())
+    assert want.shape == (2, 3, 5)
+    for b in fastrnn.available_backends():
+        got = bench.build_runner(f"ops[{b}]", case, "fwd", data)()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    grads = bench.build_runner("ops[numpy]", case, "fwd+bwd", data)()
+    assert grads.x.shape == (2, 3, 4) and grads.kernel.shape == (4, 20)
+    with pytest.raises(ValueError, match="contender"):
+        bench.build_runner("caffe", case, "fwd")
+    with pytest.raises(ValueError, match="pass_"):
+        bench.build_runner("ops[numpy]", case, "backward")
