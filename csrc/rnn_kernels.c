@@ -21,7 +21,7 @@
  * best one is picked at load time (GCC function multi-versioning). */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
     defined(__linux__) && !defined(FASTRNN_NO_MULTIVERSION)
-#define FR_VECTORIZE __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#define FR_VECTORIZE __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define FR_VECTORIZE
 #endif
@@ -43,9 +43,10 @@ static inline float fr_expf(float x)
     p = p * r + 1.6666665459E-1f;
     p = p * r + 5.0000001201E-1f;
     p = p * r * r + r + 1.0f;
-    union { int32_t i; float f; } u;
-    u.i = ((int32_t)fn + 127) << 23;
-    return p * u.f;
+    int32_t bits = ((int32_t)fn + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
 }
 
 static inline float fr_sigmoidf(float x)

@@ -30,10 +30,10 @@ static void FN(gemm_rm)(GEMM_T gemm, int ta, int tb, int M, int N, int K,
 /* ------------------------------------------------------------- LSTM --- */
 
 /* One step's gate pass for rows [b0, b1): z (B, 4H) holds x W + h U for the
- * step; writes h and c of the next step, and the activated gates when
- * training. */
+ * step; writes h and c of the next step, and the activated gates back into
+ * z. */
 FR_VECTORIZE
-static void FN(lstm_cell_rows)(int b0, int b1, int H, int training,
+static void FN(lstm_cell_rows)(int b0, int b1, int H,
                                const REAL *restrict bias,
                                const unsigned char *mask, REAL *restrict z,
                                const REAL *restrict hprev, const REAL *restrict cprev,
@@ -60,12 +60,11 @@ static void FN(lstm_cell_rows)(int b0, int b1, int H, int training,
             REAL c = f * cp[j] + i * g;
             cn[j] = c;
             hn[j] = o * TANH(c);
-            if (training) {
-                zr[j] = i;
-                zr[H + j] = f;
-                zr[2 * H + j] = g;
-                zr[3 * H + j] = o;
-            }
+            /* kept for backward; harmless scratch writes in inference */
+            zr[j] = i;
+            zr[H + j] = f;
+            zr[2 * H + j] = g;
+            zr[3 * H + j] = o;
         }
     }
 }
@@ -161,7 +160,7 @@ int FN(fr_lstm_forward)(GEMM_T gemm, int nthreads, int training, int T, int B,
         /* the recurrent projection: one GEMM (B, H) x (H, 4H) */
         FN(gemm_rm)(gemm, 0, 0, B, G4, H, 1, hp, H, U, G4, 1, z, G4);
         FR_PAR_ROWS(B, H, nthreads,
-                    FN(lstm_cell_rows)(b0, b1, H, training, bias, m, z, hp, cp,
+                    FN(lstm_cell_rows)(b0, b1, H, bias, m, z, hp, cp,
                                        hs + (t + 1) * BH, cn));
     }
     return 0;
