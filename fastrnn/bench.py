@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections import namedtuple
 
 import numpy as np
@@ -78,7 +79,12 @@ KERAS_ANCHORS_MS = {
 }
 
 LAYER_CONTENDERS = ("keras", "fastrnn.keras", "torch")
-MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "TF_CPP_MIN_LOG_LEVEL": "3"}
+# The memory subprocesses' environment: glibc serves every block of 4 KiB or
+# more with its own mmap and unmaps it on free, and TensorFlow allocates
+# through malloc rather than its oneDNN memory pool, so that memory freed by
+# the warm-up steps cannot hide the measured step's peak (bench/README.md).
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "4096", "TF_ENABLE_ONEDNN_OPTS": "0",
+              "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
 class ContenderUnavailable(Exception):
@@ -318,8 +324,8 @@ def _vm_kib(field):
 
 
 def _memory_child(argv):
-    """Subprocess entry: print the peak extra resident memory (bytes) of one
-    training step of contender argv[0] on shape argv[1] as a JSON line."""
+    """Subprocess entry: measure one training step of contender argv[0] on
+    shape argv[1] (see ``measure_memory``); print the result as a JSON line."""
     name, spec, threads = argv
     if int(threads):
         _set_threads(int(threads), keras=name in ("keras", "fastrnn.keras"))
@@ -332,17 +338,27 @@ def _memory_child(argv):
         f.write("5")
     before = _vm_kib("VmRSS")
     step()
-    peak = _vm_kib("VmHWM")
-    print(json.dumps({"peak_extra_bytes": (peak - before) * 1024,
-                      "rss_before_bytes": before * 1024}))
+    rss = (_vm_kib("VmHWM") - before) * 1024
+    tracemalloc.start()
+    step()
+    traced = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    print(json.dumps({"peak_extra_bytes": rss, "traced_extra_bytes": traced}))
 
 
 def measure_memory(name, case, threads=0, timeout=600):
-    """Peak extra resident memory of one training step (forward+backward) of
-    contender ``name``, in bytes, measured in a fresh subprocess; returns
-    ``(bytes or None, reason or None)``."""
+    """Peak extra memory of one training step (forward+backward) of
+    contender ``name``, measured in a fresh subprocess (environment
+    ``MEMORY_ENV``) after two warm-up steps.  Returns a dict:
+
+    * ``peak_extra_bytes``: growth of the peak resident set over one step;
+    * ``traced_extra_bytes``: tracemalloc's peak over the next step (NumPy
+      buffers and Python objects only: a cross-check for NumPy-side memory);
+    * ``error``: None, or why there are no numbers (which are then None).
+    """
+    out = {"peak_extra_bytes": None, "traced_extra_bytes": None}
     if not os.path.exists("/proc/self/clear_refs"):
-        return None, "needs Linux's /proc/self/clear_refs"
+        return dict(out, error="needs Linux's /proc/self/clear_refs")
     root = os.path.dirname(os.path.dirname(os.path.abspath(fastrnn.__file__)))
     env = dict(os.environ, **MEMORY_ENV)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
@@ -351,11 +367,11 @@ def measure_memory(name, case, threads=0, timeout=600):
         proc = subprocess.run([sys.executable, "-c", code, name, case.spec, str(threads)],
                               capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return None, f"timed out after {timeout} s"
+        return dict(out, error=f"timed out after {timeout} s")
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return None, f"subprocess failed: {last}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_extra_bytes"], None
+        return dict(out, error=f"subprocess failed: {last}")
+    return dict(out, **json.loads(proc.stdout.strip().splitlines()[-1]), error=None)
 
 
 # ------------------------------------------------------------- the run -----
@@ -476,9 +492,8 @@ def run(cases, contenders, repeats, memory=True, threads=0, progress=True):
             bar.step(f"{case} memory: {name}")
             if name not in timed:
                 continue
-            nbytes, why = measure_memory(name, case, threads)
             report["memory"].append({"case": str(case), "contender": name,
-                                     "peak_extra_bytes": nbytes, "error": why})
+                                     **measure_memory(name, case, threads)})
     bar.close()
     report["versions"] = _versions()
     return report
@@ -529,10 +544,14 @@ def format_report(report):
                          f"{speed:>10}{err:>10}")
         lines.append("")
     if report["memory"]:
-        lines.append("Peak extra resident memory of one training step (fwd+bwd), MiB:")
+        lines.append("Peak extra resident memory of one training step (fwd+bwd), MiB "
+                     "(traced: NumPy/Python allocations, tracemalloc):")
         for m in report["memory"]:
-            val = (f"{m['peak_extra_bytes'] / 2 ** 20:9.1f}"
-                   if m["peak_extra_bytes"] is not None else f"   n/a ({m['error']})")
+            if m["error"] is not None:
+                val = f"n/a ({m['error']})"
+            else:
+                val = (f"{m['peak_extra_bytes'] / 2 ** 20:8.1f}   traced "
+                       f"{m['traced_extra_bytes'] / 2 ** 20:6.1f}")
             lines.append(f"  {m['case']:<22}{m['contender']:<15}{val}")
         lines.append("")
     summary = _speedup_summary(report)
@@ -586,9 +605,10 @@ def plot_speedups(report, path):
                         ys.append(r["speedup"])
             ax.bar(xs, ys, width, label=name)
         ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels([g["case"] for g in groups], rotation=15)
-        ax.set_ylabel("speed-up over stock Keras")
+        ax.set_ylabel("speed-up over stock Keras (log)")
         ax.set_title("forward" if pass_ == "fwd" else "forward+backward")
         ax.legend(fontsize="small")
     fig.tight_layout()

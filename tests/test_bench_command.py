@@ -59,6 +59,17 @@ def test_bad_arguments_exit_with_a_message(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_plot_speedups(tmp_path):
+    pytest.importorskip("matplotlib")
+    row = {"contender": "keras", "median_ms": 2.0, "speedup": 1.0}
+    report = {"groups": [
+        {"name": f"lstm-2x4x3x5-{p}", "case": "lstm-2x4x3x5", "pass": p,
+         "rows": [row, dict(row, contender="fastrnn.keras", speedup=4.0)]}
+        for p in bench.PASSES]}
+    bench.plot_speedups(report, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_plot_without_matplotlib_is_a_one_line_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)   # import fails
     with pytest.raises(SystemExit, match=r"fastrnn\[plot\]"):
@@ -107,7 +118,8 @@ def test_quick_json_report_with_keras_and_memory(tmp_path, capsys):
     assert sorted(memory) == ["fastrnn.keras", "keras"]
     for m in memory.values():
         assert m["case"] == "lstm-2x4x3x5" and m["error"] is None
-        assert isinstance(m["peak_extra_bytes"], int) and m["peak_extra_bytes"] >= 0
+        for key in ("peak_extra_bytes", "traced_extra_bytes"):
+            assert isinstance(m[key], int) and m[key] >= 0
     out = capsys.readouterr().out
     assert "NumPy sgemm 1024^3 peak" in out
     assert "LSTM B=2 T=4 I=3 H=5  forward+backward" in out
