@@ -1,0 +1,357 @@
+"""fastrnn.ops at its edges: bad arguments raise ValueError/TypeError naming
+the argument; any memory layout (non-contiguous, Fortran, negative strides,
+read-only) gives the same results; empty batches and sequences give empty
+results of the right shapes; NaN and inf propagate as in the reference."""
+import numpy as np
+import pytest
+
+from fastrnn import ops
+
+B, T, I, H = 2, 3, 4, 5
+
+
+def _arrays(G, dtype=np.float64):
+    rng = np.random.default_rng(0)
+    return dict(x=rng.standard_normal((B, T, I)).astype(dtype),
+                kernel=rng.standard_normal((I, G * H)).astype(dtype),
+                recurrent_kernel=rng.standard_normal((H, G * H)).astype(dtype),
+                bias=np.zeros(G * H, dtype), h0=np.zeros((B, H), dtype),
+                c0=np.zeros((B, H), dtype))
+
+
+def _lstm(backend, **changes):
+    a = _arrays(4)
+    kw = {k: changes.pop(k) for k in list(changes)
+          if k in ("mask", "go_backwards", "return_workspace")}
+    a.update(changes)
+    return ops.lstm_forward(a["x"], a["kernel"], a["recurrent_kernel"],
+                            a["bias"], a["h0"], a["c0"], backend=backend, **kw)
+
+
+def _rnn(backend, **changes):
+    a = _arrays(1)
+    kw = {k: changes.pop(k) for k in list(changes)
+          if k in ("mask", "go_backwards", "return_workspace", "activation")}
+    a.update(changes)
+    return ops.rnn_forward(a["x"], a["kernel"], a["recurrent_kernel"],
+                           a["bias"], a["h0"], backend=backend, **kw)
+
+
+f64, f32 = np.float64, np.float32
+# id -> (keyword changes to a valid call, exception, message pattern)
+BAD_FORWARD = {
+    "x_rank2": (dict(x=np.zeros((B, T))), ValueError, r"x must have rank 3"),
+    "x_rank4": (dict(x=np.zeros((B, T, I, 1))), ValueError, r"x must have rank 3"),
+    "x_none": (dict(x=None), TypeError, r"\bx\b"),
+    "x_int": (dict(x=np.zeros((B, T, I), np.int64)), TypeError,
+              r"x must have dtype float32 or float64"),
+    "x_float16": (dict(x=np.zeros((B, T, I), np.float16)), TypeError, r"\bx\b"),
+    "x_strings": (dict(x=np.full((B, T, I), "a")), TypeError, r"\bx\b"),
+    "kernel_rank1": (dict(kernel=np.zeros(I)), ValueError, r"kernel must have rank 2"),
+    "kernel_wrong_I": (dict(kernel="wrong_I"), ValueError, r"^kernel must have shape"),
+    "kernel_wrong_H": (dict(kernel="wrong_H"), ValueError, r"^kernel must have shape"),
+    "kernel_int": (dict(kernel="int"), TypeError, r"^kernel must have dtype"),
+    "kernel_f32_x_f64": (dict(kernel="f32"), TypeError,
+                         r"kernel has dtype float32 but x has float64"),
+    "recurrent_kernel_not_square_blocks": (
+        dict(recurrent_kernel="wrong_H"), ValueError,
+        r"recurrent_kernel must have shape"),
+    "recurrent_kernel_rank3": (dict(recurrent_kernel="rank3"), ValueError,
+                               r"recurrent_kernel must have rank 2"),
+    "recurrent_kernel_f32": (dict(recurrent_kernel="f32"), TypeError,
+                             r"recurrent_kernel has dtype float32"),
+    "bias_wrong_length": (dict(bias=np.zeros(7)), ValueError, r"bias must have shape"),
+    "bias_rank2": (dict(bias="rank2"), ValueError, r"bias must have rank 1"),
+    "bias_f32": (dict(bias="f32"), TypeError, r"bias has dtype float32"),
+    "h0_wrong_B": (dict(h0=np.zeros((B + 1, H))), ValueError, r"h0 must have shape"),
+    "h0_wrong_H": (dict(h0=np.zeros((B, H + 1))), ValueError, r"h0 must have shape"),
+    "h0_rank1": (dict(h0=np.zeros(H)), ValueError, r"h0 must have rank 2"),
+    "h0_int": (dict(h0=np.zeros((B, H), int)), TypeError, r"h0 must have dtype"),
+    "h0_f32": (dict(h0=np.zeros((B, H), f32)), TypeError, r"h0 has dtype float32"),
+    "mask_wrong_T": (dict(mask=np.ones((B, T + 1), bool)), ValueError,
+                     r"mask must have shape \(B, T\)"),
+    "mask_rank1": (dict(mask=np.ones(B, bool)), ValueError, r"mask must have shape"),
+    "mask_float": (dict(mask=np.ones((B, T))), TypeError, r"mask must be a bool"),
+    "go_backwards_str": (dict(go_backwards="yes"), TypeError, r"go_backwards must be a bool"),
+    "return_workspace_int": (dict(return_workspace=1), TypeError,
+                             r"return_workspace must be a bool"),
+}
+BAD_LSTM_ONLY = {
+    "c0_wrong_shape": (dict(c0=np.zeros((B, H + 1))), ValueError, r"c0 must have shape"),
+    "c0_f32": (dict(c0=np.zeros((B, H), f32)), TypeError, r"c0 has dtype float32"),
+}
+BAD_RNN_ONLY = {
+    "activation_unknown": (dict(activation="sigmoid"), ValueError,
+                           r"activation must be one of .*tanh.*relu.*linear.*sigmoid"),
+    "activation_not_str": (dict(activation=3), ValueError, r"activation must be one of"),
+}
+
+
+def _resolve(changes, G):
+    """Named placeholders -> arrays for the G-gate cell."""
+    a = _arrays(G)
+    named = {
+        "wrong_I": lambda k: np.zeros((I + 1, G * H)) if k == "kernel" else None,
+        "wrong_H": lambda k: np.zeros((a[k].shape[0], G * H + 1)),
+        "int": lambda k: a[k].astype(np.int32),
+        "f32": lambda k: a[k].astype(np.float32),
+        "rank2": lambda k: a[k][None],
+        "rank3": lambda k: a[k][None],
+    }
+    return {k: named[v](k) if isinstance(v, str) and v in named else v
+            for k, v in changes.items()}
+
+
+@pytest.mark.parametrize("case", list({**BAD_FORWARD, **BAD_LSTM_ONLY}))
+def test_lstm_forward_rejects(case, backend):
+    changes, exc, match = {**BAD_FORWARD, **BAD_LSTM_ONLY}[case]
+    with pytest.raises(exc, match=match):
+        _lstm(backend, **_resolve(changes, 4))
+
+
+@pytest.mark.parametrize("case", list({**BAD_FORWARD, **BAD_RNN_ONLY}))
+def test_rnn_forward_rejects(case, backend):
+    changes, exc, match = {**BAD_FORWARD, **BAD_RNN_ONLY}[case]
+    with pytest.raises(exc, match=match):
+        _rnn(backend, **_resolve(changes, 1))
+
+
+def test_lstm_weights_given_to_rnn_are_rejected(backend):
+    a = _arrays(4)
+    with pytest.raises(ValueError, match="recurrent_kernel must have shape"):
+        ops.rnn_forward(a["x"], a["kernel"], a["recurrent_kernel"],
+                        backend=backend)
+
+
+@pytest.mark.parametrize("name", ["cuda", "", "NUMPY", "auto "])
+def test_unknown_backend_is_rejected(name):
+    with pytest.raises(ValueError, match=r"backend.*cython.*numba.*numpy"):
+        _lstm(name)
+
+
+def test_non_string_backend_is_rejected():
+    with pytest.raises(TypeError, match="backend must be a string"):
+        _lstm(3)
+
+
+@pytest.fixture
+def workspaces(backend):
+    return dict(lstm=_lstm(backend, return_workspace=True).workspace,
+                rnn=_rnn(backend, return_workspace=True).workspace)
+
+
+D_OUT = np.zeros((B, T, H))
+# id -> (kind, d_outputs, extra keywords, exception, pattern)
+BAD_BACKWARD = {
+    "d_outputs_other_call_shape": ("lstm", np.zeros((B, T + 1, H)), {},
+                                   ValueError, r"d_outputs must have shape"),
+    "d_outputs_other_B": ("rnn", np.zeros((B + 1, T, H)), {}, ValueError,
+                          r"d_outputs must have shape"),
+    "d_outputs_rank2": ("lstm", np.zeros((B, H)), {}, ValueError,
+                        r"d_outputs must have rank 3"),
+    "d_outputs_f32": ("rnn", D_OUT.astype(f32), {}, TypeError, r"d_outputs"),
+    "d_outputs_int": ("lstm", D_OUT.astype(int), {}, TypeError, r"d_outputs"),
+    "d_h_wrong_shape": ("lstm", D_OUT, dict(d_h=np.zeros((B, H + 1))),
+                        ValueError, r"d_h must have shape"),
+    "d_h_rnn_wrong_shape": ("rnn", D_OUT, dict(d_h=np.zeros((B + 1, H))),
+                            ValueError, r"d_h must have shape"),
+    "d_c_wrong_shape": ("lstm", D_OUT, dict(d_c=np.zeros((H,))), ValueError,
+                        r"d_c must have rank 2"),
+    "d_c_f32": ("lstm", D_OUT, dict(d_c=np.zeros((B, H), f32)), TypeError, r"d_c"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BACKWARD))
+def test_backward_rejects(case, workspaces):
+    kind, d_out, kw, exc, match = BAD_BACKWARD[case]
+    backward = ops.lstm_backward if kind == "lstm" else ops.rnn_backward
+    with pytest.raises(exc, match=match):
+        backward(workspaces[kind], d_out, **kw)
+
+
+def test_workspace_of_the_wrong_kind_is_rejected(workspaces):
+    with pytest.raises(ValueError, match="workspace was made by rnn_forward"):
+        ops.lstm_backward(workspaces["rnn"], D_OUT)
+    with pytest.raises(ValueError, match="workspace was made by lstm_forward"):
+        ops.rnn_backward(workspaces["lstm"], D_OUT)
+
+
+@pytest.mark.parametrize("not_a_workspace", [None, {}, "ws", (1, 2)],
+                         ids=["None", "dict", "str", "tuple"])
+def test_non_workspace_is_rejected(not_a_workspace):
+    with pytest.raises(TypeError, match="workspace must be the Workspace"):
+        ops.lstm_backward(not_a_workspace, D_OUT)
+    with pytest.raises(TypeError, match="workspace must be the Workspace"):
+        ops.rnn_backward(not_a_workspace, D_OUT)
+
+
+def test_forward_result_is_not_a_workspace(backend):
+    """Passing the LSTMResult itself, or the workspace of an inference-only
+    call (None), is a TypeError."""
+    r = _lstm(backend)
+    for wrong in (r, r.workspace):
+        with pytest.raises(TypeError, match="workspace"):
+            ops.lstm_backward(wrong, D_OUT)
+
+
+# ---------------------------------------------------------------- layouts ---
+def _fortran(a):
+    return np.asfortranarray(a)
+
+
+def _strided(a):
+    """The same values as every other element of a larger array."""
+    big = np.zeros(tuple(2 * n + 1 for n in a.shape), a.dtype)
+    view = big[tuple(slice(1, None, 2) for _ in a.shape)]
+    view[...] = a
+    return view
+
+
+def _reversed(a):
+    """The same values, with negative strides on every axis."""
+    flipped = np.ascontiguousarray(a[tuple(slice(None, None, -1) for _ in a.shape)])
+    return flipped[tuple(slice(None, None, -1) for _ in a.shape)]
+
+
+def _read_only(a):
+    a = a.copy()
+    a.setflags(write=False)
+    return a
+
+
+def _read_only_strided(a):
+    a = _strided(a)
+    a.setflags(write=False)
+    return a
+
+
+LAYOUTS = {"fortran": _fortran, "strided": _strided, "reversed": _reversed,
+           "read_only": _read_only, "read_only_strided": _read_only_strided}
+ARRAY_ARGS = ("x", "kernel", "recurrent_kernel", "bias", "h0", "c0", "mask",
+              "d_outputs", "d_h", "d_c")
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("shape,mask", [((1, 4, 3, 5), "empty_rows"),
+                                        ((3, 1, 2, 4), "empty_rows"),
+                                        ((3, 4, 3, 5), None)],
+                         ids=["B1_masked", "T1_masked", "B3T4"])
+@pytest.mark.parametrize("kind", ["lstm", "rnn"])
+def test_any_memory_layout_gives_the_same_results(backend, dtype, kind, shape,
+                                                   mask, layout, rng, kernels):
+    p = kernels.make_problem(rng, kind, *shape, dtype, mask=mask)
+    expected = kernels.run_ops(p, backend)
+    changed = {k: LAYOUTS[layout](p[k]) for k in ARRAY_ARGS
+               if p[k] is not None}
+    kernels.assert_results_close(kernels.run_ops(p, backend, **changed),
+                                 expected, f"{backend} {layout}")
+    kernels.assert_results_close(expected, kernels.run_reference(p), backend)
+
+
+# ------------------------------------------------------------ empty sizes ---
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("B_,T_,H_", [(0, 3, 4), (2, 0, 4), (0, 0, 4),
+                                      (2, 3, 0)],
+                         ids=["B0", "T0", "B0T0", "H0"])
+@pytest.mark.parametrize("kind", ["lstm", "rnn"])
+def test_empty_sizes_give_empty_results(backend, dtype, kind, B_, T_, H_,
+                                        masked, rng, kernels):
+    I_ = 3
+    p = kernels.make_problem(rng, kind, B_, T_, I_, H_, dtype,
+                             mask="random" if masked else None)
+    r = kernels.run_ops(p, backend)
+    G = 4 if kind == "lstm" else 1
+    shapes = dict(outputs=(B_, T_, H_), h=(B_, H_), d_x=(B_, T_, I_),
+                  d_h0=(B_, H_), d_kernel=(I_, G * H_),
+                  d_recurrent_kernel=(H_, G * H_), d_bias=(G * H_,))
+    for name, shape in shapes.items():
+        assert r[name].shape == shape, name
+        assert r[name].dtype == dtype, name
+    np.testing.assert_array_equal(r["h"], p["h0"])
+    if T_ == 0:
+        np.testing.assert_array_equal(r["d_h0"], p["d_h"])
+        np.testing.assert_array_equal(r["d_kernel"], 0)
+    kernels.assert_results_close(r, kernels.run_reference(p), backend)
+
+
+# ------------------------------------------------------------ NaN and inf ---
+CELLS = {"lstm": ("lstm", "tanh"), "rnn_tanh": ("rnn", "tanh"),
+         "rnn_relu": ("rnn", "relu"), "rnn_linear": ("rnn", "linear")}
+
+
+def _problem(kernels, rng, cell, dtype, **kw):
+    kind, activation = CELLS[cell]
+    return kernels.make_problem(rng, kind, 3, 5, 2, 4, dtype,
+                                activation=activation, **kw)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_nan_in_x_propagates_like_the_reference(backend, dtype, cell, rng,
+                                                kernels):
+    p = _problem(kernels, rng, cell, dtype)
+    p["x"][1, 2, 0] = np.nan
+    with np.errstate(invalid="ignore", over="ignore"):
+        expected = kernels.run_reference(p)
+        actual = kernels.run_ops(p, backend)
+    assert np.isnan(expected["outputs"][1, 2:]).all()
+    assert not np.isnan(expected["outputs"][0]).any()
+    kernels.assert_results_close(actual, expected, backend)
+
+
+FORWARD_KEYS = ("outputs", "h", "c", "outputs_inference", "h_inference",
+                "c_inference")
+
+
+def _forward_close(actual, expected, assert_close, label):
+    for key in FORWARD_KEYS:
+        if key in expected:
+            assert_close(actual[key], expected[key], f"{label} {key}")
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("where,value", [("x", np.inf), ("x", -np.inf),
+                                         ("x", np.nan), ("h0", np.inf),
+                                         ("kernel", np.nan)],
+                         ids=["x_inf", "x_-inf", "x_nan", "h0_inf",
+                              "kernel_nan"])
+def test_non_finite_forward_like_the_reference(backend, dtype, cell, where,
+                                               value, rng, kernels,
+                                               assert_close):
+    p = _problem(kernels, rng, cell, dtype)
+    p[where][(0,) * p[where].ndim] = value
+    with np.errstate(invalid="ignore", over="ignore"):
+        expected = kernels.run_reference(p)
+        actual = kernels.run_ops(p, backend)
+    _forward_close(actual, expected, assert_close, backend)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_nan_at_masked_steps_is_ignored(backend, dtype, cell, rng, kernels,
+                                        assert_close):
+    """Padding may hold garbage: x at masked steps never reaches a result."""
+    p = _problem(kernels, rng, cell, dtype, mask="random")
+    p["mask"][:, 0] = False
+    p["x"][~p["mask"]] = np.nan
+    actual = kernels.run_ops(p, backend)
+    expected = kernels.run_reference(p)
+    for key in FORWARD_KEYS:
+        if key in expected:
+            assert np.isfinite(expected[key]).all()
+    _forward_close(actual, expected, assert_close, backend)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_nan_h0_of_a_row_not_yet_started(backend, dtype, cell, rng, kernels,
+                                         assert_close):
+    """A row's outputs are zero before its first step even when its h0 is
+    NaN; the NaN state shows from the first step on."""
+    p = _problem(kernels, rng, cell, dtype, mask="left_padded")
+    p["mask"][0] = [False, False, True, True, True]
+    p["mask"][1] = False
+    p["h0"][:2] = np.nan
+    with np.errstate(invalid="ignore"):
+        expected = kernels.run_reference(p)
+        actual = kernels.run_ops(p, backend)
+    np.testing.assert_array_equal(expected["outputs"][:2, :2], 0)
+    assert np.isnan(expected["outputs"][0, 2:]).all()
+    _forward_close(actual, expected, assert_close, backend)
