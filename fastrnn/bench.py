@@ -306,7 +306,7 @@ def time_alternating(runners, repeats, warmup=2):
         for _ in range(warmup):
             runners[name]()
     times = {name: [] for name in names}
-    for r in range(repeats):
+    for r in range(repeats if names else 0):
         k = r % len(names)
         for name in names[k:] + names[:k]:
             t0 = time.perf_counter()
@@ -467,26 +467,8 @@ def run(cases, contenders, repeats, memory=True, threads=0, progress=True):
         reference = np.asarray(build_runner("ops[numpy]", case, "fwd", data)())
         for pass_ in PASSES:
             bar.step(group_name(case, pass_))
-            runners = {}
-            for name in contenders:
-                key = f"{name} {group_name(case, pass_)}"
-                try:
-                    runners[name] = build_runner(name, case, pass_, data)
-                except ContenderUnavailable as exc:
-                    report["unavailable"].setdefault(name, str(exc))
-                except Exception as exc:
-                    report["failed"][key] = f"{type(exc).__name__}: {exc}"
-            errors = {}
-            if pass_ == "fwd":
-                for name, fn in list(runners.items()):
-                    try:
-                        errors[name] = float(np.max(np.abs(np.asarray(fn()) - reference)))
-                    except Exception as exc:
-                        report["failed"][f"{name} {group_name(case, pass_)}"] = \
-                            f"{type(exc).__name__}: {exc}"
-                        del runners[name]
-            times = time_alternating(runners, repeats) if runners else {}
-            report["groups"].append(_group(case, pass_, times, errors, peak))
+            report["groups"].append(_measure_group(case, pass_, contenders, data,
+                                                   reference, repeats, peak, report))
         timed = {r["contender"] for g in report["groups"][-len(PASSES):] for r in g["rows"]}
         for name in mem_names:
             bar.step(f"{case} memory: {name}")
@@ -497,6 +479,26 @@ def run(cases, contenders, repeats, memory=True, threads=0, progress=True):
     bar.close()
     report["versions"] = _versions()
     return report
+
+
+def _measure_group(case, pass_, contenders, data, reference, repeats, peak, report):
+    """Build, check and time ``contenders`` on one (case, pass); a contender
+    that raises is left out and recorded in ``report["failed"]``."""
+    runners, errors = {}, {}
+    for name in contenders:
+        try:
+            fn = build_runner(name, case, pass_, data)
+            result = fn()                       # the first, untimed run
+            if pass_ == "fwd":
+                errors[name] = float(np.max(np.abs(np.asarray(result) - reference)))
+            runners[name] = fn
+        except ContenderUnavailable as exc:
+            report["unavailable"].setdefault(name, str(exc))
+        except Exception as exc:
+            report["failed"][f"{name} {group_name(case, pass_)}"] = \
+                f"{type(exc).__name__}: {exc}"
+    times = time_alternating(runners, repeats, warmup=1)
+    return _group(case, pass_, times, errors, peak)
 
 
 def _group(case, pass_, times, errors, peak):
@@ -512,8 +514,8 @@ def _group(case, pass_, times, errors, peak):
     for r in rows:
         r["speedup"] = base["median_ms"] / r["median_ms"] if base else None
     anchor = KERAS_ANCHORS_MS.get(case)
-    return {"name": group_name(case, pass_), "case": str(case), "layer": case.layer, "B": case.B,
-            "T": case.T, "I": case.I, "H": case.H, "pass": pass_, "gflop": gflop,
+    return {"name": group_name(case, pass_), "case": str(case), "layer": case.layer,
+            "B": case.B, "T": case.T, "I": case.I, "H": case.H, "pass": pass_, "gflop": gflop,
             "keras_anchor_ms": anchor[PASSES.index(pass_)] if anchor else None,
             "rows": rows}
 

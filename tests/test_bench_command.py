@@ -151,3 +151,22 @@ def test_runners_agree_with_the_reference():
         bench.build_runner("caffe", case, "fwd")
     with pytest.raises(ValueError, match="pass_"):
         bench.build_runner("ops[numpy]", case, "backward")
+
+
+def test_a_failing_contender_is_reported_not_fatal(monkeypatch, capsys):
+    real = bench.build_runner
+
+    def build_runner(name, case, pass_, data=None):
+        if pass_ == "fwd+bwd":
+            def broken():
+                raise RuntimeError("boom")
+            return broken
+        return real(name, case, pass_, data)
+
+    monkeypatch.setattr(bench, "build_runner", build_runner)
+    rc = bench.main(["--shapes", TINY_RNN, "--no-keras", "--no-memory", "--backend",
+                     "numpy", "--repeats", "2", "--quiet"])
+    assert rc == 1
+    out = capsys.readouterr().out
+    assert "FAILED ops[numpy] rnn-2x4x3x5-fwd+bwd: RuntimeError: boom" in out
+    assert "ops[numpy]" in out.split("forward+backward")[0]   # the fwd rows ran
