@@ -234,13 +234,13 @@ def test_stateful_and_reset(kind, go_backwards, counter):
 # -------------------------------------------------------- Bidirectional ---
 @pytest.mark.parametrize("kind", sorted(KINDS))
 @pytest.mark.parametrize("return_sequences", [False, True])
+@pytest.mark.parametrize("return_state", [False, True])
 @pytest.mark.parametrize("mask", ["none", "left", "random"])
-def test_bidirectional(kind, return_sequences, mask, counter):
+def test_bidirectional(kind, return_sequences, return_state, mask, counter):
     ours_cls, stock_cls, n_states = KINDS[kind]
-    stock = keras.layers.Bidirectional(
-        stock_cls(H, return_sequences=return_sequences))
-    ours = keras.layers.Bidirectional(
-        ours_cls(H, return_sequences=return_sequences))
+    kw = dict(return_sequences=return_sequences, return_state=return_state)
+    stock = keras.layers.Bidirectional(stock_cls(H, **kw))
+    ours = keras.layers.Bidirectional(ours_cls(H, **kw))
     stock.build((B, T, I))
     ours.build((B, T, I))
     ours.set_weights(stock.get_weights())
@@ -273,6 +273,34 @@ def test_zero_output_for_mask(kind):
     assert_same(got[0], want[0])
     assert_same(got[1], want[1])
     assert np.all(got[0][0][~m[:, ::-1]] == 0)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_unknown_batch_and_time_dimensions(kind, counter):
+    """A traced function for any (batch, time), called with two shapes."""
+    stock, ours = pair(kind, return_sequences=True, return_state=True)
+    spec = [tf.TensorSpec([None, None, I]), tf.TensorSpec([None, None], tf.bool)]
+
+    def fn(layer):
+        @tf.function(input_signature=spec)
+        def f(x, mask):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                outs = layer(x, mask=mask)
+                loss = sum(tf.reduce_sum(o * o) for o in outs)
+            return outs, tape.gradient(loss, [x] + list(layer.trainable_weights))
+        return f
+
+    f_stock, f_ours = fn(stock), fn(ours)
+    for seed, (b, t) in enumerate([(3, 4), (5, 9)]):
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((b, t, I)).astype("float32")
+        m = rng.random((b, t)) < 0.7
+        (wo, wg), (go, gg) = f_stock(x, m), f_ours(x, m)
+        assert go[0].shape == (b, t, H)
+        assert_same([o.numpy() for o in go], [o.numpy() for o in wo])
+        assert_same([g.numpy() for g in gg], [g.numpy() for g in wg])
+    assert counter.count(f"{kind}_forward") == 2
 
 
 # -------------------------------------------------------- tf.function ---
