@@ -26,6 +26,44 @@
 #define FR_VECTORIZE
 #endif
 
+/* --- threading: one parallel region per kernel, see rnn_kernels_impl.h --- */
+#define FR_CHUNK 16    /* unit slices are multiples of one AVX-512 vector */
+#ifdef _OPENMP
+#define FR_PARALLEL(nt) _Pragma("omp parallel num_threads(nt)")
+#define FR_TID() omp_get_thread_num()
+#define FR_NT() omp_get_num_threads()
+#define FR_BARRIER() _Pragma("omp barrier")
+#else
+#define FR_PARALLEL(nt)
+#define FR_TID() 0
+#define FR_NT() 1
+#define FR_BARRIER() ((void)0)
+#endif
+
+/* Part tid of n of [0, n_items), cut at multiples of align. */
+static void fr_split(int n_items, int align, int tid, int n, int *lo, int *hi)
+{
+    long chunks = ((long)n_items + align - 1) / align;
+    long a = chunks * tid / n * align, b = chunks * (tid + 1) / n * align;
+    *lo = (int)(a < n_items ? a : n_items);
+    *hi = (int)(b < n_items ? b : n_items);
+}
+
+/* Threads for a kernel: at most one per FR_CHUNK hidden units. */
+static int fr_team(int nthreads, int H)
+{
+#ifdef _OPENMP
+    int most = (H + FR_CHUNK - 1) / FR_CHUNK;
+    if (nthreads > most)
+        nthreads = most;
+    return nthreads < 1 ? 1 : nthreads;
+#else
+    (void)H;
+    (void)nthreads;
+    return 1;
+#endif
+}
+
 static inline float fr_expf(float x)
 {
     /* clamp to the finite range; comparisons leave NaN untouched */

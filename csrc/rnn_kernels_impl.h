@@ -1,7 +1,17 @@
 /*
  * The kernels' bodies, written once and included twice by rnn_kernels.c:
  * with REAL = float (SUF f32) and with REAL = double (SUF f64).
- * Expected macros: REAL, SUF, GEMM_T, SIGMOID(x), TANH(x).
+ * Expected macros: REAL, SUF, GEMM_T, SIGMOID(x), TANH(x); and from
+ * rnn_kernels.c: FR_VECTORIZE, FR_PARALLEL, FR_TID, FR_NT, FR_BARRIER,
+ * fr_split, fr_team.
+ *
+ * Threading: each kernel is one parallel region ("persistent threads").
+ * Thread k of n owns a slice [j0, j1) of the hidden units: per step it runs
+ * the recurrent GEMM for its slice's columns of every gate block (with a
+ * single-threaded BLAS call) and the gate pass for its slice, then the team
+ * meets once at a barrier.  The large GEMMs outside the time loop are split
+ * by rows or columns the same way.  With one thread (or no OpenMP) the code
+ * is the plain serial algorithm.
  */
 #define FR_CAT_(a, b) a##_##b
 #define FR_CAT(a, b) FR_CAT_(a, b)
@@ -29,30 +39,30 @@ static void FN(gemm_rm)(GEMM_T gemm, int ta, int tb, int M, int N, int K,
 
 /* ------------------------------------------------------------- LSTM --- */
 
-/* One step's gate pass for rows [b0, b1): z (B, 4H) holds x W + h U for the
- * step; writes h and c of the next step, and the activated gates back into
- * z. */
+/* One step's gate pass over all B rows, for hidden units [j0, j1).  z (B, 4H)
+ * holds x W + h U for the step; writes h and c of the next step, and stores
+ * the activated gates i, f, g, o back into z (kept for backward). */
 FR_VECTORIZE
-static void FN(lstm_cell_rows)(int b0, int b1, int H,
-                               const REAL *restrict bias,
-                               const unsigned char *mask, REAL *restrict z,
-                               const REAL *restrict hprev, const REAL *restrict cprev,
-                               REAL *restrict hnext, REAL *restrict cnext)
+static void FN(lstm_cell)(int B, int H, int j0, int j1,
+                          const REAL *restrict bias, const unsigned char *mask,
+                          REAL *restrict z, const REAL *restrict hprev,
+                          const REAL *restrict cprev, REAL *restrict hnext,
+                          REAL *restrict cnext)
 {
-    for (int b = b0; b < b1; b++) {
+    for (int b = 0; b < B; b++) {
         REAL *restrict zr = z + (size_t)b * 4 * H;
         const REAL *restrict hp = hprev + (size_t)b * H;
         const REAL *restrict cp = cprev + (size_t)b * H;
         REAL *restrict hn = hnext + (size_t)b * H;
         REAL *restrict cn = cnext + (size_t)b * H;
         if (mask && !mask[b]) {
-            for (int j = 0; j < H; j++) {
+            for (int j = j0; j < j1; j++) {
                 hn[j] = hp[j];
                 cn[j] = cp[j];
             }
             continue;
         }
-        for (int j = 0; j < H; j++) {
+        for (int j = j0; j < j1; j++) {
             REAL i = SIGMOID(zr[j] + bias[j]);
             REAL f = SIGMOID(zr[H + j] + bias[H + j]);
             REAL g = TANH(zr[2 * H + j] + bias[2 * H + j]);
@@ -60,7 +70,6 @@ static void FN(lstm_cell_rows)(int b0, int b1, int H,
             REAL c = f * cp[j] + i * g;
             cn[j] = c;
             hn[j] = o * TANH(c);
-            /* kept for backward; harmless scratch writes in inference */
             zr[j] = i;
             zr[H + j] = f;
             zr[2 * H + j] = g;
@@ -69,18 +78,18 @@ static void FN(lstm_cell_rows)(int b0, int b1, int H,
     }
 }
 
-/* One step's backward gate pass for rows [b0, b1).  dh already includes the
+/* One step's backward gate pass, units [j0, j1).  dh already includes the
  * step's output gradient; on exit dc holds the gradient w.r.t. c_{t-1} and
  * dz the pre-activation gradients (zero for masked rows). */
 FR_VECTORIZE
-static void FN(lstm_cell_grad_rows)(int b0, int b1, int H,
-                                    const unsigned char *mask,
-                                    const REAL *restrict gates,
-                                    const REAL *restrict c, const REAL *restrict cprev,
-                                    const REAL *restrict dh, REAL *restrict dc,
-                                    REAL *restrict dz)
+static void FN(lstm_cell_grad)(int B, int H, int j0, int j1,
+                               const unsigned char *mask,
+                               const REAL *restrict gates,
+                               const REAL *restrict c, const REAL *restrict cprev,
+                               const REAL *restrict dh, REAL *restrict dc,
+                               REAL *restrict dz)
 {
-    for (int b = b0; b < b1; b++) {
+    for (int b = 0; b < B; b++) {
         const REAL *restrict gr = gates + (size_t)b * 4 * H;
         REAL *restrict dzr = dz + (size_t)b * 4 * H;
         const REAL *restrict cr = c + (size_t)b * H;
@@ -88,11 +97,11 @@ static void FN(lstm_cell_grad_rows)(int b0, int b1, int H,
         const REAL *restrict dhr = dh + (size_t)b * H;
         REAL *restrict dcr = dc + (size_t)b * H;
         if (mask && !mask[b]) {
-            for (int j = 0; j < 4 * H; j++)
-                dzr[j] = 0;
+            for (int j = j0; j < j1; j++)
+                dzr[j] = dzr[H + j] = dzr[2 * H + j] = dzr[3 * H + j] = 0;
             continue;
         }
-        for (int j = 0; j < H; j++) {
+        for (int j = j0; j < j1; j++) {
             REAL i = gr[j], f = gr[H + j], g = gr[2 * H + j], o = gr[3 * H + j];
             REAL tc = TANH(cr[j]);
             REAL dcc = dcr[j] + dhr[j] * o * (1 - tc * tc);
@@ -105,30 +114,6 @@ static void FN(lstm_cell_grad_rows)(int b0, int b1, int H,
     }
 }
 
-/* Split rows over OpenMP threads when there is enough work per step. */
-#ifdef _OPENMP
-#define FR_PAR_ROWS(B, H, nthreads, CALL)                                      \
-    do {                                                                       \
-        int nt_ = (nthreads);                                                  \
-        if ((long)(B) * (H) < 16384 || nt_ <= 1 || (B) < 2) {                  \
-            int b0 = 0, b1 = (B);                                              \
-            CALL;                                                              \
-        } else {                                                               \
-            if (nt_ > (B)) nt_ = (B);                                          \
-            _Pragma("omp parallel num_threads(nt_)")                           \
-            {                                                                  \
-                int tid_ = omp_get_thread_num(), n_ = omp_get_num_threads();   \
-                int b0 = (int)((long)(B) * tid_ / n_);                         \
-                int b1 = (int)((long)(B) * (tid_ + 1) / n_);                   \
-                CALL;                                                          \
-            }                                                                  \
-        }                                                                      \
-    } while (0)
-#else
-#define FR_PAR_ROWS(B, H, nthreads, CALL)                                      \
-    do { int b0 = 0, b1 = (B); (void)(nthreads); CALL; } while (0)
-#endif
-
 static int FN(check_sizes)(int T, int B, int I, int H, int G)
 {
     if (T < 1 || B < 1 || I < 0 || H < 1)
@@ -137,6 +122,26 @@ static int FN(check_sizes)(int T, int B, int I, int H, int G)
     if ((long long)T * B > 2147483647LL || (long long)G * H > 2147483647LL)
         return 1;
     return 0;
+}
+
+/* Rows [r0, r1) of z = x W (the input projection of every step), or for the
+ * RNN, with G = 1. */
+static void FN(input_projection)(GEMM_T gemm, int r0, int r1, int I, int GH,
+                                 const REAL *x, const REAL *W, REAL *z)
+{
+    FN(gemm_rm)(gemm, 0, 0, r1 - r0, GH, I, 1, x + (size_t)r0 * I,
+                I > 0 ? I : 1, W, GH, 0, z + (size_t)r0 * GH, GH);
+}
+
+/* z[:, q*H + j0 : q*H + j1] += h U[:, same columns], for each gate block q. */
+static void FN(recurrent_projection)(GEMM_T gemm, int G, int B, int H, int j0,
+                                     int j1, const REAL *h, const REAL *U,
+                                     REAL *z)
+{
+    const int GH = G * H;
+    for (int q = 0; q < G; q++)
+        FN(gemm_rm)(gemm, 0, 0, B, j1 - j0, H, 1, h, H, U + q * H + j0, GH,
+                    1, z + q * H + j0, GH);
 }
 
 int FN(fr_lstm_forward)(GEMM_T gemm, int nthreads, int training, int T, int B,
@@ -148,58 +153,85 @@ int FN(fr_lstm_forward)(GEMM_T gemm, int nthreads, int training, int T, int B,
     if (!gemm || FN(check_sizes)(T, B, I, H, 4))
         return 1;
     const size_t BH = (size_t)B * H, BG = (size_t)B * 4 * H;
-    const int G4 = 4 * H, lda_x = I > 0 ? I : 1;
-    /* the input projection of every step: one GEMM (T*B, I) x (I, 4H) */
-    FN(gemm_rm)(gemm, 0, 0, T * B, G4, I, 1, x, lda_x, W, G4, 0, gates, G4);
-    for (int t = 0; t < T; t++) {
-        REAL *z = gates + t * BG;
-        const REAL *hp = hs + t * BH;
-        const REAL *cp = cs + (size_t)(training ? t : (t & 1)) * BH;
-        REAL *cn = cs + (size_t)(training ? t + 1 : ((t + 1) & 1)) * BH;
-        const unsigned char *m = mask ? mask + (size_t)t * B : NULL;
-        /* the recurrent projection: one GEMM (B, H) x (H, 4H) */
-        FN(gemm_rm)(gemm, 0, 0, B, G4, H, 1, hp, H, U, G4, 1, z, G4);
-        FR_PAR_ROWS(B, H, nthreads,
-                    FN(lstm_cell_rows)(b0, b1, H, bias, m, z, hp, cp,
-                                       hs + (t + 1) * BH, cn));
+    const int nt = fr_team(nthreads, H);
+    FR_PARALLEL(nt)
+    {
+        const int tid = FR_TID(), n = FR_NT();
+        int r0, r1, j0, j1;
+        fr_split(T * B, 1, tid, n, &r0, &r1);
+        FN(input_projection)(gemm, r0, r1, I, 4 * H, x, W, gates);
+        fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
+        FR_BARRIER();
+        for (int t = 0; t < T; t++) {
+            REAL *z = gates + t * BG;
+            const REAL *hp = hs + t * BH;
+            const REAL *cp = cs + (size_t)(training ? t : (t & 1)) * BH;
+            REAL *cn = cs + (size_t)(training ? t + 1 : ((t + 1) & 1)) * BH;
+            const unsigned char *m = mask ? mask + (size_t)t * B : NULL;
+            if (j1 > j0) {
+                FN(recurrent_projection)(gemm, 4, B, H, j0, j1, hp, U, z);
+                FN(lstm_cell)(B, H, j0, j1, bias, m, z, hp, cp,
+                              hs + (t + 1) * BH, cn);
+            }
+            FR_BARRIER();
+        }
     }
     return 0;
 }
 
-/* After the time loop: dx = dz W^T, dW = x^T dz, dU = hs[0:T]^T dz and
- * db = column sums of dz, as GEMMs over all T*B rows. */
-static void FN(weight_grads)(GEMM_T gemm, int T, int B, int I, int H, int G,
-                             const REAL *x, const REAL *W, const REAL *hs,
-                             const REAL *dz, REAL *dx, REAL *dW, REAL *dU,
-                             REAL *db)
+/* After the time loop, this thread's share of: dx = dz W^T (rows),
+ * dW = x^T dz, dU = hs[0:T]^T dz and db = column sums of dz (columns). */
+static void FN(weight_grads)(GEMM_T gemm, int tid, int n, int T, int B, int I,
+                             int H, int G, const REAL *x, const REAL *W,
+                             const REAL *hs, const REAL *dz, REAL *dx,
+                             REAL *dW, REAL *dU, REAL *db)
 {
     const int GH = G * H, TB = T * B, ld_x = I > 0 ? I : 1;
-    FN(gemm_rm)(gemm, 0, 1, TB, I, GH, 1, dz, GH, W, GH, 0, dx, ld_x);
-    FN(gemm_rm)(gemm, 1, 0, I, GH, TB, 1, x, ld_x, dz, GH, 0, dW, GH);
-    FN(gemm_rm)(gemm, 1, 0, H, GH, TB, 1, hs, H, dz, GH, 0, dU, GH);
-    for (int j = 0; j < GH; j++)
+    int r0, r1, c0, c1;
+    fr_split(TB, 1, tid, n, &r0, &r1);
+    fr_split(GH, FR_CHUNK, tid, n, &c0, &c1);
+    FN(gemm_rm)(gemm, 0, 1, r1 - r0, I, GH, 1, dz + (size_t)r0 * GH, GH, W, GH,
+                0, dx + (size_t)r0 * I, ld_x);
+    if (c1 <= c0)
+        return;
+    FN(gemm_rm)(gemm, 1, 0, I, c1 - c0, TB, 1, x, ld_x, dz + c0, GH, 0,
+                dW + c0, GH);
+    FN(gemm_rm)(gemm, 1, 0, H, c1 - c0, TB, 1, hs, H, dz + c0, GH, 0,
+                dU + c0, GH);
+    for (int j = c0; j < c1; j++)
         db[j] = 0;
     for (size_t r = 0; r < (size_t)TB; r++) {
         const REAL *row = dz + r * GH;
-        for (int j = 0; j < GH; j++)
+        for (int j = c0; j < c1; j++)
             db[j] += row[j];
     }
 }
 
-/* dh = work on the rows that took the step; masked rows keep dh. */
-static void FN(take_rows)(int B, int H, const unsigned char *m,
-                          const REAL *work, REAL *dh)
+/* dh[:, j0:j1] += d[:, j0:j1] */
+static void FN(add_cols)(int B, int H, int j0, int j1, const REAL *restrict d,
+                         REAL *restrict dh)
 {
     for (int b = 0; b < B; b++)
-        if (m[b])
-            for (int j = 0; j < H; j++)
-                dh[(size_t)b * H + j] = work[(size_t)b * H + j];
+        for (int j = j0; j < j1; j++)
+            dh[(size_t)b * H + j] += d[(size_t)b * H + j];
 }
 
-static void FN(add_into)(size_t n, const REAL *restrict a, REAL *restrict acc)
+/* dh_{t-1}[:, j0:j1] = dz_t U[j0:j1, :]^T; masked rows keep dh. */
+static void FN(recurrent_grad)(GEMM_T gemm, int G, int B, int H, int j0,
+                               int j1, const unsigned char *m, const REAL *dzt,
+                               const REAL *U, REAL *dh, REAL *work)
 {
-    for (size_t k = 0; k < n; k++)
-        acc[k] += a[k];
+    const int GH = G * H;
+    const REAL *Uj = U + (size_t)j0 * GH;
+    if (!m) {
+        FN(gemm_rm)(gemm, 0, 1, B, j1 - j0, GH, 1, dzt, GH, Uj, GH, 0, dh + j0, H);
+        return;
+    }
+    FN(gemm_rm)(gemm, 0, 1, B, j1 - j0, GH, 1, dzt, GH, Uj, GH, 0, work + j0, H);
+    for (int b = 0; b < B; b++)
+        if (m[b])
+            for (int j = j0; j < j1; j++)
+                dh[(size_t)b * H + j] = work[(size_t)b * H + j];
 }
 
 int FN(fr_lstm_backward)(GEMM_T gemm, int nthreads, int T, int B, int I, int H,
@@ -212,78 +244,81 @@ int FN(fr_lstm_backward)(GEMM_T gemm, int nthreads, int T, int B, int I, int H,
     if (!gemm || FN(check_sizes)(T, B, I, H, 4))
         return 1;
     const size_t BH = (size_t)B * H, BG = (size_t)B * 4 * H;
-    const int G4 = 4 * H;
-    for (int t = T - 1; t >= 0; t--) {
-        const unsigned char *m = mask ? mask + (size_t)t * B : NULL;
-        REAL *dzt = dz + t * BG;
-        FN(add_into)(BH, d_out + t * BH, dh);
-        FR_PAR_ROWS(B, H, nthreads,
-                    FN(lstm_cell_grad_rows)(b0, b1, H, m, gates + t * BG,
-                                            cs + (t + 1) * BH, cs + t * BH,
-                                            dh, dc, dzt));
-        /* dh_{t-1} = dz_t U^T: one GEMM (B, 4H) x (4H, H) */
-        if (m) {
-            FN(gemm_rm)(gemm, 0, 1, B, H, G4, 1, dzt, G4, U, G4, 0, work, H);
-            FN(take_rows)(B, H, m, work, dh);
-        } else {
-            FN(gemm_rm)(gemm, 0, 1, B, H, G4, 1, dzt, G4, U, G4, 0, dh, H);
+    const int nt = fr_team(nthreads, H);
+    FR_PARALLEL(nt)
+    {
+        const int tid = FR_TID(), n = FR_NT();
+        int j0, j1;
+        fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
+        for (int t = T - 1; t >= 0; t--) {
+            const unsigned char *m = mask ? mask + (size_t)t * B : NULL;
+            REAL *dzt = dz + t * BG;
+            if (j1 > j0) {
+                FN(add_cols)(B, H, j0, j1, d_out + t * BH, dh);
+                FN(lstm_cell_grad)(B, H, j0, j1, m, gates + t * BG,
+                                   cs + (t + 1) * BH, cs + t * BH, dh, dc, dzt);
+            }
+            FR_BARRIER();   /* the GEMM below reads every thread's dz_t */
+            if (j1 > j0)
+                FN(recurrent_grad)(gemm, 4, B, H, j0, j1, m, dzt, U, dh, work);
         }
+        FR_BARRIER();
+        FN(weight_grads)(gemm, tid, n, T, B, I, H, 4, x, W, hs, dz, dx, dW, dU, db);
     }
-    FN(weight_grads)(gemm, T, B, I, H, 4, x, W, hs, dz, dx, dW, dU, db);
     return 0;
 }
 
 /* -------------------------------------------------------------- RNN --- */
 
 FR_VECTORIZE
-static void FN(rnn_cell_rows)(int b0, int b1, int H, int act,
-                              const REAL *restrict bias,
-                              const unsigned char *mask, const REAL *restrict z,
-                              const REAL *restrict hprev, REAL *restrict hnext)
+static void FN(rnn_cell)(int B, int H, int j0, int j1, int act,
+                         const REAL *restrict bias, const unsigned char *mask,
+                         const REAL *restrict z, const REAL *restrict hprev,
+                         REAL *restrict hnext)
 {
-    for (int b = b0; b < b1; b++) {
+    for (int b = 0; b < B; b++) {
         const REAL *restrict zr = z + (size_t)b * H;
         const REAL *restrict hp = hprev + (size_t)b * H;
         REAL *restrict hn = hnext + (size_t)b * H;
         if (mask && !mask[b]) {
-            for (int j = 0; j < H; j++)
+            for (int j = j0; j < j1; j++)
                 hn[j] = hp[j];
         } else if (act == FR_ACT_TANH) {
-            for (int j = 0; j < H; j++)
+            for (int j = j0; j < j1; j++)
                 hn[j] = TANH(zr[j] + bias[j]);
         } else if (act == FR_ACT_RELU) {
-            for (int j = 0; j < H; j++) {
+            for (int j = j0; j < j1; j++) {
                 REAL v = zr[j] + bias[j];
                 hn[j] = v > 0 ? v : (v == v ? (REAL)0 : v);   /* NaN stays NaN */
             }
         } else {
-            for (int j = 0; j < H; j++)
+            for (int j = j0; j < j1; j++)
                 hn[j] = zr[j] + bias[j];
         }
     }
 }
 
 FR_VECTORIZE
-static void FN(rnn_cell_grad_rows)(int b0, int b1, int H, int act,
-                                   const unsigned char *mask,
-                                   const REAL *restrict h, const REAL *restrict dh,
-                                   REAL *restrict dz)
+static void FN(rnn_cell_grad)(int B, int H, int j0, int j1, int act,
+                              const unsigned char *mask,
+                              const REAL *restrict h, const REAL *restrict dh,
+                              REAL *restrict dz)
 {
-    for (int b = b0; b < b1; b++) {
+    for (int b = 0; b < B; b++) {
         const REAL *restrict hr = h + (size_t)b * H;
         const REAL *restrict dhr = dh + (size_t)b * H;
         REAL *restrict dzr = dz + (size_t)b * H;
         if (mask && !mask[b]) {
-            for (int j = 0; j < H; j++)
+            for (int j = j0; j < j1; j++)
                 dzr[j] = 0;
         } else if (act == FR_ACT_TANH) {
-            for (int j = 0; j < H; j++)
+            for (int j = j0; j < j1; j++)
                 dzr[j] = dhr[j] * (1 - hr[j] * hr[j]);
         } else if (act == FR_ACT_RELU) {
-            for (int j = 0; j < H; j++)
+            for (int j = j0; j < j1; j++)
                 dzr[j] = dhr[j] * (hr[j] > 0 ? (REAL)1 : (REAL)0);
         } else {
-            for (int j = 0; j < H; j++)
+            for (int j = j0; j < j1; j++)
                 dzr[j] = dhr[j];
         }
     }
@@ -297,14 +332,25 @@ int FN(fr_rnn_forward)(GEMM_T gemm, int nthreads, int act, int T, int B, int I,
     if (!gemm || FN(check_sizes)(T, B, I, H, 1) || act < 0 || act > 2)
         return 1;
     const size_t BH = (size_t)B * H;
-    FN(gemm_rm)(gemm, 0, 0, T * B, H, I, 1, x, I > 0 ? I : 1, W, H, 0, z, H);
-    for (int t = 0; t < T; t++) {
-        REAL *zt = z + t * BH;
-        const unsigned char *m = mask ? mask + (size_t)t * B : NULL;
-        FN(gemm_rm)(gemm, 0, 0, B, H, H, 1, hs + t * BH, H, U, H, 1, zt, H);
-        FR_PAR_ROWS(B, H, nthreads,
-                    FN(rnn_cell_rows)(b0, b1, H, act, bias, m, zt, hs + t * BH,
-                                      hs + (t + 1) * BH));
+    const int nt = fr_team(nthreads, H);
+    FR_PARALLEL(nt)
+    {
+        const int tid = FR_TID(), n = FR_NT();
+        int r0, r1, j0, j1;
+        fr_split(T * B, 1, tid, n, &r0, &r1);
+        FN(input_projection)(gemm, r0, r1, I, H, x, W, z);
+        fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
+        FR_BARRIER();
+        for (int t = 0; t < T; t++) {
+            REAL *zt = z + t * BH;
+            const unsigned char *m = mask ? mask + (size_t)t * B : NULL;
+            if (j1 > j0) {
+                FN(recurrent_projection)(gemm, 1, B, H, j0, j1, hs + t * BH, U, zt);
+                FN(rnn_cell)(B, H, j0, j1, act, bias, m, zt, hs + t * BH,
+                             hs + (t + 1) * BH);
+            }
+            FR_BARRIER();
+        }
     }
     return 0;
 }
@@ -318,21 +364,26 @@ int FN(fr_rnn_backward)(GEMM_T gemm, int nthreads, int act, int T, int B, int I,
     if (!gemm || FN(check_sizes)(T, B, I, H, 1) || act < 0 || act > 2)
         return 1;
     const size_t BH = (size_t)B * H;
-    for (int t = T - 1; t >= 0; t--) {
-        const unsigned char *m = mask ? mask + (size_t)t * B : NULL;
-        REAL *dzt = dz + t * BH;
-        FN(add_into)(BH, d_out + t * BH, dh);
-        FR_PAR_ROWS(B, H, nthreads,
-                    FN(rnn_cell_grad_rows)(b0, b1, H, act, m, hs + (t + 1) * BH,
-                                           dh, dzt));
-        if (m) {
-            FN(gemm_rm)(gemm, 0, 1, B, H, H, 1, dzt, H, U, H, 0, work, H);
-            FN(take_rows)(B, H, m, work, dh);
-        } else {
-            FN(gemm_rm)(gemm, 0, 1, B, H, H, 1, dzt, H, U, H, 0, dh, H);
+    const int nt = fr_team(nthreads, H);
+    FR_PARALLEL(nt)
+    {
+        const int tid = FR_TID(), n = FR_NT();
+        int j0, j1;
+        fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
+        for (int t = T - 1; t >= 0; t--) {
+            const unsigned char *m = mask ? mask + (size_t)t * B : NULL;
+            REAL *dzt = dz + t * BH;
+            if (j1 > j0) {
+                FN(add_cols)(B, H, j0, j1, d_out + t * BH, dh);
+                FN(rnn_cell_grad)(B, H, j0, j1, act, m, hs + (t + 1) * BH, dh, dzt);
+            }
+            FR_BARRIER();
+            if (j1 > j0)
+                FN(recurrent_grad)(gemm, 1, B, H, j0, j1, m, dzt, U, dh, work);
         }
+        FR_BARRIER();
+        FN(weight_grads)(gemm, tid, n, T, B, I, H, 1, x, W, hs, dz, dx, dW, dU, db);
     }
-    FN(weight_grads)(gemm, T, B, I, H, 1, x, W, hs, dz, dx, dW, dU, db);
     return 0;
 }
 

@@ -3,6 +3,7 @@
 The compiled modules are imported lazily, on first use, so that
 ``import fastrnn`` stays cheap and never compiles anything.
 """
+import contextlib
 import importlib
 import os
 import threading
@@ -115,3 +116,58 @@ def set_num_threads(n):
 def get_num_threads():
     """The number of threads fastrnn's kernels use."""
     return _num_threads if _num_threads is not None else _default_threads()
+
+
+class _SerialBlas:
+    """Context manager: BLAS single-threaded while fastrnn's own threads run.
+
+    The cython kernels split every GEMM between their own threads (each owns
+    a slice of the hidden units), so a multi-threaded BLAS inside them would
+    only oversubscribe the cores.  Nested and concurrent uses are counted:
+    the first entry saves and lowers the BLAS thread counts, the last exit
+    restores them.  Without threadpoolctl this does nothing.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved = []
+        self._libs = None
+
+    def _controllers(self):
+        if self._libs is None:
+            try:
+                from threadpoolctl import ThreadpoolController
+                self._libs = ThreadpoolController().select(user_api="blas").lib_controllers
+            except Exception:  # threadpoolctl missing or unable to inspect
+                self._libs = []
+        return self._libs
+
+    def __enter__(self):
+        with self._lock:
+            if self._depth == 0:
+                self._saved = []
+                for lib in self._controllers():
+                    n = lib.num_threads
+                    if n != 1:
+                        self._saved.append((lib, n))
+                        lib.set_num_threads(1)
+            self._depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                for lib, n in self._saved:
+                    lib.set_num_threads(n)
+                self._saved = []
+        return False
+
+
+_serial_blas = _SerialBlas()
+
+
+def kernel_context(name):
+    """The context a backend's kernels run in (see ``_SerialBlas``)."""
+    return _serial_blas if name == "cython" else contextlib.nullcontext()

@@ -107,10 +107,11 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
     cs = np.empty((T + 1 if training else 2, B, H), dt)
     cs[0] = c0
     gates = np.empty((T, B, 4 * H), dt)
-    _backend.module(name).lstm_forward(
-        x_tm, np.ascontiguousarray(W), np.ascontiguousarray(U),
-        np.ascontiguousarray(b), mask_tm, hs, cs, gates, training,
-        _backend.get_num_threads())
+    with _backend.kernel_context(name):
+        _backend.module(name).lstm_forward(
+            x_tm, np.ascontiguousarray(W), np.ascontiguousarray(U),
+            np.ascontiguousarray(b), mask_tm, hs, cs, gates, training,
+            _backend.get_num_threads())
     seen = None if mask is None else _seen(mask_tm)
     out_tm = hs[1:] if seen is None else hs[1:] * seen
     outputs = _batch_major(out_tm, False)
@@ -173,10 +174,11 @@ def lstm_backward(workspace, d_outputs, d_h=None, d_c=None):
     db = np.empty(4 * H, dt)
     dz = np.empty((T, B, 4 * H), dt)
     work = np.empty((B, H), dt)
-    _backend.module(workspace.backend).lstm_backward(
-        d["x_tm"], np.ascontiguousarray(d["W"]), np.ascontiguousarray(d["U"]),
-        d["mask_tm"], d["hs"], d["cs"], d["gates"], d_out_tm, dh, dc,
-        dx_tm, dW, dU, db, dz, work, _backend.get_num_threads())
+    with _backend.kernel_context(workspace.backend):
+        _backend.module(workspace.backend).lstm_backward(
+            d["x_tm"], np.ascontiguousarray(d["W"]), np.ascontiguousarray(d["U"]),
+            d["mask_tm"], d["hs"], d["cs"], d["gates"], d_out_tm, dh, dc,
+            dx_tm, dW, dU, db, dz, work, _backend.get_num_threads())
     dx = _batch_major(dx_tm, workspace.go_backwards)
     return LSTMGrads(dx, dh, dc, dW, dU, db if workspace.has_bias else None)
 
@@ -222,10 +224,11 @@ def rnn_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *,
     hs = np.empty((T + 1, B, H), dt)
     hs[0] = h0
     z = np.empty((T, B, H), dt)
-    _backend.module(name).rnn_forward(
-        x_tm, np.ascontiguousarray(W), np.ascontiguousarray(U),
-        np.ascontiguousarray(b), mask_tm, hs, z, ACTIVATIONS[activation],
-        _backend.get_num_threads())
+    with _backend.kernel_context(name):
+        _backend.module(name).rnn_forward(
+            x_tm, np.ascontiguousarray(W), np.ascontiguousarray(U),
+            np.ascontiguousarray(b), mask_tm, hs, z, ACTIVATIONS[activation],
+            _backend.get_num_threads())
     seen = None if mask is None else _seen(mask_tm)
     out_tm = hs[1:] if seen is None else hs[1:] * seen
     outputs = _batch_major(out_tm, False)
@@ -256,9 +259,10 @@ def rnn_backward(workspace, d_outputs, d_h=None):
     db = np.empty(H, dt)
     dz = np.empty((T, B, H), dt)
     work = np.empty((B, H), dt)
-    _backend.module(workspace.backend).rnn_backward(
-        d["x_tm"], np.ascontiguousarray(d["W"]), np.ascontiguousarray(d["U"]),
-        d["mask_tm"], d["hs"], ACTIVATIONS[workspace.activation], d_out_tm, dh,
-        dx_tm, dW, dU, db, dz, work, _backend.get_num_threads())
+    with _backend.kernel_context(workspace.backend):
+        _backend.module(workspace.backend).rnn_backward(
+            d["x_tm"], np.ascontiguousarray(d["W"]), np.ascontiguousarray(d["U"]),
+            d["mask_tm"], d["hs"], ACTIVATIONS[workspace.activation], d_out_tm, dh,
+            dx_tm, dW, dU, db, dz, work, _backend.get_num_threads())
     dx = _batch_major(dx_tm, workspace.go_backwards)
     return RNNGrads(dx, dh, dW, dU, db if workspace.has_bias else None)
