@@ -113,7 +113,7 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
             np.ascontiguousarray(b), mask_tm, hs, cs, gates, training,
             _backend.get_num_threads())
     seen = None if mask is None else _seen(mask_tm)
-    out_tm = hs[1:] if seen is None else hs[1:] * seen
+    out_tm = hs[1:] if seen is None else np.where(seen, hs[1:], dt.type(0))
     outputs = _batch_major(out_tm, False)
     c = cs[T if training else T % 2].copy()
     if training:
@@ -163,9 +163,9 @@ def lstm_backward(workspace, d_outputs, d_h=None, d_c=None):
                          g["recurrent_kernel"],
                          g["bias"] if workspace.has_bias else None)
     d = workspace.data
-    d_out_tm = _time_major(d_out, workspace.go_backwards)
+    d_out_tm = _time_major(d_out, False)     # outputs are in reading order
     if d["seen"] is not None:
-        d_out_tm *= d["seen"]
+        d_out_tm = np.where(d["seen"], d_out_tm, dt.type(0))
     dh = np.array(d_h, dtype=dt, order="C", copy=True)
     dc = np.array(d_c, dtype=dt, order="C", copy=True)
     dx_tm = np.empty((T, B, I), dt)
@@ -230,7 +230,7 @@ def rnn_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *,
             np.ascontiguousarray(b), mask_tm, hs, z, ACTIVATIONS[activation],
             _backend.get_num_threads())
     seen = None if mask is None else _seen(mask_tm)
-    out_tm = hs[1:] if seen is None else hs[1:] * seen
+    out_tm = hs[1:] if seen is None else np.where(seen, hs[1:], dt.type(0))
     outputs = _batch_major(out_tm, False)
     if training:
         ws.data = dict(x_tm=x_tm, W=W, U=U, mask_tm=mask_tm, hs=hs, seen=seen)
@@ -249,9 +249,9 @@ def rnn_backward(workspace, d_outputs, d_h=None):
         return RNNGrads(g["x"], g["h0"], g["kernel"], g["recurrent_kernel"],
                         g["bias"] if workspace.has_bias else None)
     d = workspace.data
-    d_out_tm = _time_major(d_out, workspace.go_backwards)
+    d_out_tm = _time_major(d_out, False)     # outputs are in reading order
     if d["seen"] is not None:
-        d_out_tm *= d["seen"]
+        d_out_tm = np.where(d["seen"], d_out_tm, dt.type(0))
     dh = np.array(d_h, dtype=dt, order="C", copy=True)
     dx_tm = np.empty((T, B, I), dt)
     dW = np.empty((I, H), dt)

@@ -109,7 +109,7 @@ def lstm_backward(ws, d_outputs, d_h, d_c):
     d_out_carry = np.zeros_like(dh)   # gradient owed to the previous *output*
     for k in range(T - 1, -1, -1):
         s = ws["steps"][k]
-        g_out = d_outputs[:, order[k]] + d_out_carry
+        g_out = d_outputs[:, k] + d_out_carry   # outputs are in reading order
         m = s["m"]
         if m is None:
             dh_new = dh + g_out
@@ -186,7 +186,7 @@ def rnn_backward(ws, d_outputs, d_h):
     d_out_carry = np.zeros_like(dh)
     for k in range(T - 1, -1, -1):
         s = ws["steps"][k]
-        g_out = d_outputs[:, order[k]] + d_out_carry
+        g_out = d_outputs[:, k] + d_out_carry   # outputs are in reading order
         m = s["m"]
         if m is None:
             dh_new = dh + g_out
