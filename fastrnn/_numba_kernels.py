@@ -12,38 +12,81 @@ fused elementwise pass; after the backward time loop, the weight gradients as
 GEMMs over all T*B rows.  Compilation is lazy (on first call per dtype and
 read-only-ness of the arguments) and cached on disk.
 """
+import math
+
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 # Fast-math flags that keep NaN/inf semantics (no "nnan"/"ninf").
-_JIT = dict(nogil=True, cache=True,
+_JIT = dict(nogil=True, cache=True, error_model="numpy",
             fastmath={"contract", "arcp", "nsz", "afn"})
 
 TANH, RELU, LINEAR = 0, 1, 2
 
+# exp: Cody-Waite reduction by ln 2 (fdlibm's split), Taylor polynomial to r^13.
+_LOG2E = 1.4426950408889634
+_LN2_HI = 6.93147180369123816490e-01
+_LN2_LO = 1.90821492927058770002e-10
+_E2, _E3, _E4, _E5, _E6, _E7, _E8, _E9, _E10, _E11, _E12, _E13 = (
+    1.0 / math.factorial(k) for k in range(2, 14))
 # Taylor coefficients of tanh(x)/x - 1 in powers of x^2 (x^3 ... x^15 terms).
 _T3, _T5, _T7, _T9, _T11, _T13, _T15 = (
     -1 / 3, 2 / 15, -17 / 315, 62 / 2835, -1382 / 155925, 21844 / 6081075,
     -929569 / 638512875)
 
 
-# ---------------------------------------------------------------- shared ---
-@njit(**_JIT)
+# ---------------------------------------------------- elementwise math ---
+# libm's exp/tanh are scalar calls (tanh ~10x slower than exp); these are
+# branch-free float64 arithmetic that LLVM vectorises inside the fused loops.
+@intrinsic
+def _pow2(typingctx, n):
+    """2.0**n as a float64 for an int64 -1022 <= n <= 1023 (exponent bits)."""
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        bits = builder.shl(builder.add(args[0], ir.Constant(i64, 1023)),
+                           ir.Constant(i64, 52))
+        return builder.bitcast(bits, ir.DoubleType())
+    return types.float64(types.int64), codegen
+
+
+@njit(inline="always", **_JIT)
+def _exp(x):
+    """exp(x) for a float64 x, within 1 ulp (subnormal results included);
+    NaN, +-inf, overflow and underflow as np.exp."""
+    xc = min(max(x, -746.0), 710.0)
+    n = np.floor(xc * _LOG2E + 0.5)
+    r = xc - n * _LN2_HI - n * _LN2_LO
+    p = 1.0 + r * (1.0 + r * (_E2 + r * (_E3 + r * (_E4 + r * (_E5 + r * (
+        _E6 + r * (_E7 + r * (_E8 + r * (_E9 + r * (_E10 + r * (
+            _E11 + r * (_E12 + r * _E13))))))))))))
+    ni = np.int64(n)
+    n1 = ni >> 1            # 2**n in two factors: n may exceed the exponent range
+    y = (p * _pow2(n1)) * _pow2(ni - n1)
+    return x if x != x else y
+
+
+@njit(inline="always", **_JIT)
+def _sigmoid(x):
+    """1 / (1 + exp(-x)) as a float64."""
+    return 1.0 / (1.0 + _exp(-np.float64(x)))
+
+
+@njit(inline="always", **_JIT)
 def _tanh(x):
-    """tanh(x) as a float64, within a few float64 ulps, from one exp: libm's
-    tanh/tanhf are several times slower.  Taylor series below |x| = 0.1
-    (where (1 - e)/(1 + e) would cancel); NaN and +-inf as np.tanh."""
+    """tanh(x) as a float64, within a few ulps: (1 - e)/(1 + e) with
+    e = exp(-2|x|), and a Taylor series below |x| = 0.1 where that cancels."""
     a = abs(np.float64(x))
-    if a < 0.1:
-        s = a * a
-        r = a + a * s * (_T3 + s * (_T5 + s * (_T7 + s * (
-            _T9 + s * (_T11 + s * (_T13 + s * _T15))))))
-    else:
-        e = np.exp(-2.0 * a)
-        r = (1.0 - e) / (1.0 + e)
+    s = a * a
+    small = a + a * s * (_T3 + s * (_T5 + s * (_T7 + s * (
+        _T9 + s * (_T11 + s * (_T13 + s * _T15))))))
+    e = _exp(-2.0 * a)
+    r = small if a < 0.1 else (1.0 - e) / (1.0 + e)
     return r if x >= 0 else -r
 
 
+# ---------------------------------------------------------------- shared ---
 @njit(**_JIT)
 def _input_gemm(x_tm, W, out):
     """out (T, B, G*H) = x_tm (T, B, I) @ W (I, G*H), as one GEMM."""
@@ -74,7 +117,7 @@ def _weight_grads(x_tm, W, hs, dz, dx_tm, dW, dU, db):
             db[k] += dz2[r, k]
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)
 def _taken(mask_tm, t, b):
     """Whether row b takes step t (no mask: always)."""
     return mask_tm.shape[0] == 0 or mask_tm[t, b] != 0
@@ -82,36 +125,60 @@ def _taken(mask_tm, t, b):
 
 # ------------------------------------------------------------------- LSTM ---
 @njit(**_JIT)
-def _lstm_cell(mask_tm, t, gates_t, rec, bias, h_prev, c_prev, h_next, c_next,
-               training):
-    """One step's fused pass over (b, j): gate pre-activations
-    gates_t + rec + bias (B, 4H), activations, new c and h.  Masked rows carry
-    h and c.  When training, the activated i, f, g, o go back to gates_t."""
+def _lstm_carry(h_prev, c_prev, h_next, c_next, b):
+    """Masked row b: h and c carry over."""
+    for j in range(h_prev.shape[1]):
+        h_next[b, j] = h_prev[b, j]
+        c_next[b, j] = c_prev[b, j]
+
+
+@njit(**_JIT)
+def _lstm_cell(mask_tm, t, gates_t, rec, bias, h_prev, c_prev, h_next,
+               c_next):
+    """One inference step's fused pass over (b, j): gate pre-activations
+    gates_t + rec + bias (B, 4H), activations, new c and h (gates_t is left
+    as is).  Masked rows carry h and c."""
     B, H = h_prev.shape
     cast = h_prev.dtype.type
-    one = cast(1)
     for b in range(B):
         if not _taken(mask_tm, t, b):
-            h_next[b, :] = h_prev[b, :]
-            c_next[b, :] = c_prev[b, :]
+            _lstm_carry(h_prev, c_prev, h_next, c_next, b)
             continue
         for j in range(H):
             zi = gates_t[b, j] + rec[b, j] + bias[j]
             zf = gates_t[b, H + j] + rec[b, H + j] + bias[H + j]
             zg = gates_t[b, 2 * H + j] + rec[b, 2 * H + j] + bias[2 * H + j]
             zo = gates_t[b, 3 * H + j] + rec[b, 3 * H + j] + bias[3 * H + j]
-            i = one / (one + np.exp(-zi))
-            f = one / (one + np.exp(-zf))
-            g = cast(_tanh(zg))
-            o = one / (one + np.exp(-zo))
-            c = f * c_prev[b, j] + i * g
+            c = (cast(_sigmoid(zf)) * c_prev[b, j]
+                 + cast(_sigmoid(zi)) * cast(_tanh(zg)))
             c_next[b, j] = c
-            h_next[b, j] = o * cast(_tanh(c))
-            if training:
-                gates_t[b, j] = i
-                gates_t[b, H + j] = f
-                gates_t[b, 2 * H + j] = g
-                gates_t[b, 3 * H + j] = o
+            h_next[b, j] = cast(_sigmoid(zo)) * cast(_tanh(c))
+
+
+@njit(**_JIT)
+def _lstm_cell_train(mask_tm, t, gates_t, rec, bias, h_prev, c_prev, h_next,
+                     c_next):
+    """As ``_lstm_cell``, and the activated i, f, g, o of taken rows go back
+    to gates_t.  Row by row, in loops that each touch few arrays: with the
+    gate stores in the fused loop LLVM no longer vectorises it."""
+    B, H = h_prev.shape
+    cast = h_prev.dtype.type
+    for b in range(B):
+        if not _taken(mask_tm, t, b):
+            _lstm_carry(h_prev, c_prev, h_next, c_next, b)
+            continue
+        g, r = gates_t[b], rec[b]
+        hn, cn, cp = h_next[b], c_next[b], c_prev[b]
+        for k in range(2 * H):
+            g[k] = cast(_sigmoid(g[k] + r[k] + bias[k]))
+        for k in range(2 * H, 3 * H):
+            g[k] = cast(_tanh(g[k] + r[k] + bias[k]))
+        for k in range(3 * H, 4 * H):
+            g[k] = cast(_sigmoid(g[k] + r[k] + bias[k]))
+        for j in range(H):
+            cn[j] = g[H + j] * cp[j] + g[j] * g[2 * H + j]
+        for j in range(H):
+            hn[j] = g[3 * H + j] * cast(_tanh(cn[j]))
 
 
 @njit(**_JIT)
@@ -119,18 +186,19 @@ def lstm_forward(x_tm, W, U, bias, mask_tm, hs, cs, gates, training, nthreads):
     """LSTM forward.  hs (T+1, B, H) and cs ((T+1 if training else 2), B, H)
     hold h0, c0 at index 0 on entry; on exit hs[t+1] is h after step t and the
     c after step t is at cs[t+1] (training) or cs[(t+1) % 2].  gates
-    (T, B, 4H): when training, the activated gates i, f, g, o."""
+    (T, B, 4H): when training, on exit the activated gates i, f, g, o of
+    taken rows."""
     T, B, _ = x_tm.shape
     _input_gemm(x_tm, W, gates)
     rec = np.empty((B, gates.shape[2]), gates.dtype)
     for t in range(T):
         np.dot(hs[t], U, rec)
         if training:
-            c_prev, c_next = cs[t], cs[t + 1]
+            _lstm_cell_train(mask_tm, t, gates[t], rec, bias, hs[t], cs[t],
+                             hs[t + 1], cs[t + 1])
         else:
-            c_prev, c_next = cs[t % 2], cs[(t + 1) % 2]
-        _lstm_cell(mask_tm, t, gates[t], rec, bias, hs[t], c_prev, hs[t + 1],
-                   c_next, training)
+            _lstm_cell(mask_tm, t, gates[t], rec, bias, hs[t], cs[t % 2],
+                       hs[t + 1], cs[(t + 1) % 2])
 
 
 @njit(**_JIT)
@@ -193,19 +261,22 @@ def _rnn_cell(mask_tm, t, z_t, rec, bias, act, h_prev, h_next):
     """One step's fused pass: h_next = act(z_t + rec + bias) (B, H) on taken
     rows; masked rows carry h_prev."""
     B, H = h_prev.shape
-    zero = h_prev.dtype.type(0)
+    cast = h_prev.dtype.type
+    zero = cast(0)
     for b in range(B):
         if not _taken(mask_tm, t, b):
-            h_next[b, :] = h_prev[b, :]
-            continue
-        for j in range(H):
-            z = z_t[b, j] + rec[b, j] + bias[j]
-            if act == TANH:
-                h_next[b, j] = _tanh(z)
-            elif act == RELU:
+            for j in range(H):
+                h_next[b, j] = h_prev[b, j]
+        elif act == TANH:
+            for j in range(H):
+                h_next[b, j] = cast(_tanh(z_t[b, j] + rec[b, j] + bias[j]))
+        elif act == RELU:
+            for j in range(H):
+                z = z_t[b, j] + rec[b, j] + bias[j]
                 h_next[b, j] = zero if z < zero else z   # NaN propagates
-            else:
-                h_next[b, j] = z
+        else:
+            for j in range(H):
+                h_next[b, j] = z_t[b, j] + rec[b, j] + bias[j]
 
 
 @njit(**_JIT)
@@ -227,18 +298,21 @@ def _rnn_cell_grad(mask_tm, t, act, h_t, d_out_t, dh, dz_t):
     zero = dh.dtype.type(0)
     one = dh.dtype.type(1)
     for b in range(B):
-        taken = _taken(mask_tm, t, b)
-        for j in range(H):
-            dhv = dh[b, j] + d_out_t[b, j]
-            if not taken:
-                dh[b, j] = dhv
+        if not _taken(mask_tm, t, b):
+            for j in range(H):
+                dh[b, j] += d_out_t[b, j]
                 dz_t[b, j] = zero
-            elif act == TANH:
-                dz_t[b, j] = dhv * (one - h_t[b, j] * h_t[b, j])
-            elif act == RELU:
-                dz_t[b, j] = dhv if h_t[b, j] > zero else zero
-            else:
-                dz_t[b, j] = dhv
+        elif act == TANH:
+            for j in range(H):
+                dz_t[b, j] = ((dh[b, j] + d_out_t[b, j])
+                              * (one - h_t[b, j] * h_t[b, j]))
+        elif act == RELU:
+            for j in range(H):
+                dz_t[b, j] = (dh[b, j] + d_out_t[b, j]
+                              if h_t[b, j] > zero else zero)
+        else:
+            for j in range(H):
+                dz_t[b, j] = dh[b, j] + d_out_t[b, j]
 
 
 @njit(**_JIT)
