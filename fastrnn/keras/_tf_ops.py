@@ -53,19 +53,6 @@ def _unpack(blob):
     return pickle.loads(memoryview(np.ascontiguousarray(blob)))
 
 
-def _reading_order(x, mask, go_backwards):
-    """x (B, T, ...) and mask (B, T) reversed in time when go_backwards.
-
-    The layers feed the kernels sequences already in reading order (and
-    reverse d_x back) rather than pass ``go_backwards`` to fastrnn.ops: the
-    outputs are in reading order either way, and this keeps the backward
-    pass independent of how ops indexes ``d_outputs`` under go_backwards.
-    """
-    if not go_backwards:
-        return x, mask
-    return x[:, ::-1], None if mask is None else mask[:, ::-1]
-
-
 def _zeros_if_none(grads, like):
     return [tf.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
 
@@ -125,7 +112,9 @@ def lstm(x, h0, c0, kernel, recurrent_kernel, bias=None, mask=None, *,
 
     x (B, T, I); h0, c0 (B, H); kernel (I, 4H); recurrent_kernel (H, 4H);
     bias (4H,) or None; mask (B, T) bool or None.  All float tensors share
-    one dtype, float32 or float64.  Returns outputs (B, T, H), h, c (B, H).
+    one dtype, float32 or float64.  Returns outputs (B, T, H), h, c (B, H);
+    with go_backwards the sequence is read from its end and the outputs are
+    in reading order, as in Keras.
     """
     has_bias, has_mask = bias is not None, mask is not None
     diff = [x, h0, c0, kernel, recurrent_kernel] + ([bias] if has_bias else [])
@@ -135,14 +124,14 @@ def lstm(x, h0, c0, kernel, recurrent_kernel, bias=None, mask=None, *,
     def forward_np(keep, x, h0, c0, W, U, *rest):
         b = rest[0] if has_bias else None
         m = rest[-1] if has_mask else None
-        x, m = _reading_order(x, m, go_backwards)
         r = ops.lstm_forward(x, W, U, b, h0, c0, mask=m,
+                             go_backwards=go_backwards,
                              return_workspace=keep, backend=backend)
         return r.outputs, r.h, r.c, r.workspace
 
     def backward_np(ws, upstream):
         g = ops.lstm_backward(ws, *upstream)
-        return [_reading_order(g.x, None, go_backwards)[0], g.h0, g.c0, g.kernel, g.recurrent_kernel] + (
+        return [g.x, g.h0, g.c0, g.kernel, g.recurrent_kernel] + (
             [g.bias] if has_bias else [])
 
     return _fused(forward_np, backward_np, diff + extra, len(diff),
@@ -155,7 +144,8 @@ def rnn(x, h0, kernel, recurrent_kernel, bias=None, mask=None, *,
 
     x (B, T, I); h0 (B, H); kernel (I, H); recurrent_kernel (H, H);
     bias (H,) or None; mask (B, T) bool or None; activation "tanh", "relu"
-    or "linear".  Returns outputs (B, T, H), h (B, H).
+    or "linear".  Returns outputs (B, T, H), h (B, H) (go_backwards as in
+    ``lstm``).
     """
     has_bias, has_mask = bias is not None, mask is not None
     diff = [x, h0, kernel, recurrent_kernel] + ([bias] if has_bias else [])
@@ -165,14 +155,14 @@ def rnn(x, h0, kernel, recurrent_kernel, bias=None, mask=None, *,
     def forward_np(keep, x, h0, W, U, *rest):
         b = rest[0] if has_bias else None
         m = rest[-1] if has_mask else None
-        x, m = _reading_order(x, m, go_backwards)
         r = ops.rnn_forward(x, W, U, b, h0, activation=activation, mask=m,
+                            go_backwards=go_backwards,
                             return_workspace=keep, backend=backend)
         return r.outputs, r.h, r.workspace
 
     def backward_np(ws, upstream):
         g = ops.rnn_backward(ws, *upstream)
-        return [_reading_order(g.x, None, go_backwards)[0], g.h0, g.kernel, g.recurrent_kernel] + (
+        return [g.x, g.h0, g.kernel, g.recurrent_kernel] + (
             [g.bias] if has_bias else [])
 
     return _fused(forward_np, backward_np, diff + extra, len(diff),
