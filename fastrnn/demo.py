@@ -49,8 +49,8 @@ class DemoConfig:
     two minutes on two cores.
     """
     text: str = None            # path of a UTF-8 text; None: the bundled one
-    max_chars: int = 200_000    # use at most this many characters (0: all)
-    epochs: int = 4
+    max_chars: int = 0          # use at most this many characters (0: all)
+    epochs: int = 6
     units: int = 128
     embedding_dim: int = 32
     seq_len: int = 64
@@ -236,6 +236,17 @@ def steady_epoch_time(times):
 
 
 # ----------------------------------------------------------- sampling ---
+def _last_step_predictor(model):
+    """``model`` as a traced-once function: (B, T) int32 ids, any T ->
+    (B, vocab) probabilities of the character after the last one."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32)])
+    def predict(ids):
+        return model(ids, training=False)[:, -1]
+    return predict
+
+
 def sample(model, chars, prompt, *, length, temperature, seq_len, rng):
     """Extend ``prompt`` by ``length`` characters drawn from ``model``, whose
     softmax output is sharpened (``temperature`` < 1) or flattened (> 1).
@@ -250,10 +261,11 @@ def sample(model, chars, prompt, *, length, temperature, seq_len, rng):
         raise DemoError(f"the prompt has characters that the model's "
                         f"vocabulary lacks: {''.join(unknown)!r}")
     ids = list(encode(prompt, chars))
+    predict = _last_step_predictor(model)
     out = []
     for _ in range(length):
         context = np.asarray(ids[-seq_len:], dtype=np.int32)[None, :]
-        probs = np.asarray(model(context, training=False))[0, -1].astype(np.float64)
+        probs = np.asarray(predict(context))[0].astype(np.float64)
         logits = np.log(np.maximum(probs, 1e-12)) / temperature
         p = np.exp(logits - logits.max())
         nxt = int(rng.choice(len(chars), p=p / p.sum()))
