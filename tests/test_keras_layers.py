@@ -507,6 +507,19 @@ def test_xla_falls_back(kind, counter):
     assert counter.total() == 1
 
 
+@pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")),
+                    reason="with a GPU, use_cudnn=True runs cuDNN")
+def test_use_cudnn_true_without_gpu_raises_as_stock(counter):
+    x, _ = data(21)
+    with pytest.raises(ValueError, match="use_cudnn=True"):
+        keras.layers.LSTM(H, use_cudnn=True)(x)
+    with pytest.raises(ValueError, match="use_cudnn=True"):
+        fk.LSTM(H, use_cudnn=True)(x)
+    stock, ours = pair("lstm", use_cudnn=False, return_sequences=True)
+    np.testing.assert_allclose(ours(x), stock(x), rtol=1e-4, atol=2e-5)
+    assert counter.count("lstm_forward") == 1
+
+
 def test_jit_compile_model_setting_is_refused():
     model = keras.Sequential([keras.Input((T, I)), fk.LSTM(H)])
     with pytest.warns(UserWarning, match="jit_compile"):

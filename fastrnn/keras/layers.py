@@ -20,8 +20,13 @@ __all__ = ["LSTM", "SimpleRNN"]
 _BACKEND_CHOICES = ("auto",) + BACKENDS
 _CUDNN = "Keras uses cuDNN"
 _OTHER_BACKEND = "Keras backend is not TensorFlow"
-_RNN_ACTIVATIONS = {activations.tanh: "tanh", activations.relu: "relu",
-                    activations.linear: "linear"}
+_RNN_ACTIVATIONS = ((activations.tanh, "tanh"), (activations.relu, "relu"),
+                    (activations.linear, "linear"))
+
+
+def _rnn_activation_name(fn):
+    """The kernels' name for a SimpleRNN activation, or None."""
+    return next((name for f, name in _RNN_ACTIVATIONS if fn is f), None)
 
 
 def _check_backend(backend):
@@ -83,23 +88,20 @@ class _FastRNNMixin:
         return mask
 
     def _prepare(self, sequences, initial_state, mask, training):
-        """Returns (reason, tf_ops, args) where reason is why the stock loop
-        must run (None when the kernels run) and args are the kernel
-        inputs: x (dropout applied), states, weights and mask, in the
-        kernel's dtype."""
+        """Returns (reason, args): reason is why the stock loop must run
+        (None when the kernels run); args are the kernel inputs x (dropout
+        applied), states, weights and mask, in the kernels' dtype."""
         if keras.tree.is_nested(mask):
             mask = mask[0]
         mask = self._check_inputs(sequences, mask)
         reason = self._static_fallback_reason()
+        if reason is None:
+            reason = self._call_fallback_reason(training)
+        if reason is None:
+            from ._tf_ops import graph_fallback_reason
+            reason = graph_fallback_reason()
         if reason is not None:
-            return reason, None, None
-        reason = self._call_fallback_reason(training)
-        if reason is not None:
-            return reason, None, None
-        from . import _tf_ops
-        reason = _tf_ops.graph_fallback_reason()
-        if reason is not None:
-            return reason, None, None
+            return reason, None
 
         import tensorflow as tf
         compute = sequences.dtype
@@ -117,7 +119,7 @@ class _FastRNNMixin:
             weights=[None if w is None else tf.cast(w, kdt) for w in weights],
             mask=None if mask is None else tf.cast(mask, tf.bool),
             backend=self.fastrnn_backend or "auto")
-        return None, _tf_ops, args
+        return None, args
 
     def _finish(self, outputs, states, mask, dtype):
         """(last_output, outputs, states) as Keras's loop returns them."""
@@ -192,8 +194,7 @@ class LSTM(_FastRNNMixin, keras.layers.LSTM):
         return sequences
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
-        reason, tf_ops, a = self._prepare(sequences, initial_state, mask,
-                                          training)
+        reason, a = self._prepare(sequences, initial_state, mask, training)
         if reason in (_CUDNN, _OTHER_BACKEND):
             # Keras's own choice: cuDNN, or its other backends' LSTM.
             return super().inner_loop(sequences, initial_state, mask=mask,
@@ -203,7 +204,8 @@ class LSTM(_FastRNNMixin, keras.layers.LSTM):
             # (its cuDNN attempt crashes with implementation=1 + dropout).
             return keras.layers.RNN.inner_loop(
                 self, sequences, initial_state, mask=mask, training=training)
-        outputs, h, c = tf_ops.lstm(
+        from . import _tf_ops
+        outputs, h, c = _tf_ops.lstm(
             a["x"], *a["states"], *a["weights"], a["mask"],
             go_backwards=self.go_backwards, backend=a["backend"])
         return self._finish(outputs, [h, c], a["mask"], sequences.dtype)
@@ -242,7 +244,7 @@ class SimpleRNN(_FastRNNMixin, keras.layers.SimpleRNN):
         self._fastrnn_init(backend)
 
     def _activation_fallback_reason(self):
-        if self.cell.activation not in _RNN_ACTIVATIONS:
+        if _rnn_activation_name(self.cell.activation) is None:
             return "activation is not tanh, relu or linear"
         return None
 
@@ -257,13 +259,13 @@ class SimpleRNN(_FastRNNMixin, keras.layers.SimpleRNN):
         return sequences
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
-        reason, tf_ops, a = self._prepare(sequences, initial_state, mask,
-                                          training)
+        reason, a = self._prepare(sequences, initial_state, mask, training)
         if reason is not None:
             return super().inner_loop(sequences, initial_state, mask=mask,
                                       training=training)
-        outputs, h = tf_ops.rnn(
+        from . import _tf_ops
+        outputs, h = _tf_ops.rnn(
             a["x"], *a["states"], *a["weights"], a["mask"],
-            activation=_RNN_ACTIVATIONS[self.cell.activation],
+            activation=_rnn_activation_name(self.cell.activation),
             go_backwards=self.go_backwards, backend=a["backend"])
         return self._finish(outputs, [h], a["mask"], sequences.dtype)
