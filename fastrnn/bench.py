@@ -280,7 +280,7 @@ def _torch_runner(case, pass_, d):
 
 # ------------------------------------------------------------ measuring ----
 def sgemm_gflops(n=1024, repeats=5):
-    """NumPy float32 (n, n) @ (n, n) rate in GFLOP/s: the median of
+    """NumPy float32 (n, n) @ (n, n) rate in GFLOP/s: the best of
     ``repeats`` timed products after one warm-up."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
@@ -291,7 +291,7 @@ def sgemm_gflops(n=1024, repeats=5):
         t0 = time.perf_counter()
         a @ b
         times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
+    return 2 * n ** 3 / min(times) / 1e9
 
 
 def time_alternating(runners, repeats, warmup=2):
@@ -453,11 +453,12 @@ def _probe(name, unavailable):
 def run(cases, contenders, repeats, memory=True, threads=0, progress=True):
     """Benchmark ``cases`` x PASSES x ``contenders``; returns the report dict
     (the structure written by ``--json``)."""
-    peak = sgemm_gflops()
+    load = [os.getloadavg()[0]]
+    peaks = [sgemm_gflops()]
     report = {"fastrnn": fastrnn.__version__, "machine": platform.machine(),
               "cpus": os.cpu_count(), "fastrnn_threads": fastrnn.get_num_threads(),
               "available_backends": list(fastrnn.available_backends()),
-              "sgemm_gflops": peak, "repeats": repeats, "dtype": "float32",
+              "repeats": repeats, "dtype": "float32",
               "groups": [], "memory": [], "unavailable": {}, "failed": {}}
     contenders = [n for n in contenders if _probe(n, report["unavailable"])]
     mem_names = [n for n in contenders if n in LAYER_CONTENDERS] if memory else []
@@ -468,7 +469,7 @@ def run(cases, contenders, repeats, memory=True, threads=0, progress=True):
         for pass_ in PASSES:
             bar.step(group_name(case, pass_))
             report["groups"].append(_measure_group(case, pass_, contenders, data,
-                                                   reference, repeats, peak, report))
+                                                   reference, repeats, report))
         timed = {r["contender"] for g in report["groups"][-len(PASSES):] for r in g["rows"]}
         for name in mem_names:
             bar.step(f"{case} memory: {name}")
@@ -477,11 +478,17 @@ def run(cases, contenders, repeats, memory=True, threads=0, progress=True):
             report["memory"].append({"case": str(case), "contender": name,
                                      **measure_memory(name, case, threads)})
     bar.close()
-    report["versions"] = _versions()
+    peaks.append(sgemm_gflops())
+    load.append(os.getloadavg()[0])
+    report.update(sgemm_gflops=max(peaks), sgemm_gflops_start_end=peaks,
+                  loadavg_start_end=load, versions=_versions())
+    for g in report["groups"]:
+        for r in g["rows"]:
+            r["peak_fraction"] = r["gflops"] / report["sgemm_gflops"]
     return report
 
 
-def _measure_group(case, pass_, contenders, data, reference, repeats, peak, report):
+def _measure_group(case, pass_, contenders, data, reference, repeats, report):
     """Build, check and time ``contenders`` on one (case, pass); a contender
     that raises is left out and recorded in ``report["failed"]``."""
     runners, errors = {}, {}
@@ -498,18 +505,19 @@ def _measure_group(case, pass_, contenders, data, reference, repeats, peak, repo
             report["failed"][f"{name} {group_name(case, pass_)}"] = \
                 f"{type(exc).__name__}: {exc}"
     times = time_alternating(runners, repeats, warmup=1)
-    return _group(case, pass_, times, errors, peak)
+    return _group(case, pass_, times, errors)
 
 
-def _group(case, pass_, times, errors, peak):
+def _group(case, pass_, times, errors):
+    """The report's entry for one (case, pass); ``peak_fraction`` is filled
+    in by ``run`` once the sgemm rate is known."""
     gflop = flops(case, pass_) / 1e9
     rows = []
     for name, ts in times.items():
         med = statistics.median(ts)
         rows.append({"contender": name, "median_ms": med * 1e3,
                      "times_ms": [t * 1e3 for t in ts], "gflops": gflop / med,
-                     "peak_fraction": gflop / med / peak,
-                     "max_abs_err": errors.get(name)})
+                     "peak_fraction": None, "max_abs_err": errors.get(name)})
     base = next((r for r in rows if r["contender"] == "keras"), None)
     for r in rows:
         r["speedup"] = base["median_ms"] / r["median_ms"] if base else None
@@ -529,7 +537,14 @@ def format_report(report):
     lines = [f"fastrnn {report['fastrnn']} bench: float32, median of "
              f"{report['repeats']} alternating runs; fastrnn threads "
              f"{report['fastrnn_threads']}; backends {report['available_backends']}",
-             f"NumPy sgemm 1024^3 peak: {report['sgemm_gflops']:.1f} GFLOP/s", ""]
+             f"NumPy sgemm 1024^3 peak: {report['sgemm_gflops']:.1f} GFLOP/s (best of "
+             f"5, at start and end: {report['sgemm_gflops_start_end'][0]:.1f}, "
+             f"{report['sgemm_gflops_start_end'][1]:.1f})",
+             f"load average at start and end: {report['loadavg_start_end'][0]:.2f}, "
+             f"{report['loadavg_start_end'][1]:.2f} on {report['cpus']} CPUs"
+             + ("  (a busy machine: timings are noisy)"
+                if max(report["loadavg_start_end"]) > 0.5 * (report["cpus"] or 1) else ""),
+             ""]
     for g in report["groups"]:
         anchor = (f"; Keras anchor {g['keras_anchor_ms']} ms"
                   if g["keras_anchor_ms"] is not None else "")

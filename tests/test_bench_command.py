@@ -77,7 +77,7 @@ def test_plot_without_matplotlib_is_a_one_line_error(monkeypatch, tmp_path):
     assert not (tmp_path / "p.png").exists()
 
 
-def _check_group(group, layer, pass_, contenders):
+def _check_group(report, group, layer, pass_, contenders):
     case = bench.Case(layer, 2, 4, 3, 5)
     assert group["name"] == f"{case}-{pass_}"
     assert (group["layer"], group["B"], group["T"], group["I"], group["H"],
@@ -90,7 +90,7 @@ def _check_group(group, layer, pass_, contenders):
         assert len(r["times_ms"]) == 2 and all(t > 0 for t in r["times_ms"])
         assert r["median_ms"] == pytest.approx(float(np.median(r["times_ms"])))
         assert r["gflops"] == pytest.approx(group["gflop"] / (r["median_ms"] / 1e3))
-        assert 0 < r["peak_fraction"]
+        assert r["peak_fraction"] == pytest.approx(r["gflops"] / report["sgemm_gflops"])
         if pass_ == "fwd":
             assert r["max_abs_err"] < 1e-5, name
         else:
@@ -102,14 +102,15 @@ def test_quick_json_report_with_keras_and_memory(tmp_path, capsys):
     rc, report = _run(tmp_path, "--shapes", TINY_LSTM)
     assert rc == 0
     assert report["failed"] == {}
-    assert report["sgemm_gflops"] > 0 and report["repeats"] == 2
+    assert report["sgemm_gflops"] == max(report["sgemm_gflops_start_end"]) > 0
+    assert len(report["loadavg_start_end"]) == 2 and report["repeats"] == 2
     assert report["dtype"] == "float32"
     assert report["available_backends"] == list(fastrnn.available_backends())
     contenders = ["keras", "fastrnn.keras"] + [
         f"ops[{b}]" for b in fastrnn.available_backends()]
     assert [g["pass"] for g in report["groups"]] == ["fwd", "fwd+bwd"]
     for g in report["groups"]:
-        rows = _check_group(g, "lstm", g["pass"], contenders)
+        rows = _check_group(report, g, "lstm", g["pass"], contenders)
         assert rows["keras"]["speedup"] == 1.0
         for r in rows.values():
             assert r["speedup"] == pytest.approx(
@@ -132,7 +133,7 @@ def test_no_keras_report_has_kernel_rows_only(tmp_path):
                       "--no-memory", "--backend", "numpy")
     assert rc == 0 and report["failed"] == {}
     for g, pass_ in zip(report["groups"], bench.PASSES):
-        rows = _check_group(g, "rnn", pass_, ["ops[numpy]"])
+        rows = _check_group(report, g, "rnn", pass_, ["ops[numpy]"])
         assert rows["ops[numpy]"]["speedup"] is None
     assert report["memory"] == []
 
