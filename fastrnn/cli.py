@@ -42,6 +42,7 @@ def _positive_float(text):
 
 
 def _add_demo(sub):
+    from ._backend import BACKENDS
     from .demo import DATA_SOURCE, DemoConfig
     d = DemoConfig()
     p = sub.add_parser(
@@ -73,6 +74,9 @@ def _add_demo(sub):
     p.add_argument("--seed", type=nonneg, default=d.seed, metavar="N",
                    help="seed for the initial weights, shuffling and sampling "
                    "(default: %(default)s)")
+    p.add_argument("--backend", choices=("auto",) + BACKENDS, default=d.backend,
+                   help="fastrnn's kernels (default: %(default)s, the "
+                   "fastest available or FASTRNN_BACKEND)")
     p.add_argument("--no-compare", dest="compare", action="store_false",
                    help="train only with fastrnn.keras.LSTM")
     p.add_argument("--save", metavar="PATH.keras", default=d.save,

@@ -57,6 +57,7 @@ class DemoConfig:
     batch_size: int = 64
     learning_rate: float = 0.005
     seed: int = 0
+    backend: str = "auto"       # fastrnn's kernels: auto, cython, numba, numpy
     compare: bool = True        # also train the stock keras.layers.LSTM
     save: str = None            # save the fastrnn model to this .keras path
     sample_length: int = 300
@@ -177,16 +178,16 @@ def make_windows(ids, seq_len, name="the text"):
 
 
 # -------------------------------------------------------------- model ---
-def build_model(lstm_class, chars, *, seq_len, units, embedding_dim):
-    """``CharVocabulary -> Embedding -> lstm_class(units) -> Dense(softmax)``
-    on (B, T) int ids, giving (B, T, len(chars)) next-character
-    probabilities.  Not compiled."""
+def build_model(lstm_class, chars, *, seq_len, units, embedding_dim, **lstm_options):
+    """``CharVocabulary -> Embedding -> lstm_class(units, **lstm_options) ->
+    Dense(softmax)`` on (B, T) int ids, giving (B, T, len(chars))
+    next-character probabilities.  Not compiled."""
     keras = import_keras()
     vocab = len(chars)
     ids = keras.Input(shape=(None,), dtype="int32", name="ids")
     h = vocabulary_layer()(chars, seq_len, name="vocabulary")(ids)
     h = keras.layers.Embedding(vocab, embedding_dim, name="embedding")(h)
-    h = lstm_class(units, return_sequences=True, name="lstm")(h)
+    h = lstm_class(units, return_sequences=True, name="lstm", **lstm_options)(h)
     probs = keras.layers.Dense(vocab, activation="softmax", name="next_char")(h)
     return keras.Model(ids, probs, name="char_lm")
 
@@ -317,8 +318,10 @@ def run_demo(config, out=print):
     sizes = dict(seq_len=config.seq_len, units=config.units,
                  embedding_dim=config.embedding_dim)
 
+    kernels = _kernels(config.backend)
     keras.utils.set_random_seed(config.seed)
-    fast_model = build_model(fast_lstm, chars, **sizes)
+    fast_model = build_model(fast_lstm, chars, **sizes, backend=(
+        None if config.backend == "auto" else config.backend))
     initial = [layer.get_weights() for layer in fast_model.layers]
     compile_model(fast_model, config.learning_rate)
     results = {"fastrnn": None, "keras": None}
@@ -326,7 +329,7 @@ def run_demo(config, out=print):
     out(f"\nmodel: Embedding({len(chars)}, {config.embedding_dim}) -> "
         f"LSTM({config.units}) -> Dense({len(chars)}, softmax); "
         f"adam, lr {config.learning_rate}; batch {config.batch_size}")
-    out("\ntraining with fastrnn.keras.LSTM")
+    out(f"\ntraining with fastrnn.keras.LSTM ({kernels})")
     results["fastrnn"] = train(fast_model, x, y, **fit)
 
     if config.compare:
@@ -352,6 +355,22 @@ def run_demo(config, out=print):
     out(f"\nsampled text (temperature {config.temperature}):\n")
     out(prompt.lstrip("\n") + results["sample"])
     return results
+
+
+def _kernels(backend):
+    """Which of fastrnn's kernels ``backend`` means here, in words; raises
+    DemoError for one that is not available."""
+    import warnings
+
+    from . import _backend
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        try:
+            name = _backend.resolve(backend)
+        except ValueError as exc:
+            raise DemoError(f"--backend {backend}: {exc}") from exc
+    threads = _backend.get_num_threads()
+    return f"{name} backend, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def _report(results, out):

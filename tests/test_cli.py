@@ -24,20 +24,23 @@ ROW = re.compile(r"^(fastrnn\.keras\.LSTM|keras\.layers\.LSTM) +([\d.]+) +([\d.]
                  re.MULTILINE)
 
 
+# Subprocesses import the same fastrnn as this process (the installed one, or
+# the source tree), whatever the current folder holds.
+ROOT = str(Path(fastrnn.__file__).resolve().parent.parent)
+
+
 def _env():
-    """The environment for a subprocess importing the same fastrnn as we do."""
-    root = str(Path(fastrnn.__file__).resolve().parent.parent)
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return env
 
 
 def run(*args, code=None, timeout=300):
-    """Run ``python -m fastrnn ARGS`` (or ``python -c CODE``)."""
+    """Run ``python -m fastrnn ARGS`` (or ``python -c CODE ARGS``)."""
     cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "fastrnn"]
     return subprocess.run(cmd + [str(a) for a in args], capture_output=True,
-                          text=True, env=_env(), timeout=timeout)
+                          text=True, env=_env(), cwd=ROOT, timeout=timeout)
 
 
 def assert_one_line_error(proc, *words, rc=1):
@@ -88,7 +91,7 @@ def demo_run(tmp_path_factory):
     """One tiny ``python -m fastrnn demo --save``: (process, saved path)."""
     pytest.importorskip("tensorflow")
     path = tmp_path_factory.mktemp("demo") / "model.keras"
-    proc = run("demo", *TINY, "--save", path)
+    proc = run("demo", *TINY, "--save", path, "--threads", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, path
 
@@ -109,6 +112,7 @@ def test_demo_prints_timings_speedup_losses_and_sample(demo_run):
                         r"([\d.]+)x", out)
     assert speedup and float(speedup.group(1)) > 0
     assert "Epoch 2/2" in out  # Keras's progress output
+    assert re.search(r"training with fastrnn\.keras\.LSTM \(\w+ backend, 1 thread\)", out)
     sampled = out.split("sampled text (temperature 0.8):\n", 1)[1]
     assert len(sampled.strip()) >= 20
 
@@ -143,13 +147,14 @@ def test_demo_no_compare_on_own_text(tmp_path, capsys):
     text.write_text("abcab cabca bcabc\n" * 60, encoding="utf-8")
     rc = cli.main(["demo", "--text", str(text), "--no-compare", "--epochs", "1",
                    "--units", "8", "--seq-len", "10", "--sample-length", "15",
-                   "--seed", "1"])
+                   "--seed", "1", "--backend", "numpy"])
     out = capsys.readouterr().out
     assert rc == 0
     rows = dict((name, nums) for name, *nums in ROW.findall(out))
     assert list(rows) == ["fastrnn.keras.LSTM"]
     assert "keras.layers.LSTM" not in out and "speed-up" not in out
     assert "the only epoch, which includes tracing" in out
+    assert "training with fastrnn.keras.LSTM (numpy backend, " in out
     assert f"{text}: 1,080 characters, 5 distinct; 107 windows of 10" in out
     sampled = out.split("sampled text (temperature 0.8):\n", 1)[1].strip("\n")
     assert len(sampled) == 15 and set(sampled) <= set("abc \n")
@@ -245,6 +250,7 @@ def test_bad_save_path_fails_before_training(tmp_path, save, words):
     ["demo", "--units", "0"],
     ["demo", "--learning-rate", "-1"],
     ["demo", "--no-such-flag"],
+    ["demo", "--backend", "fortran"],
     ["generate"],
     ["generate", "m.keras", "--temperature", "0"],
     ["frobnicate"],
