@@ -78,6 +78,16 @@ def test_info_in_process(capsys, monkeypatch):
     assert "compiler:" in out or "compiled extension:" in out
 
 
+def test_console_script_when_installed():
+    script = Path(sys.executable).with_name("fastrnn")
+    if not script.exists():
+        pytest.skip("the fastrnn console script exists only after pip install")
+    proc = subprocess.run([str(script), "info"], capture_output=True, text=True,
+                          env=_env(), cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert fastrnn.__version__ in proc.stdout
+
+
 def test_version_flag(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["--version"])
