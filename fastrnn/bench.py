@@ -620,9 +620,10 @@ def plot_speedups(report, path):
                     if r["contender"] == name:
                         xs.append(i + (k - (len(names) - 1) / 2) * width)
                         ys.append(r["speedup"])
-            ax.bar(xs, ys, width, label=name)
+            ax.bar(xs, [y - 1 for y in ys], width, bottom=1.0, label=name)  # from parity
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
+        ax.margins(y=0.1)
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels([g["case"] for g in groups], rotation=15)
         ax.set_ylabel("speed-up over stock Keras (log)")
