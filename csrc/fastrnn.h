@@ -15,8 +15,8 @@
  *                         A masked row carries its state over unchanged.
  *   hs    (T+1, B, H)     hs[0] = h0 on entry; hs[t+1] = state after step t
  *
- * BLAS is passed in as a function pointer (the caller hands in SciPy's
- * sgemm/dgemm from scipy.linalg.cython_blas), so nothing else is linked.
+ * BLAS is passed in as function pointers (the caller hands in SciPy's
+ * ?gemm/?gemv from scipy.linalg.cython_blas), so nothing else is linked.
  * Functions return 0 on success, nonzero on bad arguments or failed
  * allocation.  They hold no global state and are safe to call from several
  * threads at once.
@@ -35,6 +35,17 @@ typedef void (*fr_dgemm_fn)(char *transa, char *transb, int *m, int *n, int *k,
                             double *alpha, double *a, int *lda, double *b, int *ldb,
                             double *beta, double *c, int *ldc);
 
+typedef void (*fr_sgemv_fn)(char *trans, int *m, int *n, float *alpha, float *a,
+                            int *lda, float *x, int *incx, float *beta, float *y,
+                            int *incy);
+typedef void (*fr_dgemv_fn)(char *trans, int *m, int *n, double *alpha, double *a,
+                            int *lda, double *x, int *incx, double *beta, double *y,
+                            int *incy);
+
+/* The BLAS routines the kernels call (Fortran calling convention). */
+typedef struct { fr_sgemm_fn gemm; fr_sgemv_fn gemv; } fr_sblas;
+typedef struct { fr_dgemm_fn gemm; fr_dgemv_fn gemv; } fr_dblas;
+
 enum { FR_ACT_TANH = 0, FR_ACT_RELU = 1, FR_ACT_LINEAR = 2 };
 
 /*
@@ -46,12 +57,12 @@ enum { FR_ACT_TANH = 0, FR_ACT_RELU = 1, FR_ACT_LINEAR = 2 };
  *          gates i, f, g, o that lstm_backward needs.
  *   nthreads  OpenMP threads for the pointwise work (ignored without OpenMP).
  */
-int fr_lstm_forward_f32(fr_sgemm_fn gemm, int nthreads, int training,
+int fr_lstm_forward_f32(const fr_sblas *blas, int nthreads, int training,
                         int T, int B, int I, int H,
                         const float *x, const float *W, const float *U,
                         const float *bias, const unsigned char *mask,
                         float *hs, float *cs, float *gates);
-int fr_lstm_forward_f64(fr_dgemm_fn gemm, int nthreads, int training,
+int fr_lstm_forward_f64(const fr_dblas *blas, int nthreads, int training,
                         int T, int B, int I, int H,
                         const double *x, const double *W, const double *U,
                         const double *bias, const unsigned char *mask,
@@ -68,13 +79,13 @@ int fr_lstm_forward_f64(fr_dgemm_fn gemm, int nthreads, int training,
  *   dz     (T, B, 4H)  scratch: pre-activation gradients
  *   work   (B, H)      scratch
  */
-int fr_lstm_backward_f32(fr_sgemm_fn gemm, int nthreads, int T, int B, int I, int H,
+int fr_lstm_backward_f32(const fr_sblas *blas, int nthreads, int T, int B, int I, int H,
                          const float *x, const float *W, const float *U,
                          const unsigned char *mask, const float *hs,
                          const float *cs, const float *gates, const float *d_out,
                          float *dh, float *dc, float *dx, float *dW, float *dU,
                          float *db, float *dz, float *work);
-int fr_lstm_backward_f64(fr_dgemm_fn gemm, int nthreads, int T, int B, int I, int H,
+int fr_lstm_backward_f64(const fr_dblas *blas, int nthreads, int T, int B, int I, int H,
                          const double *x, const double *W, const double *U,
                          const unsigned char *mask, const double *hs,
                          const double *cs, const double *gates, const double *d_out,
@@ -86,11 +97,11 @@ int fr_lstm_backward_f64(fr_dgemm_fn gemm, int nthreads, int T, int B, int I, in
  *   z    (T, B, H) scratch (pre-activations)
  *   act  FR_ACT_TANH, FR_ACT_RELU or FR_ACT_LINEAR
  */
-int fr_rnn_forward_f32(fr_sgemm_fn gemm, int nthreads, int act, int T, int B, int I, int H,
+int fr_rnn_forward_f32(const fr_sblas *blas, int nthreads, int act, int T, int B, int I, int H,
                        const float *x, const float *W, const float *U,
                        const float *bias, const unsigned char *mask,
                        float *hs, float *z);
-int fr_rnn_forward_f64(fr_dgemm_fn gemm, int nthreads, int act, int T, int B, int I, int H,
+int fr_rnn_forward_f64(const fr_dblas *blas, int nthreads, int act, int T, int B, int I, int H,
                        const double *x, const double *W, const double *U,
                        const double *bias, const unsigned char *mask,
                        double *hs, double *z);
@@ -99,12 +110,12 @@ int fr_rnn_forward_f64(fr_dgemm_fn gemm, int nthreads, int act, int T, int B, in
  * Simple RNN backward, with the activation's derivative taken from the saved
  * outputs hs.  Arguments as for the LSTM, without the cell state.
  */
-int fr_rnn_backward_f32(fr_sgemm_fn gemm, int nthreads, int act, int T, int B, int I, int H,
+int fr_rnn_backward_f32(const fr_sblas *blas, int nthreads, int act, int T, int B, int I, int H,
                         const float *x, const float *W, const float *U,
                         const unsigned char *mask, const float *hs,
                         const float *d_out, float *dh, float *dx, float *dW,
                         float *dU, float *db, float *dz, float *work);
-int fr_rnn_backward_f64(fr_dgemm_fn gemm, int nthreads, int act, int T, int B, int I, int H,
+int fr_rnn_backward_f64(const fr_dblas *blas, int nthreads, int act, int T, int B, int I, int H,
                         const double *x, const double *W, const double *U,
                         const unsigned char *mask, const double *hs,
                         const double *d_out, double *dh, double *dx, double *dW,

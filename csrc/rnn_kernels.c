@@ -29,15 +29,50 @@
 /* --- threading: one parallel region per kernel, see rnn_kernels_impl.h --- */
 #define FR_CHUNK 16    /* unit slices are multiples of one AVX-512 vector */
 #ifdef _OPENMP
+#include <sched.h>
+#include <stdatomic.h>
 #define FR_PARALLEL(nt) _Pragma("omp parallel num_threads(nt)")
 #define FR_TID() omp_get_thread_num()
 #define FR_NT() omp_get_num_threads()
-#define FR_BARRIER() _Pragma("omp barrier")
+
+/* The team meets once per time step.  OpenMP's own barrier spins for a long
+ * time before sleeping, which is ruinous when the cores are shared (another
+ * process, TensorFlow's threads): a waiting thread keeps its core from the
+ * thread it waits for.  This one spins briefly, then yields. */
+typedef struct { atomic_int count; atomic_int sense; } fr_barrier;
+#define FR_BARRIER_INIT(b) do { atomic_init(&(b).count, 0); atomic_init(&(b).sense, 0); } while (0)
+
+static void fr_barrier_wait(fr_barrier *b, int n, int *local_sense)
+{
+    if (n <= 1)
+        return;
+    int s = !*local_sense;
+    *local_sense = s;
+    if (atomic_fetch_add_explicit(&b->count, 1, memory_order_acq_rel) == n - 1) {
+        atomic_store_explicit(&b->count, 0, memory_order_relaxed);
+        atomic_store_explicit(&b->sense, s, memory_order_release);
+        return;
+    }
+    for (int spins = 0; atomic_load_explicit(&b->sense, memory_order_acquire) != s; spins++) {
+        if (spins < 2000) {
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+        } else {
+            sched_yield();
+        }
+    }
+}
 #else
 #define FR_PARALLEL(nt)
 #define FR_TID() 0
 #define FR_NT() 1
-#define FR_BARRIER() ((void)0)
+typedef struct { int unused; } fr_barrier;
+#define FR_BARRIER_INIT(b) ((b).unused = 0)
+static void fr_barrier_wait(fr_barrier *b, int n, int *local_sense)
+{
+    (void)b; (void)n; (void)local_sense;
+}
 #endif
 
 /* Part tid of n of [0, n_items), cut at multiples of align. */
@@ -114,19 +149,19 @@ static inline double fr_sigmoid(double x)
 
 #define REAL float
 #define SUF f32
-#define GEMM_T fr_sgemm_fn
+#define BLAS_T fr_sblas
 #define SIGMOID(v) fr_sigmoidf(v)
 #define TANH(v) fr_tanhf(v)
 #include "rnn_kernels_impl.h"
 #undef REAL
 #undef SUF
-#undef GEMM_T
+#undef BLAS_T
 #undef SIGMOID
 #undef TANH
 
 #define REAL double
 #define SUF f64
-#define GEMM_T fr_dgemm_fn
+#define BLAS_T fr_dblas
 #define SIGMOID(v) fr_sigmoid(v)
 #define TANH(v) tanh(v)
 #include "rnn_kernels_impl.h"

@@ -1,8 +1,8 @@
 /*
  * The kernels' bodies, written once and included twice by rnn_kernels.c:
  * with REAL = float (SUF f32) and with REAL = double (SUF f64).
- * Expected macros: REAL, SUF, GEMM_T, SIGMOID(x), TANH(x); and from
- * rnn_kernels.c: FR_VECTORIZE, FR_PARALLEL, FR_TID, FR_NT, FR_BARRIER,
+ * Expected macros: REAL, SUF, BLAS_T, SIGMOID(x), TANH(x); and from
+ * rnn_kernels.c: FR_VECTORIZE, FR_PARALLEL, FR_TID, FR_NT, fr_barrier,
  * fr_split, fr_team.
  *
  * Threading: each kernel is one parallel region ("persistent threads").
@@ -20,7 +20,7 @@
 /* Row-major C (M x N) = alpha * op(A) (M x K) * op(B) (K x N) + beta * C,
  * computed by the column-major BLAS as C^T = op(B)^T op(A)^T: operands are
  * swapped, never copied. */
-static void FN(gemm_rm)(GEMM_T gemm, int ta, int tb, int M, int N, int K,
+static void FN(gemm_rm)(const BLAS_T *blas, int ta, int tb, int M, int N, int K,
                         REAL alpha, const REAL *A, int lda, const REAL *Bm,
                         int ldb, REAL beta, REAL *C, int ldc)
 {
@@ -32,9 +32,19 @@ static void FN(gemm_rm)(GEMM_T gemm, int ta, int tb, int M, int N, int K,
                 C[(size_t)r * ldc + c] = beta == 0 ? (REAL)0 : beta * C[(size_t)r * ldc + c];
         return;
     }
+    if (M == 1 && !ta) {
+        /* one row (batch 1): c^T = op(B)^T a^T by GEMV, which unlike GEMM
+         * does not pack B on every call */
+        int one = 1;
+        char tr = tb ? 'T' : 'N';
+        int m = tb ? K : N, n = tb ? N : K;
+        blas->gemv(&tr, &m, &n, &alpha, (REAL *)Bm, &ldb, (REAL *)A, &one,
+                   &beta, C, &one);
+        return;
+    }
     char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
-    gemm(&cb, &ca, &N, &M, &K, &alpha, (REAL *)Bm, &ldb, (REAL *)A, &lda,
-         &beta, C, &ldc);
+    blas->gemm(&cb, &ca, &N, &M, &K, &alpha, (REAL *)Bm, &ldb, (REAL *)A, &lda,
+               &beta, C, &ldc);
 }
 
 /* ------------------------------------------------------------- LSTM --- */
@@ -126,42 +136,45 @@ static int FN(check_sizes)(int T, int B, int I, int H, int G)
 
 /* Rows [r0, r1) of z = x W (the input projection of every step), or for the
  * RNN, with G = 1. */
-static void FN(input_projection)(GEMM_T gemm, int r0, int r1, int I, int GH,
+static void FN(input_projection)(const BLAS_T *blas, int r0, int r1, int I, int GH,
                                  const REAL *x, const REAL *W, REAL *z)
 {
-    FN(gemm_rm)(gemm, 0, 0, r1 - r0, GH, I, 1, x + (size_t)r0 * I,
+    FN(gemm_rm)(blas, 0, 0, r1 - r0, GH, I, 1, x + (size_t)r0 * I,
                 I > 0 ? I : 1, W, GH, 0, z + (size_t)r0 * GH, GH);
 }
 
 /* z[:, q*H + j0 : q*H + j1] += h U[:, same columns], for each gate block q. */
-static void FN(recurrent_projection)(GEMM_T gemm, int G, int B, int H, int j0,
+static void FN(recurrent_projection)(const BLAS_T *blas, int G, int B, int H, int j0,
                                      int j1, const REAL *h, const REAL *U,
                                      REAL *z)
 {
     const int GH = G * H;
     for (int q = 0; q < G; q++)
-        FN(gemm_rm)(gemm, 0, 0, B, j1 - j0, H, 1, h, H, U + q * H + j0, GH,
+        FN(gemm_rm)(blas, 0, 0, B, j1 - j0, H, 1, h, H, U + q * H + j0, GH,
                     1, z + q * H + j0, GH);
 }
 
-int FN(fr_lstm_forward)(GEMM_T gemm, int nthreads, int training, int T, int B,
+int FN(fr_lstm_forward)(const BLAS_T *blas, int nthreads, int training, int T, int B,
                         int I, int H, const REAL *x, const REAL *W,
                         const REAL *U, const REAL *bias,
                         const unsigned char *mask, REAL *hs, REAL *cs,
                         REAL *gates)
 {
-    if (!gemm || FN(check_sizes)(T, B, I, H, 4))
+    if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 4))
         return 1;
     const size_t BH = (size_t)B * H, BG = (size_t)B * 4 * H;
     const int nt = fr_team(nthreads, H);
+    fr_barrier bar;
+    FR_BARRIER_INIT(bar);
     FR_PARALLEL(nt)
     {
         const int tid = FR_TID(), n = FR_NT();
+        int sense = 0;
         int r0, r1, j0, j1;
         fr_split(T * B, 1, tid, n, &r0, &r1);
-        FN(input_projection)(gemm, r0, r1, I, 4 * H, x, W, gates);
+        FN(input_projection)(blas, r0, r1, I, 4 * H, x, W, gates);
         fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
-        FR_BARRIER();
+        fr_barrier_wait(&bar, n, &sense);
         for (int t = 0; t < T; t++) {
             REAL *z = gates + t * BG;
             const REAL *hp = hs + t * BH;
@@ -169,11 +182,11 @@ int FN(fr_lstm_forward)(GEMM_T gemm, int nthreads, int training, int T, int B,
             REAL *cn = cs + (size_t)(training ? t + 1 : ((t + 1) & 1)) * BH;
             const unsigned char *m = mask ? mask + (size_t)t * B : NULL;
             if (j1 > j0) {
-                FN(recurrent_projection)(gemm, 4, B, H, j0, j1, hp, U, z);
+                FN(recurrent_projection)(blas, 4, B, H, j0, j1, hp, U, z);
                 FN(lstm_cell)(B, H, j0, j1, bias, m, z, hp, cp,
                               hs + (t + 1) * BH, cn);
             }
-            FR_BARRIER();
+            fr_barrier_wait(&bar, n, &sense);
         }
     }
     return 0;
@@ -181,7 +194,7 @@ int FN(fr_lstm_forward)(GEMM_T gemm, int nthreads, int training, int T, int B,
 
 /* After the time loop, this thread's share of: dx = dz W^T (rows),
  * dW = x^T dz, dU = hs[0:T]^T dz and db = column sums of dz (columns). */
-static void FN(weight_grads)(GEMM_T gemm, int tid, int n, int T, int B, int I,
+static void FN(weight_grads)(const BLAS_T *blas, int tid, int n, int T, int B, int I,
                              int H, int G, const REAL *x, const REAL *W,
                              const REAL *hs, const REAL *dz, REAL *dx,
                              REAL *dW, REAL *dU, REAL *db)
@@ -190,13 +203,13 @@ static void FN(weight_grads)(GEMM_T gemm, int tid, int n, int T, int B, int I,
     int r0, r1, c0, c1;
     fr_split(TB, 1, tid, n, &r0, &r1);
     fr_split(GH, FR_CHUNK, tid, n, &c0, &c1);
-    FN(gemm_rm)(gemm, 0, 1, r1 - r0, I, GH, 1, dz + (size_t)r0 * GH, GH, W, GH,
+    FN(gemm_rm)(blas, 0, 1, r1 - r0, I, GH, 1, dz + (size_t)r0 * GH, GH, W, GH,
                 0, dx + (size_t)r0 * I, ld_x);
     if (c1 <= c0)
         return;
-    FN(gemm_rm)(gemm, 1, 0, I, c1 - c0, TB, 1, x, ld_x, dz + c0, GH, 0,
+    FN(gemm_rm)(blas, 1, 0, I, c1 - c0, TB, 1, x, ld_x, dz + c0, GH, 0,
                 dW + c0, GH);
-    FN(gemm_rm)(gemm, 1, 0, H, c1 - c0, TB, 1, hs, H, dz + c0, GH, 0,
+    FN(gemm_rm)(blas, 1, 0, H, c1 - c0, TB, 1, hs, H, dz + c0, GH, 0,
                 dU + c0, GH);
     for (int j = c0; j < c1; j++)
         db[j] = 0;
@@ -217,37 +230,40 @@ static void FN(add_cols)(int B, int H, int j0, int j1, const REAL *restrict d,
 }
 
 /* dh_{t-1}[:, j0:j1] = dz_t U[j0:j1, :]^T; masked rows keep dh. */
-static void FN(recurrent_grad)(GEMM_T gemm, int G, int B, int H, int j0,
+static void FN(recurrent_grad)(const BLAS_T *blas, int G, int B, int H, int j0,
                                int j1, const unsigned char *m, const REAL *dzt,
                                const REAL *U, REAL *dh, REAL *work)
 {
     const int GH = G * H;
     const REAL *Uj = U + (size_t)j0 * GH;
     if (!m) {
-        FN(gemm_rm)(gemm, 0, 1, B, j1 - j0, GH, 1, dzt, GH, Uj, GH, 0, dh + j0, H);
+        FN(gemm_rm)(blas, 0, 1, B, j1 - j0, GH, 1, dzt, GH, Uj, GH, 0, dh + j0, H);
         return;
     }
-    FN(gemm_rm)(gemm, 0, 1, B, j1 - j0, GH, 1, dzt, GH, Uj, GH, 0, work + j0, H);
+    FN(gemm_rm)(blas, 0, 1, B, j1 - j0, GH, 1, dzt, GH, Uj, GH, 0, work + j0, H);
     for (int b = 0; b < B; b++)
         if (m[b])
             for (int j = j0; j < j1; j++)
                 dh[(size_t)b * H + j] = work[(size_t)b * H + j];
 }
 
-int FN(fr_lstm_backward)(GEMM_T gemm, int nthreads, int T, int B, int I, int H,
+int FN(fr_lstm_backward)(const BLAS_T *blas, int nthreads, int T, int B, int I, int H,
                          const REAL *x, const REAL *W, const REAL *U,
                          const unsigned char *mask, const REAL *hs,
                          const REAL *cs, const REAL *gates, const REAL *d_out,
                          REAL *dh, REAL *dc, REAL *dx, REAL *dW, REAL *dU,
                          REAL *db, REAL *dz, REAL *work)
 {
-    if (!gemm || FN(check_sizes)(T, B, I, H, 4))
+    if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 4))
         return 1;
     const size_t BH = (size_t)B * H, BG = (size_t)B * 4 * H;
     const int nt = fr_team(nthreads, H);
+    fr_barrier bar;
+    FR_BARRIER_INIT(bar);
     FR_PARALLEL(nt)
     {
         const int tid = FR_TID(), n = FR_NT();
+        int sense = 0;
         int j0, j1;
         fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
         for (int t = T - 1; t >= 0; t--) {
@@ -258,12 +274,12 @@ int FN(fr_lstm_backward)(GEMM_T gemm, int nthreads, int T, int B, int I, int H,
                 FN(lstm_cell_grad)(B, H, j0, j1, m, gates + t * BG,
                                    cs + (t + 1) * BH, cs + t * BH, dh, dc, dzt);
             }
-            FR_BARRIER();   /* the GEMM below reads every thread's dz_t */
+            fr_barrier_wait(&bar, n, &sense);   /* the GEMM below reads every thread's dz_t */
             if (j1 > j0)
-                FN(recurrent_grad)(gemm, 4, B, H, j0, j1, m, dzt, U, dh, work);
+                FN(recurrent_grad)(blas, 4, B, H, j0, j1, m, dzt, U, dh, work);
         }
-        FR_BARRIER();
-        FN(weight_grads)(gemm, tid, n, T, B, I, H, 4, x, W, hs, dz, dx, dW, dU, db);
+        fr_barrier_wait(&bar, n, &sense);
+        FN(weight_grads)(blas, tid, n, T, B, I, H, 4, x, W, hs, dz, dx, dW, dU, db);
     }
     return 0;
 }
@@ -324,50 +340,56 @@ static void FN(rnn_cell_grad)(int B, int H, int j0, int j1, int act,
     }
 }
 
-int FN(fr_rnn_forward)(GEMM_T gemm, int nthreads, int act, int T, int B, int I,
+int FN(fr_rnn_forward)(const BLAS_T *blas, int nthreads, int act, int T, int B, int I,
                        int H, const REAL *x, const REAL *W, const REAL *U,
                        const REAL *bias, const unsigned char *mask, REAL *hs,
                        REAL *z)
 {
-    if (!gemm || FN(check_sizes)(T, B, I, H, 1) || act < 0 || act > 2)
+    if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 1) || act < 0 || act > 2)
         return 1;
     const size_t BH = (size_t)B * H;
     const int nt = fr_team(nthreads, H);
+    fr_barrier bar;
+    FR_BARRIER_INIT(bar);
     FR_PARALLEL(nt)
     {
         const int tid = FR_TID(), n = FR_NT();
+        int sense = 0;
         int r0, r1, j0, j1;
         fr_split(T * B, 1, tid, n, &r0, &r1);
-        FN(input_projection)(gemm, r0, r1, I, H, x, W, z);
+        FN(input_projection)(blas, r0, r1, I, H, x, W, z);
         fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
-        FR_BARRIER();
+        fr_barrier_wait(&bar, n, &sense);
         for (int t = 0; t < T; t++) {
             REAL *zt = z + t * BH;
             const unsigned char *m = mask ? mask + (size_t)t * B : NULL;
             if (j1 > j0) {
-                FN(recurrent_projection)(gemm, 1, B, H, j0, j1, hs + t * BH, U, zt);
+                FN(recurrent_projection)(blas, 1, B, H, j0, j1, hs + t * BH, U, zt);
                 FN(rnn_cell)(B, H, j0, j1, act, bias, m, zt, hs + t * BH,
                              hs + (t + 1) * BH);
             }
-            FR_BARRIER();
+            fr_barrier_wait(&bar, n, &sense);
         }
     }
     return 0;
 }
 
-int FN(fr_rnn_backward)(GEMM_T gemm, int nthreads, int act, int T, int B, int I,
+int FN(fr_rnn_backward)(const BLAS_T *blas, int nthreads, int act, int T, int B, int I,
                         int H, const REAL *x, const REAL *W, const REAL *U,
                         const unsigned char *mask, const REAL *hs,
                         const REAL *d_out, REAL *dh, REAL *dx, REAL *dW,
                         REAL *dU, REAL *db, REAL *dz, REAL *work)
 {
-    if (!gemm || FN(check_sizes)(T, B, I, H, 1) || act < 0 || act > 2)
+    if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 1) || act < 0 || act > 2)
         return 1;
     const size_t BH = (size_t)B * H;
     const int nt = fr_team(nthreads, H);
+    fr_barrier bar;
+    FR_BARRIER_INIT(bar);
     FR_PARALLEL(nt)
     {
         const int tid = FR_TID(), n = FR_NT();
+        int sense = 0;
         int j0, j1;
         fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
         for (int t = T - 1; t >= 0; t--) {
@@ -377,12 +399,12 @@ int FN(fr_rnn_backward)(GEMM_T gemm, int nthreads, int act, int T, int B, int I,
                 FN(add_cols)(B, H, j0, j1, d_out + t * BH, dh);
                 FN(rnn_cell_grad)(B, H, j0, j1, act, m, hs + (t + 1) * BH, dh, dzt);
             }
-            FR_BARRIER();
+            fr_barrier_wait(&bar, n, &sense);
             if (j1 > j0)
-                FN(recurrent_grad)(gemm, 1, B, H, j0, j1, m, dzt, U, dh, work);
+                FN(recurrent_grad)(blas, 1, B, H, j0, j1, m, dzt, U, dh, work);
         }
-        FR_BARRIER();
-        FN(weight_grads)(gemm, tid, n, T, B, I, H, 1, x, W, hs, dz, dx, dW, dU, db);
+        fr_barrier_wait(&bar, n, &sense);
+        FN(weight_grads)(blas, tid, n, T, B, I, H, 1, x, W, hs, dz, dx, dW, dU, db);
     }
     return 0;
 }

@@ -7,45 +7,63 @@ contract (time-major, reading-order buffers) is documented in csrc/fastrnn.h
 and in fastrnn/ops.py, which is the only caller.
 """
 from cython cimport floating
-from scipy.linalg.cython_blas cimport sgemm, dgemm
+from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 
 cdef extern from "fastrnn.h" nogil:
     ctypedef void (*fr_sgemm_fn)(char*, char*, int*, int*, int*, float*, float*,
                                  int*, float*, int*, float*, float*, int*)
     ctypedef void (*fr_dgemm_fn)(char*, char*, int*, int*, int*, double*, double*,
                                  int*, double*, int*, double*, double*, int*)
-    int fr_lstm_forward_f32(fr_sgemm_fn, int, int, int, int, int, int,
+    ctypedef void (*fr_sgemv_fn)(char*, int*, int*, float*, float*, int*, float*,
+                                 int*, float*, float*, int*)
+    ctypedef void (*fr_dgemv_fn)(char*, int*, int*, double*, double*, int*, double*,
+                                 int*, double*, double*, int*)
+    ctypedef struct fr_sblas:
+        fr_sgemm_fn gemm
+        fr_sgemv_fn gemv
+    ctypedef struct fr_dblas:
+        fr_dgemm_fn gemm
+        fr_dgemv_fn gemv
+    int fr_lstm_forward_f32(const fr_sblas*, int, int, int, int, int, int,
                             const float*, const float*, const float*, const float*,
                             const unsigned char*, float*, float*, float*)
-    int fr_lstm_forward_f64(fr_dgemm_fn, int, int, int, int, int, int,
+    int fr_lstm_forward_f64(const fr_dblas*, int, int, int, int, int, int,
                             const double*, const double*, const double*, const double*,
                             const unsigned char*, double*, double*, double*)
-    int fr_lstm_backward_f32(fr_sgemm_fn, int, int, int, int, int,
+    int fr_lstm_backward_f32(const fr_sblas*, int, int, int, int, int,
                              const float*, const float*, const float*,
                              const unsigned char*, const float*, const float*,
                              const float*, const float*, float*, float*, float*,
                              float*, float*, float*, float*, float*)
-    int fr_lstm_backward_f64(fr_dgemm_fn, int, int, int, int, int,
+    int fr_lstm_backward_f64(const fr_dblas*, int, int, int, int, int,
                              const double*, const double*, const double*,
                              const unsigned char*, const double*, const double*,
                              const double*, const double*, double*, double*, double*,
                              double*, double*, double*, double*, double*)
-    int fr_rnn_forward_f32(fr_sgemm_fn, int, int, int, int, int, int,
+    int fr_rnn_forward_f32(const fr_sblas*, int, int, int, int, int, int,
                            const float*, const float*, const float*, const float*,
                            const unsigned char*, float*, float*)
-    int fr_rnn_forward_f64(fr_dgemm_fn, int, int, int, int, int, int,
+    int fr_rnn_forward_f64(const fr_dblas*, int, int, int, int, int, int,
                            const double*, const double*, const double*, const double*,
                            const unsigned char*, double*, double*)
-    int fr_rnn_backward_f32(fr_sgemm_fn, int, int, int, int, int, int,
+    int fr_rnn_backward_f32(const fr_sblas*, int, int, int, int, int, int,
                             const float*, const float*, const float*,
                             const unsigned char*, const float*, const float*,
                             float*, float*, float*, float*, float*, float*, float*)
-    int fr_rnn_backward_f64(fr_dgemm_fn, int, int, int, int, int, int,
+    int fr_rnn_backward_f64(const fr_dblas*, int, int, int, int, int, int,
                             const double*, const double*, const double*,
                             const unsigned char*, const double*, const double*,
                             double*, double*, double*, double*, double*, double*, double*)
     const char *fr_compiler()
     int fr_openmp_version()
+
+
+cdef fr_sblas _SBLAS
+_SBLAS.gemm = <fr_sgemm_fn>sgemm
+_SBLAS.gemv = <fr_sgemv_fn>sgemv
+cdef fr_dblas _DBLAS
+_DBLAS.gemm = <fr_dgemm_fn>dgemm
+_DBLAS.gemv = <fr_dgemv_fn>dgemv
 
 
 def build_info():
@@ -89,11 +107,11 @@ def lstm_forward(const floating[:, :, ::1] x, const floating[:, ::1] W,
     cdef int rc
     with nogil:
         if floating is float:
-            rc = fr_lstm_forward_f32(<fr_sgemm_fn>sgemm, nthreads, training, T, B, I, H,
+            rc = fr_lstm_forward_f32(&_SBLAS, nthreads, training, T, B, I, H,
                                      px, pW, &U[0, 0], &bias[0], m,
                                      &hs[0, 0, 0], &cs[0, 0, 0], &gates[0, 0, 0])
         else:
-            rc = fr_lstm_forward_f64(<fr_dgemm_fn>dgemm, nthreads, training, T, B, I, H,
+            rc = fr_lstm_forward_f64(&_DBLAS, nthreads, training, T, B, I, H,
                                      px, pW, &U[0, 0], &bias[0], m,
                                      &hs[0, 0, 0], &cs[0, 0, 0], &gates[0, 0, 0])
     if rc:
@@ -132,13 +150,13 @@ def lstm_backward(const floating[:, :, ::1] x, const floating[:, ::1] W,
     cdef int rc
     with nogil:
         if floating is float:
-            rc = fr_lstm_backward_f32(<fr_sgemm_fn>sgemm, nthreads, T, B, I, H,
+            rc = fr_lstm_backward_f32(&_SBLAS, nthreads, T, B, I, H,
                                       px, pW, &U[0, 0], m, &hs[0, 0, 0], &cs[0, 0, 0],
                                       &gates[0, 0, 0], &d_out[0, 0, 0], &dh[0, 0],
                                       &dc[0, 0], pdx, pdW, &dU[0, 0], &db[0],
                                       &dz[0, 0, 0], &work[0, 0])
         else:
-            rc = fr_lstm_backward_f64(<fr_dgemm_fn>dgemm, nthreads, T, B, I, H,
+            rc = fr_lstm_backward_f64(&_DBLAS, nthreads, T, B, I, H,
                                       px, pW, &U[0, 0], m, &hs[0, 0, 0], &cs[0, 0, 0],
                                       &gates[0, 0, 0], &d_out[0, 0, 0], &dh[0, 0],
                                       &dc[0, 0], pdx, pdW, &dU[0, 0], &db[0],
@@ -167,11 +185,11 @@ def rnn_forward(const floating[:, :, ::1] x, const floating[:, ::1] W,
     cdef int rc
     with nogil:
         if floating is float:
-            rc = fr_rnn_forward_f32(<fr_sgemm_fn>sgemm, nthreads, act, T, B, I, H,
+            rc = fr_rnn_forward_f32(&_SBLAS, nthreads, act, T, B, I, H,
                                     px, pW, &U[0, 0], &bias[0], m, &hs[0, 0, 0],
                                     &z[0, 0, 0])
         else:
-            rc = fr_rnn_forward_f64(<fr_dgemm_fn>dgemm, nthreads, act, T, B, I, H,
+            rc = fr_rnn_forward_f64(&_DBLAS, nthreads, act, T, B, I, H,
                                     px, pW, &U[0, 0], &bias[0], m, &hs[0, 0, 0],
                                     &z[0, 0, 0])
     if rc:
@@ -209,12 +227,12 @@ def rnn_backward(const floating[:, :, ::1] x, const floating[:, ::1] W,
     cdef int rc
     with nogil:
         if floating is float:
-            rc = fr_rnn_backward_f32(<fr_sgemm_fn>sgemm, nthreads, act, T, B, I, H,
+            rc = fr_rnn_backward_f32(&_SBLAS, nthreads, act, T, B, I, H,
                                      px, pW, &U[0, 0], m, &hs[0, 0, 0], &d_out[0, 0, 0],
                                      &dh[0, 0], pdx, pdW, &dU[0, 0], &db[0],
                                      &dz[0, 0, 0], &work[0, 0])
         else:
-            rc = fr_rnn_backward_f64(<fr_dgemm_fn>dgemm, nthreads, act, T, B, I, H,
+            rc = fr_rnn_backward_f64(&_DBLAS, nthreads, act, T, B, I, H,
                                      px, pW, &U[0, 0], m, &hs[0, 0, 0], &d_out[0, 0, 0],
                                      &dh[0, 0], pdx, pdW, &dU[0, 0], &db[0],
                                      &dz[0, 0, 0], &work[0, 0])
