@@ -84,7 +84,8 @@ static void fr_split(int n_items, int align, int tid, int n, int *lo, int *hi)
     *hi = (int)(b < n_items ? b : n_items);
 }
 
-/* Threads for a kernel: at most one per FR_CHUNK hidden units. */
+/* Threads for a kernel: the caller's choice, at most one per FR_CHUNK
+ * hidden units (fastrnn/_backend.py decides when threads pay). */
 static int fr_team(int nthreads, int H)
 {
 #ifdef _OPENMP
@@ -98,6 +99,14 @@ static int fr_team(int nthreads, int H)
     return 1;
 #endif
 }
+
+/* The gate passes' streams never overlap (distinct buffers, or distinct gate
+ * blocks of one row): tell the vectoriser not to version the loops. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define FR_IVDEP _Pragma("GCC ivdep")
+#else
+#define FR_IVDEP
+#endif
 
 static inline float fr_expf(float x)
 {

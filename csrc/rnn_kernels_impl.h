@@ -66,24 +66,32 @@ static void FN(lstm_cell)(int B, int H, int j0, int j1,
         REAL *restrict hn = hnext + (size_t)b * H;
         REAL *restrict cn = cnext + (size_t)b * H;
         if (mask && !mask[b]) {
+            FR_IVDEP
             for (int j = j0; j < j1; j++) {
                 hn[j] = hp[j];
                 cn[j] = cp[j];
             }
             continue;
         }
+        /* one restrict pointer per gate block, so the compiler knows the
+         * four streams of z never overlap */
+        REAL *restrict zi = zr, *restrict zf = zr + H;
+        REAL *restrict zg = zr + 2 * H, *restrict zo = zr + 3 * H;
+        const REAL *restrict bi = bias, *restrict bf = bias + H;
+        const REAL *restrict bg = bias + 2 * H, *restrict bo = bias + 3 * H;
+        FR_IVDEP
         for (int j = j0; j < j1; j++) {
-            REAL i = SIGMOID(zr[j] + bias[j]);
-            REAL f = SIGMOID(zr[H + j] + bias[H + j]);
-            REAL g = TANH(zr[2 * H + j] + bias[2 * H + j]);
-            REAL o = SIGMOID(zr[3 * H + j] + bias[3 * H + j]);
+            REAL i = SIGMOID(zi[j] + bi[j]);
+            REAL f = SIGMOID(zf[j] + bf[j]);
+            REAL g = TANH(zg[j] + bg[j]);
+            REAL o = SIGMOID(zo[j] + bo[j]);
             REAL c = f * cp[j] + i * g;
             cn[j] = c;
             hn[j] = o * TANH(c);
-            zr[j] = i;
-            zr[H + j] = f;
-            zr[2 * H + j] = g;
-            zr[3 * H + j] = o;
+            zi[j] = i;
+            zf[j] = f;
+            zg[j] = g;
+            zo[j] = o;
         }
     }
 }
@@ -106,19 +114,25 @@ static void FN(lstm_cell_grad)(int B, int H, int j0, int j1,
         const REAL *restrict cpr = cprev + (size_t)b * H;
         const REAL *restrict dhr = dh + (size_t)b * H;
         REAL *restrict dcr = dc + (size_t)b * H;
+        REAL *restrict dzi = dzr, *restrict dzf = dzr + H;
+        REAL *restrict dzg = dzr + 2 * H, *restrict dzo = dzr + 3 * H;
         if (mask && !mask[b]) {
+            FR_IVDEP
             for (int j = j0; j < j1; j++)
-                dzr[j] = dzr[H + j] = dzr[2 * H + j] = dzr[3 * H + j] = 0;
+                dzi[j] = dzf[j] = dzg[j] = dzo[j] = 0;
             continue;
         }
+        const REAL *restrict gi = gr, *restrict gf = gr + H;
+        const REAL *restrict gg = gr + 2 * H, *restrict go = gr + 3 * H;
+        FR_IVDEP
         for (int j = j0; j < j1; j++) {
-            REAL i = gr[j], f = gr[H + j], g = gr[2 * H + j], o = gr[3 * H + j];
+            REAL i = gi[j], f = gf[j], g = gg[j], o = go[j];
             REAL tc = TANH(cr[j]);
             REAL dcc = dcr[j] + dhr[j] * o * (1 - tc * tc);
-            dzr[j] = dcc * g * i * (1 - i);
-            dzr[H + j] = dcc * cpr[j] * f * (1 - f);
-            dzr[2 * H + j] = dcc * i * (1 - g * g);
-            dzr[3 * H + j] = dhr[j] * tc * o * (1 - o);
+            dzi[j] = dcc * g * i * (1 - i);
+            dzf[j] = dcc * cpr[j] * f * (1 - f);
+            dzg[j] = dcc * i * (1 - g * g);
+            dzo[j] = dhr[j] * tc * o * (1 - o);
             dcr[j] = dcc * f;
         }
     }
@@ -149,6 +163,10 @@ static void FN(recurrent_projection)(const BLAS_T *blas, int G, int B, int H, in
                                      REAL *z)
 {
     const int GH = G * H;
+    if (j0 == 0 && j1 == H) {   /* the whole layer: one GEMM */
+        FN(gemm_rm)(blas, 0, 0, B, GH, H, 1, h, H, U, GH, 1, z, GH);
+        return;
+    }
     for (int q = 0; q < G; q++)
         FN(gemm_rm)(blas, 0, 0, B, j1 - j0, H, 1, h, H, U + q * H + j0, GH,
                     1, z + q * H + j0, GH);
@@ -225,6 +243,7 @@ static void FN(add_cols)(int B, int H, int j0, int j1, const REAL *restrict d,
                          REAL *restrict dh)
 {
     for (int b = 0; b < B; b++)
+        FR_IVDEP
         for (int j = j0; j < j1; j++)
             dh[(size_t)b * H + j] += d[(size_t)b * H + j];
 }
@@ -243,6 +262,7 @@ static void FN(recurrent_grad)(const BLAS_T *blas, int G, int B, int H, int j0,
     FN(gemm_rm)(blas, 0, 1, B, j1 - j0, GH, 1, dzt, GH, Uj, GH, 0, work + j0, H);
     for (int b = 0; b < B; b++)
         if (m[b])
+            FR_IVDEP
             for (int j = j0; j < j1; j++)
                 dh[(size_t)b * H + j] = work[(size_t)b * H + j];
 }
@@ -297,17 +317,21 @@ static void FN(rnn_cell)(int B, int H, int j0, int j1, int act,
         const REAL *restrict hp = hprev + (size_t)b * H;
         REAL *restrict hn = hnext + (size_t)b * H;
         if (mask && !mask[b]) {
+            FR_IVDEP
             for (int j = j0; j < j1; j++)
                 hn[j] = hp[j];
         } else if (act == FR_ACT_TANH) {
+            FR_IVDEP
             for (int j = j0; j < j1; j++)
                 hn[j] = TANH(zr[j] + bias[j]);
         } else if (act == FR_ACT_RELU) {
+            FR_IVDEP
             for (int j = j0; j < j1; j++) {
                 REAL v = zr[j] + bias[j];
                 hn[j] = v > 0 ? v : (v == v ? (REAL)0 : v);   /* NaN stays NaN */
             }
         } else {
+            FR_IVDEP
             for (int j = j0; j < j1; j++)
                 hn[j] = zr[j] + bias[j];
         }
@@ -325,15 +349,19 @@ static void FN(rnn_cell_grad)(int B, int H, int j0, int j1, int act,
         const REAL *restrict dhr = dh + (size_t)b * H;
         REAL *restrict dzr = dz + (size_t)b * H;
         if (mask && !mask[b]) {
+            FR_IVDEP
             for (int j = j0; j < j1; j++)
                 dzr[j] = 0;
         } else if (act == FR_ACT_TANH) {
+            FR_IVDEP
             for (int j = j0; j < j1; j++)
                 dzr[j] = dhr[j] * (1 - hr[j] * hr[j]);
         } else if (act == FR_ACT_RELU) {
+            FR_IVDEP
             for (int j = j0; j < j1; j++)
                 dzr[j] = dhr[j] * (hr[j] > 0 ? (REAL)1 : (REAL)0);
         } else {
+            FR_IVDEP
             for (int j = j0; j < j1; j++)
                 dzr[j] = dhr[j];
         }

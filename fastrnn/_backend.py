@@ -118,6 +118,18 @@ def get_num_threads():
     return _num_threads if _num_threads is not None else _default_threads()
 
 
+# Below this many multiply-adds in one step's recurrent GEMM (B * G*H * H),
+# a second thread costs more (a barrier per step) than it brings.
+MIN_PARALLEL_STEP_WORK = 4 << 20
+
+
+def kernel_threads(B, G, H):
+    """Threads for one kernel call on a batch of B rows, G gates, H units."""
+    if B * G * H * H < MIN_PARALLEL_STEP_WORK:
+        return 1
+    return get_num_threads()
+
+
 class _SerialBlas:
     """Context manager: BLAS single-threaded while fastrnn's own threads run.
 

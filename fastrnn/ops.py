@@ -111,7 +111,7 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
         _backend.module(name).lstm_forward(
             x_tm, np.ascontiguousarray(W), np.ascontiguousarray(U),
             np.ascontiguousarray(b), mask_tm, hs, cs, gates, training,
-            _backend.get_num_threads())
+            _backend.kernel_threads(B, 4, H))
     seen = None if mask is None else _seen(mask_tm)
     out_tm = hs[1:] if seen is None else np.where(seen, hs[1:], dt.type(0))
     outputs = _batch_major(out_tm, False)
@@ -178,7 +178,7 @@ def lstm_backward(workspace, d_outputs, d_h=None, d_c=None):
         _backend.module(workspace.backend).lstm_backward(
             d["x_tm"], np.ascontiguousarray(d["W"]), np.ascontiguousarray(d["U"]),
             d["mask_tm"], d["hs"], d["cs"], d["gates"], d_out_tm, dh, dc,
-            dx_tm, dW, dU, db, dz, work, _backend.get_num_threads())
+            dx_tm, dW, dU, db, dz, work, _backend.kernel_threads(B, 4, H))
     dx = _batch_major(dx_tm, workspace.go_backwards)
     return LSTMGrads(dx, dh, dc, dW, dU, db if workspace.has_bias else None)
 
@@ -228,7 +228,7 @@ def rnn_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *,
         _backend.module(name).rnn_forward(
             x_tm, np.ascontiguousarray(W), np.ascontiguousarray(U),
             np.ascontiguousarray(b), mask_tm, hs, z, ACTIVATIONS[activation],
-            _backend.get_num_threads())
+            _backend.kernel_threads(B, 1, H))
     seen = None if mask is None else _seen(mask_tm)
     out_tm = hs[1:] if seen is None else np.where(seen, hs[1:], dt.type(0))
     outputs = _batch_major(out_tm, False)
@@ -263,6 +263,6 @@ def rnn_backward(workspace, d_outputs, d_h=None):
         _backend.module(workspace.backend).rnn_backward(
             d["x_tm"], np.ascontiguousarray(d["W"]), np.ascontiguousarray(d["U"]),
             d["mask_tm"], d["hs"], ACTIVATIONS[workspace.activation], d_out_tm, dh,
-            dx_tm, dW, dU, db, dz, work, _backend.get_num_threads())
+            dx_tm, dW, dU, db, dz, work, _backend.kernel_threads(B, 1, H))
     dx = _batch_major(dx_tm, workspace.go_backwards)
     return RNNGrads(dx, dh, dW, dU, db if workspace.has_bias else None)
