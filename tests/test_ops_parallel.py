@@ -1,0 +1,57 @@
+"""The compiled kernels' multi-threaded path (hidden units split between
+threads, a barrier per step) against the reference.
+
+Small problems normally run on one thread (see
+``fastrnn._backend.kernel_threads``); these tests lower the threshold so
+that every call here splits its units, including slices that are not a
+multiple of the SIMD width and more threads than slices.
+"""
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn import _backend, ops
+
+COMPILED = [b for b in ("cython", "numba") if b in fastrnn.available_backends()]
+
+
+@pytest.fixture
+def threaded(monkeypatch):
+    monkeypatch.setattr(_backend, "MIN_PARALLEL_STEP_WORK", 0)
+    old = _backend.get_num_threads()
+    yield
+    fastrnn.set_num_threads(old)
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("threads", [2, 3, 8])
+@pytest.mark.parametrize("H", [1, 17, 40, 67])
+@pytest.mark.parametrize("kind", ["lstm", "rnn"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_threaded_kernels_match_reference(threaded, backend, threads, H, kind,
+                                          masked):
+    fastrnn.set_num_threads(threads)
+    rng = np.random.default_rng(H * 31 + threads)
+    B, T, I = 3, 9, 5
+    G = 4 if kind == "lstm" else 1
+    x = rng.standard_normal((B, T, I))
+    W = rng.standard_normal((I, G * H)) / np.sqrt(I)
+    U = rng.standard_normal((H, G * H)) / np.sqrt(H)
+    b = rng.standard_normal(G * H) * 0.1
+    h0 = rng.standard_normal((B, H))
+    c0 = rng.standard_normal((B, H))
+    mask = rng.random((B, T)) > 0.3 if masked else None
+    d_out = rng.standard_normal((B, T, H))
+    d_h = rng.standard_normal((B, H))
+
+    def run(be):
+        if kind == "lstm":
+            r = ops.lstm_forward(x, W, U, b, h0, c0, mask=mask,
+                                 return_workspace=True, backend=be)
+            return list(r[:3]) + list(ops.lstm_backward(r.workspace, d_out, d_h, h0))
+        r = ops.rnn_forward(x, W, U, b, h0, mask=mask, return_workspace=True,
+                            backend=be)
+        return list(r[:2]) + list(ops.rnn_backward(r.workspace, d_out, d_h))
+
+    for got, want in zip(run(backend), run("numpy")):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11)
