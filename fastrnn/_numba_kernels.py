@@ -7,10 +7,16 @@ C-contiguous and time-major, in reading order: ``x_tm`` (T, B, I),
 ``hs`` (T+1, B, H), ``mask_tm`` uint8 (T, B), or (0, 0) for "no mask".
 
 Per call: one GEMM for the input projection of all steps; per step one GEMM
-for the recurrent projection (into a buffer allocated once per call) and one
-fused elementwise pass; after the backward time loop, the weight gradients as
-GEMMs over all T*B rows.  Compilation is lazy (on first call per dtype and
-read-only-ness of the arguments) and cached on disk.
+(GEMV for batch 1) for the recurrent projection, into a buffer allocated once
+per call, and one elementwise pass; after the backward time loop, the weight
+gradients as GEMMs over all T*B rows.  Compilation is lazy (on first call per
+dtype and read-only-ness of the arguments) and cached on disk.
+
+Threading: none of its own (``nthreads`` is accepted and ignored), and BLAS
+runs single-threaded for the whole call.  The per-step GEMMs are too small
+for BLAS's threads, whose busy-waiting between calls costs more than it
+gives, most of all on shared cores; the large GEMMs around the time loop go
+serial too, as toggling the BLAS thread count mid-call made that worse.
 """
 import math
 
@@ -18,6 +24,8 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
+
+from ._backend import _serial_blas
 
 # Fast-math flags that keep NaN/inf semantics (no "nnan"/"ninf").
 _JIT = dict(nogil=True, cache=True, error_model="numpy",
@@ -118,6 +126,16 @@ def _weight_grads(x_tm, W, hs, dz, dx_tm, dW, dU, db):
 
 
 @njit(inline="always", **_JIT)
+def _recurrent(a, M, out):
+    """out (B, N) = a (B, K) @ M (K, N); one row by GEMV (GEMM would pack M
+    on every step)."""
+    if a.shape[0] == 1:
+        np.dot(a[0], M, out[0])
+    else:
+        np.dot(a, M, out)
+
+
+@njit(inline="always", **_JIT)
 def _taken(mask_tm, t, b):
     """Whether row b takes step t (no mask: always)."""
     return mask_tm.shape[0] == 0 or mask_tm[t, b] != 0
@@ -155,6 +173,13 @@ def _lstm_cell(mask_tm, t, gates_t, rec, bias, h_prev, c_prev, h_next,
             h_next[b, j] = cast(_sigmoid(zo)) * cast(_tanh(c))
 
 
+@njit(inline="always", **_JIT)
+def _blocks(a, H):
+    """The four gate blocks (H,) of a row a (4H,), as views: indexing them
+    from 0 lets LLVM drop numba's negative-index wraparound and vectorise."""
+    return a[:H], a[H:2 * H], a[2 * H:3 * H], a[3 * H:]
+
+
 @njit(**_JIT)
 def _lstm_cell_train(mask_tm, t, gates_t, rec, bias, h_prev, c_prev, h_next,
                      c_next):
@@ -163,36 +188,35 @@ def _lstm_cell_train(mask_tm, t, gates_t, rec, bias, h_prev, c_prev, h_next,
     gate stores in the fused loop LLVM no longer vectorises it."""
     B, H = h_prev.shape
     cast = h_prev.dtype.type
+    bi, bf, bg, bo = _blocks(bias, H)
     for b in range(B):
         if not _taken(mask_tm, t, b):
             _lstm_carry(h_prev, c_prev, h_next, c_next, b)
             continue
-        g, r = gates_t[b], rec[b]
+        gi, gf, gg, go = _blocks(gates_t[b], H)
+        ri, rf, rg, ro = _blocks(rec[b], H)
         hn, cn, cp = h_next[b], c_next[b], c_prev[b]
-        for k in range(2 * H):
-            g[k] = cast(_sigmoid(g[k] + r[k] + bias[k]))
-        for k in range(2 * H, 3 * H):
-            g[k] = cast(_tanh(g[k] + r[k] + bias[k]))
-        for k in range(3 * H, 4 * H):
-            g[k] = cast(_sigmoid(g[k] + r[k] + bias[k]))
         for j in range(H):
-            cn[j] = g[H + j] * cp[j] + g[j] * g[2 * H + j]
+            gi[j] = cast(_sigmoid(gi[j] + ri[j] + bi[j]))
         for j in range(H):
-            hn[j] = g[3 * H + j] * cast(_tanh(cn[j]))
+            gf[j] = cast(_sigmoid(gf[j] + rf[j] + bf[j]))
+        for j in range(H):
+            gg[j] = cast(_tanh(gg[j] + rg[j] + bg[j]))
+        for j in range(H):
+            go[j] = cast(_sigmoid(go[j] + ro[j] + bo[j]))
+        for j in range(H):
+            cn[j] = gf[j] * cp[j] + gi[j] * gg[j]
+        for j in range(H):
+            hn[j] = go[j] * cast(_tanh(cn[j]))
 
 
 @njit(**_JIT)
-def lstm_forward(x_tm, W, U, bias, mask_tm, hs, cs, gates, training, nthreads):
-    """LSTM forward.  hs (T+1, B, H) and cs ((T+1 if training else 2), B, H)
-    hold h0, c0 at index 0 on entry; on exit hs[t+1] is h after step t and the
-    c after step t is at cs[t+1] (training) or cs[(t+1) % 2].  gates
-    (T, B, 4H): when training, on exit the activated gates i, f, g, o of
-    taken rows."""
-    T, B, _ = x_tm.shape
-    _input_gemm(x_tm, W, gates)
+def _lstm_steps(mask_tm, U, bias, hs, cs, gates, training):
+    """The forward time loop; gates (T, B, 4H) hold x_t W on entry."""
+    T, B, _ = gates.shape
     rec = np.empty((B, gates.shape[2]), gates.dtype)
     for t in range(T):
-        np.dot(hs[t], U, rec)
+        _recurrent(hs[t], U, rec)
         if training:
             _lstm_cell_train(mask_tm, t, gates[t], rec, bias, hs[t], cs[t],
                              hs[t + 1], cs[t + 1])
@@ -203,31 +227,38 @@ def lstm_forward(x_tm, W, U, bias, mask_tm, hs, cs, gates, training, nthreads):
 
 @njit(**_JIT)
 def _lstm_cell_grad(mask_tm, t, gates_t, c_prev, c_t, d_out_t, dh, dc, dz_t):
-    """One backward step's fused pass: dh += d_out_t; for taken rows the gate
+    """One backward step's pass: dh += d_out_t; for taken rows the gate
     pre-activation gradients dz_t (B, 4H) and dc <- dc at c_prev; masked rows
-    get dz_t = 0 and keep dc."""
+    get dz_t = 0 and keep dc.  Row by row, in short loops that LLVM
+    vectorises (dz_t's o block holds tanh(c) until its last use)."""
     B, H = dh.shape
     cast = dh.dtype.type
     one = cast(1)
     for b in range(B):
+        dhr, dor = dh[b], d_out_t[b]
+        for j in range(H):
+            dhr[j] += dor[j]
         if not _taken(mask_tm, t, b):
-            for j in range(H):
-                dh[b, j] += d_out_t[b, j]
             dz_t[b, :] = 0
             continue
+        gi, gf, gg, go = _blocks(gates_t[b], H)
+        di, df, dg, do = _blocks(dz_t[b], H)
+        dcr, cpr, cr = dc[b], c_prev[b], c_t[b]
         for j in range(H):
-            i = gates_t[b, j]
-            f = gates_t[b, H + j]
-            g = gates_t[b, 2 * H + j]
-            o = gates_t[b, 3 * H + j]
-            dhv = dh[b, j] + d_out_t[b, j]
-            tc = cast(_tanh(c_t[b, j]))
-            dcc = dc[b, j] + dhv * o * (one - tc * tc)
-            dz_t[b, j] = dcc * g * i * (one - i)
-            dz_t[b, H + j] = dcc * c_prev[b, j] * f * (one - f)
-            dz_t[b, 2 * H + j] = dcc * i * (one - g * g)
-            dz_t[b, 3 * H + j] = dhv * tc * o * (one - o)
-            dc[b, j] = dcc * f
+            do[j] = cast(_tanh(cr[j]))
+        for j in range(H):
+            o = go[j]
+            tc = do[j]
+            dcr[j] += dhr[j] * o * (one - tc * tc)
+            do[j] = dhr[j] * tc * o * (one - o)
+        for j in range(H):
+            di[j] = dcr[j] * gg[j] * gi[j] * (one - gi[j])
+        for j in range(H):
+            df[j] = dcr[j] * cpr[j] * gf[j] * (one - gf[j])
+        for j in range(H):
+            dg[j] = dcr[j] * gi[j] * (one - gg[j] * gg[j])
+        for j in range(H):
+            dcr[j] *= gf[j]
 
 
 @njit(**_JIT)
@@ -240,19 +271,35 @@ def _take_dh(mask_tm, t, work, dh):
 
 
 @njit(**_JIT)
+def _lstm_grad_steps(mask_tm, U, cs, gates, d_out_tm, dh, dc, dz, work):
+    """The backward time loop: dz (T, B, 4H), and dh, dc at step 0."""
+    UT = U.T
+    for t in range(gates.shape[0] - 1, -1, -1):
+        _lstm_cell_grad(mask_tm, t, gates[t], cs[t], cs[t + 1], d_out_tm[t],
+                        dh, dc, dz[t])
+        _recurrent(dz[t], UT, work)
+        _take_dh(mask_tm, t, work, dh)
+
+
+def lstm_forward(x_tm, W, U, bias, mask_tm, hs, cs, gates, training, nthreads):
+    """LSTM forward.  hs (T+1, B, H) and cs ((T+1 if training else 2), B, H)
+    hold h0, c0 at index 0 on entry; on exit hs[t+1] is h after step t and the
+    c after step t is at cs[t+1] (training) or cs[(t+1) % 2].  gates
+    (T, B, 4H): when training, on exit the activated gates i, f, g, o of
+    taken rows."""
+    with _serial_blas:
+        _input_gemm(x_tm, W, gates)
+        _lstm_steps(mask_tm, U, bias, hs, cs, gates, training)
+
+
 def lstm_backward(x_tm, W, U, mask_tm, hs, cs, gates, d_out_tm, dh, dc,
                   dx_tm, dW, dU, db, dz, work, nthreads):
     """LSTM backward through time.  dh, dc (B, H): dL/dh_T, dL/dc_T on entry,
     dL/dh0, dL/dc0 on exit.  Writes dx_tm (T, B, I), dW, dU, db and
     dz (T, B, 4H); work (B, H) is scratch."""
-    T = x_tm.shape[0]
-    UT = U.T
-    for t in range(T - 1, -1, -1):
-        _lstm_cell_grad(mask_tm, t, gates[t], cs[t], cs[t + 1], d_out_tm[t],
-                        dh, dc, dz[t])
-        np.dot(dz[t], UT, work)
-        _take_dh(mask_tm, t, work, dh)
-    _weight_grads(x_tm, W, hs, dz, dx_tm, dW, dU, db)
+    with _serial_blas:
+        _lstm_grad_steps(mask_tm, U, cs, gates, d_out_tm, dh, dc, dz, work)
+        _weight_grads(x_tm, W, hs, dz, dx_tm, dW, dU, db)
 
 
 # -------------------------------------------------------------------- RNN ---
@@ -280,15 +327,21 @@ def _rnn_cell(mask_tm, t, z_t, rec, bias, act, h_prev, h_next):
 
 
 @njit(**_JIT)
+def _rnn_steps(mask_tm, U, bias, hs, z, act):
+    """The forward time loop; z (T, B, H) holds x_t W on entry."""
+    T, B, H = z.shape
+    rec = np.empty((B, H), z.dtype)
+    for t in range(T):
+        _recurrent(hs[t], U, rec)
+        _rnn_cell(mask_tm, t, z[t], rec, bias, act, hs[t], hs[t + 1])
+
+
 def rnn_forward(x_tm, W, U, bias, mask_tm, hs, z, act, nthreads):
     """RNN forward: hs[t+1] = act(x_t @ W + hs[t] @ U + bias) for taken rows.
     z (T, B, H) is scratch; act 0 tanh, 1 relu, 2 linear."""
-    T, B, _ = x_tm.shape
-    _input_gemm(x_tm, W, z)
-    rec = np.empty((B, z.shape[2]), z.dtype)
-    for t in range(T):
-        np.dot(hs[t], U, rec)
-        _rnn_cell(mask_tm, t, z[t], rec, bias, act, hs[t], hs[t + 1])
+    with _serial_blas:
+        _input_gemm(x_tm, W, z)
+        _rnn_steps(mask_tm, U, bias, hs, z, act)
 
 
 @njit(**_JIT)
@@ -298,33 +351,36 @@ def _rnn_cell_grad(mask_tm, t, act, h_t, d_out_t, dh, dz_t):
     zero = dh.dtype.type(0)
     one = dh.dtype.type(1)
     for b in range(B):
+        dhr, dor, dzr, hr = dh[b], d_out_t[b], dz_t[b], h_t[b]
+        for j in range(H):
+            dhr[j] += dor[j]
         if not _taken(mask_tm, t, b):
-            for j in range(H):
-                dh[b, j] += d_out_t[b, j]
-                dz_t[b, j] = zero
+            dzr[:] = zero
         elif act == TANH:
             for j in range(H):
-                dz_t[b, j] = ((dh[b, j] + d_out_t[b, j])
-                              * (one - h_t[b, j] * h_t[b, j]))
+                dzr[j] = dhr[j] * (one - hr[j] * hr[j])
         elif act == RELU:
             for j in range(H):
-                dz_t[b, j] = (dh[b, j] + d_out_t[b, j]
-                              if h_t[b, j] > zero else zero)
+                dzr[j] = dhr[j] if hr[j] > zero else zero
         else:
-            for j in range(H):
-                dz_t[b, j] = dh[b, j] + d_out_t[b, j]
+            dzr[:] = dhr
 
 
 @njit(**_JIT)
+def _rnn_grad_steps(mask_tm, U, hs, act, d_out_tm, dh, dz, work):
+    """The backward time loop: dz (T, B, H), and dh at step 0."""
+    UT = U.T
+    for t in range(dz.shape[0] - 1, -1, -1):
+        _rnn_cell_grad(mask_tm, t, act, hs[t + 1], d_out_tm[t], dh, dz[t])
+        _recurrent(dz[t], UT, work)
+        _take_dh(mask_tm, t, work, dh)
+
+
 def rnn_backward(x_tm, W, U, mask_tm, hs, act, d_out_tm, dh, dx_tm, dW, dU,
                  db, dz, work, nthreads):
     """RNN backward through time.  dh (B, H): dL/dh_T on entry, dL/dh0 on
     exit.  Writes dx_tm (T, B, I), dW, dU, db and dz (T, B, H); work (B, H)
     is scratch."""
-    T = x_tm.shape[0]
-    UT = U.T
-    for t in range(T - 1, -1, -1):
-        _rnn_cell_grad(mask_tm, t, act, hs[t + 1], d_out_tm[t], dh, dz[t])
-        np.dot(dz[t], UT, work)
-        _take_dh(mask_tm, t, work, dh)
-    _weight_grads(x_tm, W, hs, dz, dx_tm, dW, dU, db)
+    with _serial_blas:
+        _rnn_grad_steps(mask_tm, U, hs, act, d_out_tm, dh, dz, work)
+        _weight_grads(x_tm, W, hs, dz, dx_tm, dW, dU, db)
