@@ -23,7 +23,7 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from ._backend import _serial_blas
 
@@ -43,6 +43,17 @@ _E2, _E3, _E4, _E5, _E6, _E7, _E8, _E9, _E10, _E11, _E12, _E13 = (
 _T3, _T5, _T7, _T9, _T11, _T13, _T15 = (
     -1 / 3, 2 / 15, -17 / 315, 62 / 2835, -1382 / 155925, 21844 / 6081075,
     -929569 / 638512875)
+# float32: Cephes expf (ln 2 split in two, degree-6 polynomial) and tanhf.
+_F = np.float32
+_F_HI, _F_LO = _F(88.0), _F(-87.0)           # exp's argument range
+_F_LOG2E, _F_ROUND = _F(_LOG2E), _F(12582912.0)   # 1.5 * 2**23 rounds
+_F_LN2_HI, _F_LN2_LO = _F(0.693359375), _F(-2.12194440e-4)
+_F_P = tuple(_F(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
+                             4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
+_F_T = tuple(_F(c) for c in (-5.70498872745e-3, 2.06390887954e-2,
+                             -5.37397155531e-2, 1.33314422036e-1,
+                             -3.33332819422e-1))
+_F0, _F1, _F2, _F_SMALL = _F(0), _F(1), _F(2), _F(0.625)
 
 
 # ---------------------------------------------------- elementwise math ---
@@ -57,6 +68,17 @@ def _pow2(typingctx, n):
                            ir.Constant(i64, 52))
         return builder.bitcast(bits, ir.DoubleType())
     return types.float64(types.int64), codegen
+
+
+@intrinsic
+def _pow2f(typingctx, n):
+    """2.0**n as a float32 for an int32 -126 <= n <= 127 (exponent bits)."""
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        bits = builder.shl(builder.add(args[0], ir.Constant(i32, 127)),
+                           ir.Constant(i32, 23))
+        return builder.bitcast(bits, ir.FloatType())
+    return types.float32(types.int32), codegen
 
 
 @njit(inline="always", **_JIT)
@@ -76,13 +98,13 @@ def _exp(x):
 
 
 @njit(inline="always", **_JIT)
-def _sigmoid(x):
+def _sigmoid64(x):
     """1 / (1 + exp(-x)) as a float64."""
     return 1.0 / (1.0 + _exp(-np.float64(x)))
 
 
 @njit(inline="always", **_JIT)
-def _tanh(x):
+def _tanh64(x):
     """tanh(x) as a float64, within a few ulps: (1 - e)/(1 + e) with
     e = exp(-2|x|), and a Taylor series below |x| = 0.1 where that cancels."""
     a = abs(np.float64(x))
@@ -92,6 +114,66 @@ def _tanh(x):
     e = _exp(-2.0 * a)
     r = small if a < 0.1 else (1.0 - e) / (1.0 + e)
     return r if x >= 0 else -r
+
+
+@njit(inline="always", **_JIT)
+def _exp32(x):
+    """exp(x) for a float32 x within about 1 ulp, x clamped to [-87, 88]
+    (no overflow to inf nor underflow to 0); NaN propagates."""
+    x = _F_HI if x > _F_HI else x
+    x = _F_LO if x < _F_LO else x
+    n = x * _F_LOG2E + _F_ROUND
+    n = n - _F_ROUND                   # round(x / ln 2), no libm call
+    r = x - n * _F_LN2_HI - n * _F_LN2_LO
+    p = _F_P[0]
+    p = p * r + _F_P[1]
+    p = p * r + _F_P[2]
+    p = p * r + _F_P[3]
+    p = p * r + _F_P[4]
+    p = p * r + _F_P[5]
+    p = p * r * r + r + _F1
+    return p * _pow2f(np.int32(n))
+
+
+@njit(inline="always", **_JIT)
+def _sigmoid32(x):
+    """1 / (1 + exp(-x)) for a float32 x, in float32."""
+    return _F1 / (_F1 + _exp32(-x))
+
+
+@njit(inline="always", **_JIT)
+def _tanh32(x):
+    """tanh(x) for a float32 x, in float32: an odd polynomial below
+    |x| = 0.625, else 1 - 2 / (exp(2|x|) + 1) with the sign of x."""
+    a = -x if x < _F0 else x
+    z = x * x
+    small = ((((_F_T[0] * z + _F_T[1]) * z + _F_T[2]) * z + _F_T[3]) * z
+             + _F_T[4]) * z * x + x
+    big = _F1 - _F2 / (_exp32(_F2 * a) + _F1)
+    big = -big if x < _F0 else big
+    return small if a < _F_SMALL else big   # NaN: big, which is NaN
+
+
+def _sigmoid(x):
+    """The logistic function in the precision of x (typing stub)."""
+
+
+def _tanh(x):
+    """tanh in the precision of x (typing stub)."""
+
+
+@overload(_sigmoid, inline="always", jit_options=_JIT)
+def _sigmoid_impl(x):
+    if x == types.float32:
+        return lambda x: _sigmoid32(x)
+    return lambda x: _sigmoid64(x)
+
+
+@overload(_tanh, inline="always", jit_options=_JIT)
+def _tanh_impl(x):
+    if x == types.float32:
+        return lambda x: _tanh32(x)
+    return lambda x: _tanh64(x)
 
 
 # ---------------------------------------------------------------- shared ---
