@@ -12,12 +12,13 @@ per call, and one elementwise pass; after the backward time loop, the weight
 gradients as GEMMs over all T*B rows.  Compilation is lazy (on first call per
 dtype and read-only-ness of the arguments) and cached on disk.
 
-Threading: none of its own (``nthreads`` is accepted and ignored), and BLAS
-runs single-threaded for the whole call.  The per-step GEMMs are too small
-for BLAS's threads, whose busy-waiting between calls costs more than it
-gives, most of all on shared cores; the large GEMMs around the time loop go
-serial too, as toggling the BLAS thread count mid-call made that worse.
+Threading: none of its own; BLAS's threads or none, for the whole call.
+Small per-step GEMMs lose more to BLAS threads' waking and busy-waiting than
+they gain, most of all on shared cores, so BLAS runs single-threaded unless
+``nthreads`` > 1 and a step's recurrent GEMM has at least
+``_THREADED_STEP`` multiply-adds (then with BLAS's own thread count).
 """
+import contextlib
 import math
 
 import numpy as np
@@ -162,14 +163,14 @@ def _tanh(x):
     """tanh in the precision of x (typing stub)."""
 
 
-@overload(_sigmoid, inline="always", jit_options=_JIT)
+@overload(_sigmoid, jit_options=_JIT)
 def _sigmoid_impl(x):
     if x == types.float32:
         return lambda x: _sigmoid32(x)
     return lambda x: _sigmoid64(x)
 
 
-@overload(_tanh, inline="always", jit_options=_JIT)
+@overload(_tanh, jit_options=_JIT)
 def _tanh_impl(x):
     if x == types.float32:
         return lambda x: _tanh32(x)
@@ -177,6 +178,17 @@ def _tanh_impl(x):
 
 
 # ---------------------------------------------------------------- shared ---
+_THREADED_STEP = 1 << 22
+
+
+def _blas_threads(nthreads, B, H, G):
+    """The BLAS context for a call with batch B, H units and G gate blocks:
+    serial (see the module docstring) or BLAS's own threads."""
+    if nthreads > 1 and B * G * H * H >= _THREADED_STEP:
+        return contextlib.nullcontext()
+    return _serial_blas
+
+
 @njit(**_JIT)
 def _input_gemm(x_tm, W, out):
     """out (T, B, G*H) = x_tm (T, B, I) @ W (I, G*H), as one GEMM."""
@@ -369,7 +381,7 @@ def lstm_forward(x_tm, W, U, bias, mask_tm, hs, cs, gates, training, nthreads):
     c after step t is at cs[t+1] (training) or cs[(t+1) % 2].  gates
     (T, B, 4H): when training, on exit the activated gates i, f, g, o of
     taken rows."""
-    with _serial_blas:
+    with _blas_threads(nthreads, x_tm.shape[1], hs.shape[2], 4):
         _input_gemm(x_tm, W, gates)
         _lstm_steps(mask_tm, U, bias, hs, cs, gates, training)
 
@@ -379,7 +391,7 @@ def lstm_backward(x_tm, W, U, mask_tm, hs, cs, gates, d_out_tm, dh, dc,
     """LSTM backward through time.  dh, dc (B, H): dL/dh_T, dL/dc_T on entry,
     dL/dh0, dL/dc0 on exit.  Writes dx_tm (T, B, I), dW, dU, db and
     dz (T, B, 4H); work (B, H) is scratch."""
-    with _serial_blas:
+    with _blas_threads(nthreads, x_tm.shape[1], hs.shape[2], 4):
         _lstm_grad_steps(mask_tm, U, cs, gates, d_out_tm, dh, dc, dz, work)
         _weight_grads(x_tm, W, hs, dz, dx_tm, dW, dU, db)
 
@@ -421,7 +433,7 @@ def _rnn_steps(mask_tm, U, bias, hs, z, act):
 def rnn_forward(x_tm, W, U, bias, mask_tm, hs, z, act, nthreads):
     """RNN forward: hs[t+1] = act(x_t @ W + hs[t] @ U + bias) for taken rows.
     z (T, B, H) is scratch; act 0 tanh, 1 relu, 2 linear."""
-    with _serial_blas:
+    with _blas_threads(nthreads, x_tm.shape[1], hs.shape[2], 1):
         _input_gemm(x_tm, W, z)
         _rnn_steps(mask_tm, U, bias, hs, z, act)
 
@@ -463,6 +475,6 @@ def rnn_backward(x_tm, W, U, mask_tm, hs, act, d_out_tm, dh, dx_tm, dW, dU,
     """RNN backward through time.  dh (B, H): dL/dh_T on entry, dL/dh0 on
     exit.  Writes dx_tm (T, B, I), dW, dU, db and dz (T, B, H); work (B, H)
     is scratch."""
-    with _serial_blas:
+    with _blas_threads(nthreads, x_tm.shape[1], hs.shape[2], 1):
         _rnn_grad_steps(mask_tm, U, hs, act, d_out_tm, dh, dz, work)
         _weight_grads(x_tm, W, hs, dz, dx_tm, dW, dU, db)
