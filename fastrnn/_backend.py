@@ -118,18 +118,6 @@ def get_num_threads():
     return _num_threads if _num_threads is not None else _default_threads()
 
 
-# Below this many multiply-adds in one step's recurrent GEMM (B * G*H * H),
-# a second thread costs more (a barrier per step) than it brings.
-MIN_PARALLEL_STEP_WORK = 4 << 20
-
-
-def kernel_threads(B, G, H):
-    """Threads for one kernel call on a batch of B rows, G gates, H units."""
-    if B * G * H * H < MIN_PARALLEL_STEP_WORK:
-        return 1
-    return get_num_threads()
-
-
 class _SerialBlas:
     """Context manager: BLAS single-threaded while fastrnn's own threads run.
 
@@ -180,6 +168,19 @@ class _SerialBlas:
 _serial_blas = _SerialBlas()
 
 
-def kernel_context(name):
-    """The context a backend's kernels run in (see ``_SerialBlas``)."""
-    return _serial_blas if name == "cython" else contextlib.nullcontext()
+# One step's recurrent GEMM (B x H times H x G*H) of at least this many
+# multiply-adds is worth BLAS's own threads.  Below it, waking BLAS threads
+# for every step costs more than it brings: BLAS runs single-threaded and
+# the cython kernels split the hidden units between their own threads
+# instead (one barrier per step).
+BLAS_THREADED_STEP_WORK = 1 << 20
+
+
+def thread_plan(B, G, H):
+    """(kernel_threads, blas_context) for one kernel call on B rows, G gate
+    blocks and H units: the threads the kernel may start itself, and the
+    context manager the call runs in."""
+    n = get_num_threads()
+    if n > 1 and B * G * H * H >= BLAS_THREADED_STEP_WORK:
+        return 1, contextlib.nullcontext()
+    return n, _serial_blas

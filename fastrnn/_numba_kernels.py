@@ -12,21 +12,16 @@ per call, and one elementwise pass; after the backward time loop, the weight
 gradients as GEMMs over all T*B rows.  Compilation is lazy (on first call per
 dtype and read-only-ness of the arguments) and cached on disk.
 
-Threading: none of its own; BLAS's threads or none, for the whole call.
-Small per-step GEMMs lose more to BLAS threads' waking and busy-waiting than
-they gain, most of all on shared cores, so BLAS runs single-threaded unless
-``nthreads`` > 1 and a step's recurrent GEMM has at least
-``_THREADED_STEP`` multiply-adds (then with BLAS's own thread count).
+Threading: none of its own.  fastrnn.ops runs each call either with BLAS
+single-threaded or with BLAS's own threads (see ``_backend.thread_plan``);
+``nthreads`` is accepted for the common kernel signature and not used.
 """
-import contextlib
 import math
 
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
-
-from ._backend import _serial_blas
 
 # Fast-math flags that keep NaN/inf semantics (no "nnan"/"ninf").
 _JIT = dict(nogil=True, cache=True, error_model="numpy",
@@ -178,17 +173,6 @@ def _tanh_impl(x):
 
 
 # ---------------------------------------------------------------- shared ---
-_THREADED_STEP = 1 << 22
-
-
-def _blas_threads(nthreads, B, H, G):
-    """The BLAS context for a call with batch B, H units and G gate blocks:
-    serial (see the module docstring) or BLAS's own threads."""
-    if nthreads > 1 and B * G * H * H >= _THREADED_STEP:
-        return contextlib.nullcontext()
-    return _serial_blas
-
-
 @njit(**_JIT)
 def _input_gemm(x_tm, W, out):
     """out (T, B, G*H) = x_tm (T, B, I) @ W (I, G*H), as one GEMM."""
@@ -381,9 +365,8 @@ def lstm_forward(x_tm, W, U, bias, mask_tm, hs, cs, gates, training, nthreads):
     c after step t is at cs[t+1] (training) or cs[(t+1) % 2].  gates
     (T, B, 4H): when training, on exit the activated gates i, f, g, o of
     taken rows."""
-    with _blas_threads(nthreads, x_tm.shape[1], hs.shape[2], 4):
-        _input_gemm(x_tm, W, gates)
-        _lstm_steps(mask_tm, U, bias, hs, cs, gates, training)
+    _input_gemm(x_tm, W, gates)
+    _lstm_steps(mask_tm, U, bias, hs, cs, gates, training)
 
 
 def lstm_backward(x_tm, W, U, mask_tm, hs, cs, gates, d_out_tm, dh, dc,
@@ -391,9 +374,8 @@ def lstm_backward(x_tm, W, U, mask_tm, hs, cs, gates, d_out_tm, dh, dc,
     """LSTM backward through time.  dh, dc (B, H): dL/dh_T, dL/dc_T on entry,
     dL/dh0, dL/dc0 on exit.  Writes dx_tm (T, B, I), dW, dU, db and
     dz (T, B, 4H); work (B, H) is scratch."""
-    with _blas_threads(nthreads, x_tm.shape[1], hs.shape[2], 4):
-        _lstm_grad_steps(mask_tm, U, cs, gates, d_out_tm, dh, dc, dz, work)
-        _weight_grads(x_tm, W, hs, dz, dx_tm, dW, dU, db)
+    _lstm_grad_steps(mask_tm, U, cs, gates, d_out_tm, dh, dc, dz, work)
+    _weight_grads(x_tm, W, hs, dz, dx_tm, dW, dU, db)
 
 
 # -------------------------------------------------------------------- RNN ---
@@ -433,9 +415,8 @@ def _rnn_steps(mask_tm, U, bias, hs, z, act):
 def rnn_forward(x_tm, W, U, bias, mask_tm, hs, z, act, nthreads):
     """RNN forward: hs[t+1] = act(x_t @ W + hs[t] @ U + bias) for taken rows.
     z (T, B, H) is scratch; act 0 tanh, 1 relu, 2 linear."""
-    with _blas_threads(nthreads, x_tm.shape[1], hs.shape[2], 1):
-        _input_gemm(x_tm, W, z)
-        _rnn_steps(mask_tm, U, bias, hs, z, act)
+    _input_gemm(x_tm, W, z)
+    _rnn_steps(mask_tm, U, bias, hs, z, act)
 
 
 @njit(**_JIT)
@@ -475,6 +456,5 @@ def rnn_backward(x_tm, W, U, mask_tm, hs, act, d_out_tm, dh, dx_tm, dW, dU,
     """RNN backward through time.  dh (B, H): dL/dh_T on entry, dL/dh0 on
     exit.  Writes dx_tm (T, B, I), dW, dU, db and dz (T, B, H); work (B, H)
     is scratch."""
-    with _blas_threads(nthreads, x_tm.shape[1], hs.shape[2], 1):
-        _rnn_grad_steps(mask_tm, U, hs, act, d_out_tm, dh, dz, work)
-        _weight_grads(x_tm, W, hs, dz, dx_tm, dW, dU, db)
+    _rnn_grad_steps(mask_tm, U, hs, act, d_out_tm, dh, dz, work)
+    _weight_grads(x_tm, W, hs, dz, dx_tm, dW, dU, db)

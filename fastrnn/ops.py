@@ -107,11 +107,12 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
     cs = np.empty((T + 1 if training else 2, B, H), dt)
     cs[0] = c0
     gates = np.empty((T, B, 4 * H), dt)
-    with _backend.kernel_context(name):
+    threads, blas = _backend.thread_plan(B, 4, H)
+    with blas:
         _backend.module(name).lstm_forward(
             x_tm, np.ascontiguousarray(W), np.ascontiguousarray(U),
             np.ascontiguousarray(b), mask_tm, hs, cs, gates, training,
-            _backend.kernel_threads(B, 4, H))
+            threads)
     seen = None if mask is None else _seen(mask_tm)
     out_tm = hs[1:] if seen is None else np.where(seen, hs[1:], dt.type(0))
     outputs = _batch_major(out_tm, False)
@@ -174,11 +175,12 @@ def lstm_backward(workspace, d_outputs, d_h=None, d_c=None):
     db = np.empty(4 * H, dt)
     dz = np.empty((T, B, 4 * H), dt)
     work = np.empty((B, H), dt)
-    with _backend.kernel_context(workspace.backend):
+    threads, blas = _backend.thread_plan(B, 4, H)
+    with blas:
         _backend.module(workspace.backend).lstm_backward(
             d["x_tm"], np.ascontiguousarray(d["W"]), np.ascontiguousarray(d["U"]),
             d["mask_tm"], d["hs"], d["cs"], d["gates"], d_out_tm, dh, dc,
-            dx_tm, dW, dU, db, dz, work, _backend.kernel_threads(B, 4, H))
+            dx_tm, dW, dU, db, dz, work, threads)
     dx = _batch_major(dx_tm, workspace.go_backwards)
     return LSTMGrads(dx, dh, dc, dW, dU, db if workspace.has_bias else None)
 
@@ -224,11 +226,12 @@ def rnn_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *,
     hs = np.empty((T + 1, B, H), dt)
     hs[0] = h0
     z = np.empty((T, B, H), dt)
-    with _backend.kernel_context(name):
+    threads, blas = _backend.thread_plan(B, 1, H)
+    with blas:
         _backend.module(name).rnn_forward(
             x_tm, np.ascontiguousarray(W), np.ascontiguousarray(U),
             np.ascontiguousarray(b), mask_tm, hs, z, ACTIVATIONS[activation],
-            _backend.kernel_threads(B, 1, H))
+            threads)
     seen = None if mask is None else _seen(mask_tm)
     out_tm = hs[1:] if seen is None else np.where(seen, hs[1:], dt.type(0))
     outputs = _batch_major(out_tm, False)
@@ -259,10 +262,11 @@ def rnn_backward(workspace, d_outputs, d_h=None):
     db = np.empty(H, dt)
     dz = np.empty((T, B, H), dt)
     work = np.empty((B, H), dt)
-    with _backend.kernel_context(workspace.backend):
+    threads, blas = _backend.thread_plan(B, 1, H)
+    with blas:
         _backend.module(workspace.backend).rnn_backward(
             d["x_tm"], np.ascontiguousarray(d["W"]), np.ascontiguousarray(d["U"]),
             d["mask_tm"], d["hs"], ACTIVATIONS[workspace.activation], d_out_tm, dh,
-            dx_tm, dW, dU, db, dz, work, _backend.kernel_threads(B, 1, H))
+            dx_tm, dW, dU, db, dz, work, threads)
     dx = _batch_major(dx_tm, workspace.go_backwards)
     return RNNGrads(dx, dh, dW, dU, db if workspace.has_bias else None)

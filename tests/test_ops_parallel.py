@@ -1,10 +1,10 @@
 """The compiled kernels' multi-threaded path (hidden units split between
 threads, a barrier per step) against the reference.
 
-Small problems normally run on one thread (see
-``fastrnn._backend.kernel_threads``); these tests lower the threshold so
-that every call here splits its units, including slices that are not a
-multiple of the SIMD width and more threads than slices.
+These tests keep every call on the kernels' own threads (see
+``fastrnn._backend.thread_plan``) and ask for 2, 3 and 8 threads, so the
+units split into slices that are not a multiple of the SIMD width, and into
+fewer slices than threads.
 """
 import numpy as np
 import pytest
@@ -17,7 +17,7 @@ COMPILED = [b for b in ("cython", "numba") if b in fastrnn.available_backends()]
 
 @pytest.fixture
 def threaded(monkeypatch):
-    monkeypatch.setattr(_backend, "MIN_PARALLEL_STEP_WORK", 0)
+    monkeypatch.setattr(_backend, "BLAS_THREADED_STEP_WORK", 1 << 62)
     old = _backend.get_num_threads()
     yield
     fastrnn.set_num_threads(old)
