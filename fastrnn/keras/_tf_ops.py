@@ -5,18 +5,27 @@
 backward passes with ``tf.custom_gradient``, so they work eagerly, inside
 ``tf.function`` and in ``model.fit``.
 
-The forward pass's workspace travels to the backward pass as a tensor (a
-``uint8`` buffer holding the pickled :class:`fastrnn.ops.Workspace`), so
+The forward pass's workspace travels to the backward pass as tensors, so
 TensorFlow owns its lifetime: nothing is kept in a Python registry, nothing
 leaks when no gradient is taken, and concurrent calls (threads, replicas of
-a ``tf.distribute`` strategy) share no state.  The workspace is only made
-when a gradient tape could be recording at call (or trace) time; when a
-gradient is asked for without one (e.g. ``tf.gradients`` in a graph built
-without a tape), the backward pass reruns the forward pass to rebuild it.
+a ``tf.distribute`` strategy) share no state.  Its big arrays (states,
+gates, mask) are extra outputs of the forward op, which TensorFlow wraps
+without copying when they are 64-byte aligned (and copies once otherwise);
+the backward op gets them back as NumPy views of the same memory.  The rest
+(backend, shape, flags) travels as a small pickled
+:class:`fastrnn.ops.Workspace` with those arrays left out.  The numpy
+backend's workspace (also used for empty shapes) is pickled whole: it is a
+reference, not a fast path.
 
-The buffer is produced and consumed only by this module, inside one
-process; it never comes from outside.
+The workspace is only made when a gradient tape could be recording at call
+(or trace) time; when a gradient is asked for without one (e.g.
+``tf.gradients`` in a graph built without a tape), the backward pass reruns
+the forward pass to rebuild it.
+
+The pickled buffers are produced and consumed only by this module, inside
+one process; they never come from outside.
 """
+import dataclasses
 import pickle
 
 import numpy as np
@@ -27,7 +36,13 @@ from tensorflow.python.saved_model import save_context
 
 from .. import ops
 
-_EMPTY = np.zeros(0, dtype=np.uint8)
+# The compiled backends' Workspace.data entries that travel as tensors, with
+# their dtypes (None: the float dtype of the call).  x_tm is left out: the
+# backward pass transposes x again, which keeps one copy of the input alive
+# instead of two.  W and U are inputs of the op.
+_ARRAYS = {"lstm": (("mask_tm", np.uint8), ("hs", None), ("cs", None),
+                    ("gates", None), ("seen", np.bool_)),
+           "rnn": (("mask_tm", np.uint8), ("hs", None), ("seen", np.bool_))}
 
 
 def graph_fallback_reason():
@@ -44,58 +59,88 @@ def graph_fallback_reason():
     return None
 
 
-def _pack(workspace):
-    return np.frombuffer(pickle.dumps(workspace, protocol=pickle.HIGHEST_PROTOCOL),
+def _time_major(x, go_backwards):
+    """(B, T, I) -> contiguous (T, B, I) in reading order, as fastrnn.ops's
+    compiled backends keep it."""
+    x = x.swapaxes(0, 1)
+    return np.ascontiguousarray(x[::-1] if go_backwards else x)
+
+
+def _split(ws, fields):
+    """Workspace -> [blob, *arrays]: the arrays named in ``fields`` (an
+    empty placeholder for a None entry) and a uint8 blob holding the pickled
+    rest.  A reference workspace is pickled whole (placeholders only)."""
+    reference = "reference" in ws.data
+    arrays = [None if reference else ws.data[name] for name, _ in fields]
+    dt = ws.dtype
+    if not reference:
+        ws = dataclasses.replace(ws, data={n: a for (n, _), a in zip(fields, arrays)
+                                           if a is None})
+    blob = np.frombuffer(pickle.dumps(ws, protocol=pickle.HIGHEST_PROTOCOL),
                          dtype=np.uint8)
+    return [blob] + [np.zeros(0, dt if adt is None else adt) if a is None else a
+                     for (_, adt), a in zip(fields, arrays)]
 
 
-def _unpack(blob):
-    return pickle.loads(memoryview(np.ascontiguousarray(blob)))
+def _join(blob, arrays, fields, x, W, U):
+    """Inverse of ``_split``, given the op's inputs x, kernel, recurrent_kernel."""
+    ws = pickle.loads(memoryview(np.ascontiguousarray(blob)))
+    if "reference" not in ws.data:
+        ws.data = dict(zip((name for name, _ in fields), arrays), **ws.data,
+                       x_tm=_time_major(x, ws.go_backwards), W=W, U=U)
+    return ws
 
 
-def _zeros_if_none(grads, like):
-    return [tf.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
-
-
-def _fused(forward_np, backward_np, tensors, n_diff, out_shapes, dtype):
+def _fused(kind, forward_np, backward_np, tensors, n_diff, out_shapes, dtype):
     """Build the differentiable op.
 
     forward_np(keep_workspace, *arrays) -> (*outputs, workspace or None)
-    backward_np(workspace, upstream_arrays) -> list of n_diff gradients
-    tensors: the op's inputs; the first n_diff are differentiable, the rest
-    (the mask) are not.  out_shapes: static shapes of the outputs.
+    backward_np(workspace, upstream_arrays) -> list of n_diff gradients,
+    upstream_arrays holding None for outputs without a gradient.
+    tensors: the op's inputs x, states, kernel, recurrent_kernel, [bias],
+    then the non-differentiable ones (the mask); the first n_diff are
+    differentiable.  out_shapes: static shapes of the outputs.
     """
     keep = record.could_possibly_record()
     n_out = len(out_shapes)
+    n_states = n_out - 1
+    fields = _ARRAYS[kind]
+    np_dtype = dtype.as_numpy_dtype
+    ws_dtypes = [tf.uint8] + [dtype if adt is None else tf.as_dtype(adt)
+                              for _, adt in fields]
 
     def forward(*arrays):
         *outs, ws = forward_np(keep, *arrays)
-        return [*outs, _pack(ws) if keep else _EMPTY]
+        return outs + (_split(ws, fields) if keep else [])
 
     @tf.custom_gradient
     def op(*inputs):
-        *outs, blob = tf.numpy_function(forward, list(inputs),
-                                        [dtype] * n_out + [tf.uint8],
-                                        stateful=False)
+        results = tf.numpy_function(forward, list(inputs),
+                                    [dtype] * n_out + (ws_dtypes if keep else []),
+                                    stateful=False)
+        outs, saved = results[:n_out], results[n_out:]
         for t, shape in zip(outs, out_shapes):
             t.set_shape(shape)
-        blob.set_shape([None])
+        x, W, U = inputs[0], inputs[1 + n_states], inputs[2 + n_states]
 
         def grad(*upstream):
-            upstream = _zeros_if_none(upstream, outs)
+            given = [u is not None for u in upstream]
 
-            def backward(blob_np, *arrays):
-                ups, rest = arrays[:n_out], arrays[n_out:]
-                if blob_np.size:
-                    ws = _unpack(blob_np)
+            def backward(*arrays):
+                it = iter(arrays)
+                ups = [next(it) if g else None for g in given]
+                if keep:
+                    blob, *rest = it
+                    ws = _join(blob, rest[:len(fields)], fields, *rest[len(fields):])
                 else:   # no tape at forward time: rebuild the workspace
-                    ws = forward_np(True, *rest)[-1]
-                return [np.asarray(g, dtype=dtype.as_numpy_dtype)
-                        for g in backward_np(ws, ups)]
+                    ws = forward_np(True, *it)[-1]
+                return [np.asarray(g, dtype=np_dtype) for g in backward_np(ws, ups)]
 
-            # Without a workspace, the backward pass needs the inputs again.
+            # Without a workspace, the backward pass needs all the inputs.
             grads = tf.numpy_function(
-                backward, [blob, *upstream, *(() if keep else inputs)],
+                backward,
+                [u for u in upstream if u is not None]
+                + (saved + [x, W, U] if keep else list(inputs)),
                 [dtype] * n_diff, stateful=False)
             for g, t in zip(grads, inputs):
                 g.set_shape(t.shape)
@@ -134,7 +179,7 @@ def lstm(x, h0, c0, kernel, recurrent_kernel, bias=None, mask=None, *,
         return [g.x, g.h0, g.c0, g.kernel, g.recurrent_kernel] + (
             [g.bias] if has_bias else [])
 
-    return _fused(forward_np, backward_np, diff + extra, len(diff),
+    return _fused("lstm", forward_np, backward_np, diff + extra, len(diff),
                   [(B, T, H), (B, H), (B, H)], x.dtype)
 
 
@@ -165,5 +210,5 @@ def rnn(x, h0, kernel, recurrent_kernel, bias=None, mask=None, *,
         return [g.x, g.h0, g.kernel, g.recurrent_kernel] + (
             [g.bias] if has_bias else [])
 
-    return _fused(forward_np, backward_np, diff + extra, len(diff),
+    return _fused("rnn", forward_np, backward_np, diff + extra, len(diff),
                   [(B, T, H), (B, H)], x.dtype)
