@@ -118,50 +118,56 @@ def get_num_threads():
     return _num_threads if _num_threads is not None else _default_threads()
 
 
-class _SerialBlas:
-    """Context manager: BLAS single-threaded while fastrnn's own threads run.
+def _local_threads_setter():
+    """OpenBLAS's ``openblas_set_num_threads_local`` in SciPy's BLAS (the one
+    ``scipy.linalg.cython_blas`` calls), as a ctypes function, or None.
 
-    The cython kernels split every GEMM between their own threads (each owns
-    a slice of the hidden units), so a multi-threaded BLAS inside them would
-    only oversubscribe the cores.  Nested and concurrent uses are counted:
-    the first entry saves and lowers the BLAS thread counts, the last exit
-    restores them.  Without threadpoolctl this does nothing.
+    It sets the BLAS thread count of the calling thread only, so fastrnn
+    never changes what other threads (or other libraries) get.
+    """
+    try:
+        import ctypes
+        import scipy.linalg  # noqa: F401  (loads SciPy's BLAS)
+        from threadpoolctl import ThreadpoolController
+        for lib in ThreadpoolController().select(internal_api="openblas").lib_controllers:
+            if "scipy" not in os.path.basename(os.path.dirname(lib.filepath)):
+                continue   # numpy's own OpenBLAS, not the one we call
+            fn = getattr(lib.dynlib, "openblas_set_num_threads_local", None)
+            if fn is not None:
+                fn.argtypes = [ctypes.c_int]
+                fn.restype = ctypes.c_int
+                return fn
+    except Exception:  # no threadpoolctl, another BLAS, an old OpenBLAS
+        pass
+    return None
+
+
+class _SerialBlas:
+    """Context manager: SciPy's BLAS single-threaded in the calling thread.
+
+    Small per-step GEMMs lose more to waking BLAS threads than they gain
+    (and far more when the cores are shared), and inside the cython kernels'
+    own threads a threaded BLAS would only oversubscribe the cores.  Uses
+    OpenBLAS's thread-local setting, so other threads are unaffected; with
+    another BLAS it does nothing.
     """
 
     def __init__(self):
-        self._lock = threading.Lock()
-        self._depth = 0
-        self._saved = []
-        self._libs = None
-
-    def _controllers(self):
-        if self._libs is None:
-            try:
-                from threadpoolctl import ThreadpoolController
-                self._libs = ThreadpoolController().select(user_api="blas").lib_controllers
-            except Exception:  # threadpoolctl missing or unable to inspect
-                self._libs = []
-        return self._libs
+        self._setter = None
+        self._looked = False
+        self._local = threading.local()
 
     def __enter__(self):
-        with self._lock:
-            if self._depth == 0:
-                self._saved = []
-                for lib in self._controllers():
-                    n = lib.num_threads
-                    if n != 1:
-                        self._saved.append((lib, n))
-                        lib.set_num_threads(1)
-            self._depth += 1
+        if not self._looked:
+            self._setter, self._looked = _local_threads_setter(), True
+        if self._setter is not None:
+            stack = self._local.__dict__.setdefault("saved", [])
+            stack.append(self._setter(1))
         return self
 
     def __exit__(self, *exc):
-        with self._lock:
-            self._depth -= 1
-            if self._depth == 0:
-                for lib, n in self._saved:
-                    lib.set_num_threads(n)
-                self._saved = []
+        if self._setter is not None:
+            self._setter(self._local.saved.pop())
         return False
 
 
