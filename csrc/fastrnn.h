@@ -2,8 +2,8 @@
  * fastrnn: fused tanh-RNN and LSTM kernels (forward and BPTT backward).
  *
  * Every entry point works on caller-allocated, C-contiguous buffers in
- * time-major *reading order* (the caller reverses the time axis for
- * go_backwards), with Keras's weight layout:
+ * time-major *reading order* unless noted (the caller reverses the time axis
+ * for go_backwards), with Keras's weight layout:
  *
  *   T, B, I, H   time steps, batch rows, input features, hidden units
  *                (T, B, H >= 1; I >= 0)
@@ -70,23 +70,27 @@ int fr_lstm_forward_f64(const fr_dblas *blas, int nthreads, int training,
 
 /*
  * LSTM backward (BPTT), from the forward's saved hs, cs (T+1, B, H) and
- * activated gates (T, B, 4H).
- *   d_out  (T, B, H)   gradient w.r.t. hs[1:] (the caller has folded in
- *                      Keras's zero-output-before-first-step rule)
+ * activated gates (T, B, 4H).  The time loop runs in chunks of Tc steps
+ * (1 <= Tc <= T) from the end; after each chunk, that chunk's share of dx,
+ * dW, dU and db is computed by GEMMs over its Tc*B rows, so the
+ * pre-activation gradients are kept for one chunk only.
+ *   d_out  (B, T, H)   gradient w.r.t. the outputs hs[1:], batch-major in
+ *                      reading order (the caller has folded in Keras's
+ *                      zero-output-before-first-step rule)
  *   dh, dc (B, H)      in: gradient w.r.t. the final h and c;
  *                      out: gradient w.r.t. h0 and c0
  *   dx (T, B, I), dW (I, 4H), dU (H, 4H), db (4H)   outputs
- *   dz     (T, B, 4H)  scratch: pre-activation gradients
+ *   dz     (Tc, B, 4H) scratch: one chunk's pre-activation gradients
  *   work   (B, H)      scratch
  */
-int fr_lstm_backward_f32(const fr_sblas *blas, int nthreads, int T, int B, int I, int H,
-                         const float *x, const float *W, const float *U,
+int fr_lstm_backward_f32(const fr_sblas *blas, int nthreads, int T, int Tc, int B, int I,
+                         int H, const float *x, const float *W, const float *U,
                          const unsigned char *mask, const float *hs,
                          const float *cs, const float *gates, const float *d_out,
                          float *dh, float *dc, float *dx, float *dW, float *dU,
                          float *db, float *dz, float *work);
-int fr_lstm_backward_f64(const fr_dblas *blas, int nthreads, int T, int B, int I, int H,
-                         const double *x, const double *W, const double *U,
+int fr_lstm_backward_f64(const fr_dblas *blas, int nthreads, int T, int Tc, int B, int I,
+                         int H, const double *x, const double *W, const double *U,
                          const unsigned char *mask, const double *hs,
                          const double *cs, const double *gates, const double *d_out,
                          double *dh, double *dc, double *dx, double *dW, double *dU,
@@ -108,15 +112,16 @@ int fr_rnn_forward_f64(const fr_dblas *blas, int nthreads, int act, int T, int B
 
 /*
  * Simple RNN backward, with the activation's derivative taken from the saved
- * outputs hs.  Arguments as for the LSTM, without the cell state.
+ * outputs hs.  Arguments as for the LSTM, without the cell state; dz is
+ * (Tc, B, H).
  */
-int fr_rnn_backward_f32(const fr_sblas *blas, int nthreads, int act, int T, int B, int I, int H,
-                        const float *x, const float *W, const float *U,
+int fr_rnn_backward_f32(const fr_sblas *blas, int nthreads, int act, int T, int Tc, int B,
+                        int I, int H, const float *x, const float *W, const float *U,
                         const unsigned char *mask, const float *hs,
                         const float *d_out, float *dh, float *dx, float *dW,
                         float *dU, float *db, float *dz, float *work);
-int fr_rnn_backward_f64(const fr_dblas *blas, int nthreads, int act, int T, int B, int I, int H,
-                        const double *x, const double *W, const double *U,
+int fr_rnn_backward_f64(const fr_dblas *blas, int nthreads, int act, int T, int Tc, int B,
+                        int I, int H, const double *x, const double *W, const double *U,
                         const unsigned char *mask, const double *hs,
                         const double *d_out, double *dh, double *dx, double *dW,
                         double *dU, double *db, double *dz, double *work);

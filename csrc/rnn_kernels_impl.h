@@ -9,9 +9,10 @@
  * Thread k of n owns a slice [j0, j1) of the hidden units: per step it runs
  * the recurrent GEMM for its slice's columns of every gate block (with a
  * single-threaded BLAS call) and the gate pass for its slice, then the team
- * meets once at a barrier.  The large GEMMs outside the time loop are split
- * by rows or columns the same way.  With one thread (or no OpenMP) the code
- * is the plain serial algorithm.
+ * meets once at a barrier.  The large GEMMs outside the time loop (and the
+ * backward pass's weight-gradient GEMMs, run after each chunk of steps) are
+ * split by rows or columns the same way.  With one thread (or no OpenMP) the
+ * code is the plain serial algorithm.
  */
 #define FR_CAT_(a, b) a##_##b
 #define FR_CAT(a, b) FR_CAT_(a, b)
@@ -210,42 +211,48 @@ int FN(fr_lstm_forward)(const BLAS_T *blas, int nthreads, int training, int T, i
     return 0;
 }
 
-/* After the time loop, this thread's share of: dx = dz W^T (rows),
- * dW = x^T dz, dU = hs[0:T]^T dz and db = column sums of dz (columns). */
-static void FN(weight_grads)(const BLAS_T *blas, int tid, int n, int T, int B, int I,
-                             int H, int G, const REAL *x, const REAL *W,
-                             const REAL *hs, const REAL *dz, REAL *dx,
-                             REAL *dW, REAL *dU, REAL *db)
+/* This thread's share of the weight gradients of the chunk of steps
+ * [t0, t1), whose pre-activation gradients are in dz (t1 - t0, B, G*H):
+ * dx[t0:t1] = dz W^T (split by rows); dW = x[t0:t1]^T dz,
+ * dU = hs[t0:t1]^T dz and db = column sums of dz (split by columns), set on
+ * the first chunk and accumulated after. */
+static void FN(weight_grads)(const BLAS_T *blas, int tid, int n, int first, int t0,
+                             int t1, int B, int I, int H, int G, const REAL *x,
+                             const REAL *W, const REAL *hs, const REAL *dz,
+                             REAL *dx, REAL *dW, REAL *dU, REAL *db)
 {
-    const int GH = G * H, TB = T * B, ld_x = I > 0 ? I : 1;
+    const int GH = G * H, R = (t1 - t0) * B, ld_x = I > 0 ? I : 1;
+    const size_t row0 = (size_t)t0 * B;   /* the chunk's first (t, b) row */
+    const REAL beta = first ? 0 : 1;
     int r0, r1, c0, c1;
-    fr_split(TB, 1, tid, n, &r0, &r1);
+    fr_split(R, 1, tid, n, &r0, &r1);
     fr_split(GH, FR_CHUNK, tid, n, &c0, &c1);
     FN(gemm_rm)(blas, 0, 1, r1 - r0, I, GH, 1, dz + (size_t)r0 * GH, GH, W, GH,
-                0, dx + (size_t)r0 * I, ld_x);
+                0, dx + (row0 + r0) * I, ld_x);
     if (c1 <= c0)
         return;
-    FN(gemm_rm)(blas, 1, 0, I, c1 - c0, TB, 1, x, ld_x, dz + c0, GH, 0,
-                dW + c0, GH);
-    FN(gemm_rm)(blas, 1, 0, H, c1 - c0, TB, 1, hs, H, dz + c0, GH, 0,
-                dU + c0, GH);
-    for (int j = c0; j < c1; j++)
-        db[j] = 0;
-    for (size_t r = 0; r < (size_t)TB; r++) {
+    FN(gemm_rm)(blas, 1, 0, I, c1 - c0, R, 1, x + row0 * I, ld_x, dz + c0, GH,
+                beta, dW + c0, GH);
+    FN(gemm_rm)(blas, 1, 0, H, c1 - c0, R, 1, hs + row0 * H, H, dz + c0, GH,
+                beta, dU + c0, GH);
+    if (first)
+        for (int j = c0; j < c1; j++)
+            db[j] = 0;
+    for (size_t r = 0; r < (size_t)R; r++) {
         const REAL *row = dz + r * GH;
         for (int j = c0; j < c1; j++)
             db[j] += row[j];
     }
 }
 
-/* dh[:, j0:j1] += d[:, j0:j1] */
+/* dh[:, j0:j1] += d[:, j0:j1], d's rows ld apart */
 static void FN(add_cols)(int B, int H, int j0, int j1, const REAL *restrict d,
-                         REAL *restrict dh)
+                         size_t ld, REAL *restrict dh)
 {
     for (int b = 0; b < B; b++)
         FR_IVDEP
         for (int j = j0; j < j1; j++)
-            dh[(size_t)b * H + j] += d[(size_t)b * H + j];
+            dh[(size_t)b * H + j] += d[(size_t)b * ld + j];
 }
 
 /* dh_{t-1}[:, j0:j1] = dz_t U[j0:j1, :]^T; masked rows keep dh. */
@@ -267,16 +274,17 @@ static void FN(recurrent_grad)(const BLAS_T *blas, int G, int B, int H, int j0,
                 dh[(size_t)b * H + j] = work[(size_t)b * H + j];
 }
 
-int FN(fr_lstm_backward)(const BLAS_T *blas, int nthreads, int T, int B, int I, int H,
+int FN(fr_lstm_backward)(const BLAS_T *blas, int nthreads, int T, int Tc, int B, int I, int H,
                          const REAL *x, const REAL *W, const REAL *U,
                          const unsigned char *mask, const REAL *hs,
                          const REAL *cs, const REAL *gates, const REAL *d_out,
                          REAL *dh, REAL *dc, REAL *dx, REAL *dW, REAL *dU,
                          REAL *db, REAL *dz, REAL *work)
 {
-    if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 4))
+    if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 4) ||
+        Tc < 1 || Tc > T)
         return 1;
-    const size_t BH = (size_t)B * H, BG = (size_t)B * 4 * H;
+    const size_t BH = (size_t)B * H, BG = (size_t)B * 4 * H, ld_out = (size_t)T * H;
     const int nt = fr_team(nthreads, H);
     fr_barrier bar;
     FR_BARRIER_INIT(bar);
@@ -286,20 +294,27 @@ int FN(fr_lstm_backward)(const BLAS_T *blas, int nthreads, int T, int B, int I, 
         int sense = 0;
         int j0, j1;
         fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
-        for (int t = T - 1; t >= 0; t--) {
-            const unsigned char *m = mask ? mask + (size_t)t * B : NULL;
-            REAL *dzt = dz + t * BG;
-            if (j1 > j0) {
-                FN(add_cols)(B, H, j0, j1, d_out + t * BH, dh);
-                FN(lstm_cell_grad)(B, H, j0, j1, m, gates + t * BG,
-                                   cs + (t + 1) * BH, cs + t * BH, dh, dc, dzt);
+        /* chunks [t0, t1) of Tc steps from the end; step t's dz is dz[t - t0] */
+        for (int t1 = T; t1 > 0; t1 -= Tc) {
+            const int t0 = t1 > Tc ? t1 - Tc : 0;
+            for (int t = t1 - 1; t >= t0; t--) {
+                const unsigned char *m = mask ? mask + (size_t)t * B : NULL;
+                REAL *dzt = dz + (size_t)(t - t0) * BG;
+                if (j1 > j0) {
+                    FN(add_cols)(B, H, j0, j1, d_out + (size_t)t * H, ld_out, dh);
+                    FN(lstm_cell_grad)(B, H, j0, j1, m, gates + t * BG,
+                                       cs + (t + 1) * BH, cs + t * BH, dh, dc, dzt);
+                }
+                fr_barrier_wait(&bar, n, &sense);   /* the GEMM below reads every thread's dz_t */
+                if (j1 > j0)
+                    FN(recurrent_grad)(blas, 4, B, H, j0, j1, m, dzt, U, dh, work);
             }
-            fr_barrier_wait(&bar, n, &sense);   /* the GEMM below reads every thread's dz_t */
-            if (j1 > j0)
-                FN(recurrent_grad)(blas, 4, B, H, j0, j1, m, dzt, U, dh, work);
+            /* the chunk's dz is complete since the last step's barrier */
+            FN(weight_grads)(blas, tid, n, t1 == T, t0, t1, B, I, H, 4, x, W, hs,
+                             dz, dx, dW, dU, db);
+            if (t0 > 0)
+                fr_barrier_wait(&bar, n, &sense);   /* the next chunk overwrites dz */
         }
-        fr_barrier_wait(&bar, n, &sense);
-        FN(weight_grads)(blas, tid, n, T, B, I, H, 4, x, W, hs, dz, dx, dW, dU, db);
     }
     return 0;
 }
@@ -402,15 +417,16 @@ int FN(fr_rnn_forward)(const BLAS_T *blas, int nthreads, int act, int T, int B, 
     return 0;
 }
 
-int FN(fr_rnn_backward)(const BLAS_T *blas, int nthreads, int act, int T, int B, int I,
+int FN(fr_rnn_backward)(const BLAS_T *blas, int nthreads, int act, int T, int Tc, int B, int I,
                         int H, const REAL *x, const REAL *W, const REAL *U,
                         const unsigned char *mask, const REAL *hs,
                         const REAL *d_out, REAL *dh, REAL *dx, REAL *dW,
                         REAL *dU, REAL *db, REAL *dz, REAL *work)
 {
-    if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 1) || act < 0 || act > 2)
+    if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 1) ||
+        Tc < 1 || Tc > T || act < 0 || act > 2)
         return 1;
-    const size_t BH = (size_t)B * H;
+    const size_t BH = (size_t)B * H, ld_out = (size_t)T * H;
     const int nt = fr_team(nthreads, H);
     fr_barrier bar;
     FR_BARRIER_INIT(bar);
@@ -420,19 +436,25 @@ int FN(fr_rnn_backward)(const BLAS_T *blas, int nthreads, int act, int T, int B,
         int sense = 0;
         int j0, j1;
         fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
-        for (int t = T - 1; t >= 0; t--) {
-            const unsigned char *m = mask ? mask + (size_t)t * B : NULL;
-            REAL *dzt = dz + t * BH;
-            if (j1 > j0) {
-                FN(add_cols)(B, H, j0, j1, d_out + t * BH, dh);
-                FN(rnn_cell_grad)(B, H, j0, j1, act, m, hs + (t + 1) * BH, dh, dzt);
+        /* chunks as in fr_lstm_backward */
+        for (int t1 = T; t1 > 0; t1 -= Tc) {
+            const int t0 = t1 > Tc ? t1 - Tc : 0;
+            for (int t = t1 - 1; t >= t0; t--) {
+                const unsigned char *m = mask ? mask + (size_t)t * B : NULL;
+                REAL *dzt = dz + (size_t)(t - t0) * BH;
+                if (j1 > j0) {
+                    FN(add_cols)(B, H, j0, j1, d_out + (size_t)t * H, ld_out, dh);
+                    FN(rnn_cell_grad)(B, H, j0, j1, act, m, hs + (t + 1) * BH, dh, dzt);
+                }
+                fr_barrier_wait(&bar, n, &sense);
+                if (j1 > j0)
+                    FN(recurrent_grad)(blas, 1, B, H, j0, j1, m, dzt, U, dh, work);
             }
-            fr_barrier_wait(&bar, n, &sense);
-            if (j1 > j0)
-                FN(recurrent_grad)(blas, 1, B, H, j0, j1, m, dzt, U, dh, work);
+            FN(weight_grads)(blas, tid, n, t1 == T, t0, t1, B, I, H, 1, x, W, hs,
+                             dz, dx, dW, dU, db);
+            if (t0 > 0)
+                fr_barrier_wait(&bar, n, &sense);
         }
-        fr_barrier_wait(&bar, n, &sense);
-        FN(weight_grads)(blas, tid, n, T, B, I, H, 1, x, W, hs, dz, dx, dW, dU, db);
     }
     return 0;
 }

@@ -3,7 +3,7 @@
 Each function checks the buffers' shapes against each other (a wrong shape
 raises ValueError, never reaches C), takes SciPy's BLAS from
 ``scipy.linalg.cython_blas`` and calls the kernel without the GIL.  The
-contract (time-major, reading-order buffers) is documented in csrc/fastrnn.h
+contract (reading-order buffers, time-major but for d_out) is documented in csrc/fastrnn.h
 and in fastrnn/ops.py, which is the only caller.
 """
 from cython cimport floating
@@ -30,12 +30,12 @@ cdef extern from "fastrnn.h" nogil:
     int fr_lstm_forward_f64(const fr_dblas*, int, int, int, int, int, int,
                             const double*, const double*, const double*, const double*,
                             const unsigned char*, double*, double*, double*)
-    int fr_lstm_backward_f32(const fr_sblas*, int, int, int, int, int,
+    int fr_lstm_backward_f32(const fr_sblas*, int, int, int, int, int, int,
                              const float*, const float*, const float*,
                              const unsigned char*, const float*, const float*,
                              const float*, const float*, float*, float*, float*,
                              float*, float*, float*, float*, float*)
-    int fr_lstm_backward_f64(const fr_dblas*, int, int, int, int, int,
+    int fr_lstm_backward_f64(const fr_dblas*, int, int, int, int, int, int,
                              const double*, const double*, const double*,
                              const unsigned char*, const double*, const double*,
                              const double*, const double*, double*, double*, double*,
@@ -46,11 +46,11 @@ cdef extern from "fastrnn.h" nogil:
     int fr_rnn_forward_f64(const fr_dblas*, int, int, int, int, int, int,
                            const double*, const double*, const double*, const double*,
                            const unsigned char*, double*, double*)
-    int fr_rnn_backward_f32(const fr_sblas*, int, int, int, int, int, int,
+    int fr_rnn_backward_f32(const fr_sblas*, int, int, int, int, int, int, int,
                             const float*, const float*, const float*,
                             const unsigned char*, const float*, const float*,
                             float*, float*, float*, float*, float*, float*, float*)
-    int fr_rnn_backward_f64(const fr_dblas*, int, int, int, int, int, int,
+    int fr_rnn_backward_f64(const fr_dblas*, int, int, int, int, int, int, int,
                             const double*, const double*, const double*,
                             const unsigned char*, const double*, const double*,
                             double*, double*, double*, double*, double*, double*, double*)
@@ -131,17 +131,20 @@ def lstm_backward(const floating[:, :, ::1] x, const floating[:, ::1] W,
     _expect("hs", (hs.shape[0], hs.shape[1], hs.shape[2]), (T + 1, B, H))
     _expect("cs", (cs.shape[0], cs.shape[1], cs.shape[2]), (T + 1, B, H))
     _expect("gates", (gates.shape[0], gates.shape[1], gates.shape[2]), (T, B, 4 * H))
-    _expect("d_out", (d_out.shape[0], d_out.shape[1], d_out.shape[2]), (T, B, H))
+    _expect("d_out", (d_out.shape[0], d_out.shape[1], d_out.shape[2]), (B, T, H))
     _expect("dh", (dh.shape[0], dh.shape[1]), (B, H))
     _expect("dc", (dc.shape[0], dc.shape[1]), (B, H))
     _expect("dx", (dx.shape[0], dx.shape[1], dx.shape[2]), (T, B, I))
     _expect("dW", (dW.shape[0], dW.shape[1]), (I, 4 * H))
     _expect("dU", (dU.shape[0], dU.shape[1]), (H, 4 * H))
     _expect("db", (db.shape[0],), (4 * H,))
-    _expect("dz", (dz.shape[0], dz.shape[1], dz.shape[2]), (T, B, 4 * H))
+    cdef Py_ssize_t Tc = dz.shape[0]
+    _expect("dz", (dz.shape[0], dz.shape[1], dz.shape[2]), (Tc, B, 4 * H))
     _expect("work", (work.shape[0], work.shape[1]), (B, H))
     if T < 1 or B < 1 or H < 1:
         raise ValueError("T, B and H must be at least 1")
+    if Tc < 1 or Tc > T:
+        raise ValueError(f"dz must hold 1 to T={T} steps, got {Tc}")
     cdef const unsigned char* m = _mask_ptr(mask, T, B)
     cdef const floating* px = &x[0, 0, 0] if I > 0 else NULL
     cdef const floating* pW = &W[0, 0] if I > 0 else NULL
@@ -150,13 +153,13 @@ def lstm_backward(const floating[:, :, ::1] x, const floating[:, ::1] W,
     cdef int rc
     with nogil:
         if floating is float:
-            rc = fr_lstm_backward_f32(&_SBLAS, nthreads, T, B, I, H,
+            rc = fr_lstm_backward_f32(&_SBLAS, nthreads, T, Tc, B, I, H,
                                       px, pW, &U[0, 0], m, &hs[0, 0, 0], &cs[0, 0, 0],
                                       &gates[0, 0, 0], &d_out[0, 0, 0], &dh[0, 0],
                                       &dc[0, 0], pdx, pdW, &dU[0, 0], &db[0],
                                       &dz[0, 0, 0], &work[0, 0])
         else:
-            rc = fr_lstm_backward_f64(&_DBLAS, nthreads, T, B, I, H,
+            rc = fr_lstm_backward_f64(&_DBLAS, nthreads, T, Tc, B, I, H,
                                       px, pW, &U[0, 0], m, &hs[0, 0, 0], &cs[0, 0, 0],
                                       &gates[0, 0, 0], &d_out[0, 0, 0], &dh[0, 0],
                                       &dc[0, 0], pdx, pdW, &dU[0, 0], &db[0],
@@ -207,16 +210,19 @@ def rnn_backward(const floating[:, :, ::1] x, const floating[:, ::1] W,
     _expect("W", (W.shape[0], W.shape[1]), (I, H))
     _expect("U", (U.shape[0], U.shape[1]), (H, H))
     _expect("hs", (hs.shape[0], hs.shape[1], hs.shape[2]), (T + 1, B, H))
-    _expect("d_out", (d_out.shape[0], d_out.shape[1], d_out.shape[2]), (T, B, H))
+    _expect("d_out", (d_out.shape[0], d_out.shape[1], d_out.shape[2]), (B, T, H))
     _expect("dh", (dh.shape[0], dh.shape[1]), (B, H))
     _expect("dx", (dx.shape[0], dx.shape[1], dx.shape[2]), (T, B, I))
     _expect("dW", (dW.shape[0], dW.shape[1]), (I, H))
     _expect("dU", (dU.shape[0], dU.shape[1]), (H, H))
     _expect("db", (db.shape[0],), (H,))
-    _expect("dz", (dz.shape[0], dz.shape[1], dz.shape[2]), (T, B, H))
+    cdef Py_ssize_t Tc = dz.shape[0]
+    _expect("dz", (dz.shape[0], dz.shape[1], dz.shape[2]), (Tc, B, H))
     _expect("work", (work.shape[0], work.shape[1]), (B, H))
     if T < 1 or B < 1 or H < 1:
         raise ValueError("T, B and H must be at least 1")
+    if Tc < 1 or Tc > T:
+        raise ValueError(f"dz must hold 1 to T={T} steps, got {Tc}")
     if act < 0 or act > 2:
         raise ValueError(f"act must be 0 (tanh), 1 (relu) or 2 (linear), got {act}")
     cdef const unsigned char* m = _mask_ptr(mask, T, B)
@@ -227,12 +233,12 @@ def rnn_backward(const floating[:, :, ::1] x, const floating[:, ::1] W,
     cdef int rc
     with nogil:
         if floating is float:
-            rc = fr_rnn_backward_f32(&_SBLAS, nthreads, act, T, B, I, H,
+            rc = fr_rnn_backward_f32(&_SBLAS, nthreads, act, T, Tc, B, I, H,
                                      px, pW, &U[0, 0], m, &hs[0, 0, 0], &d_out[0, 0, 0],
                                      &dh[0, 0], pdx, pdW, &dU[0, 0], &db[0],
                                      &dz[0, 0, 0], &work[0, 0])
         else:
-            rc = fr_rnn_backward_f64(&_DBLAS, nthreads, act, T, B, I, H,
+            rc = fr_rnn_backward_f64(&_DBLAS, nthreads, act, T, Tc, B, I, H,
                                      px, pW, &U[0, 0], m, &hs[0, 0, 0], &d_out[0, 0, 0],
                                      &dh[0, 0], pdx, pdW, &dU[0, 0], &db[0],
                                      &dz[0, 0, 0], &work[0, 0])

@@ -4,13 +4,15 @@ Same contract as the Cython backend (see :mod:`fastrnn.ops`, which allocates
 every buffer and calls the four entry points ``lstm_forward``,
 ``lstm_backward``, ``rnn_forward`` and ``rnn_backward``).  Arrays are
 C-contiguous and time-major, in reading order: ``x_tm`` (T, B, I),
-``hs`` (T+1, B, H), ``mask_tm`` uint8 (T, B), or (0, 0) for "no mask".
+``hs`` (T+1, B, H), ``mask_tm`` uint8 (T, B), or (0, 0) for "no mask";
+only backward's ``d_out`` is batch-major (B, T, H).
 
 Per call: one GEMM for the input projection of all steps; per step one GEMM
 (GEMV for batch 1) for the recurrent projection, into a buffer allocated once
-per call, and one elementwise pass; after the backward time loop, the weight
-gradients as GEMMs over all T*B rows.  Compilation is lazy (on first call per
-dtype and read-only-ness of the arguments) and cached on disk.
+per call, and one elementwise pass; in the backward pass, after each chunk
+of time steps (it keeps one chunk's pre-activation gradients), the weight
+gradients as GEMMs over that chunk's rows.  Compilation is lazy (on first
+call per dtype and read-only-ness of the arguments) and cached on disk.
 
 Threading: none of its own.  fastrnn.ops runs each call either with BLAS
 single-threaded or with BLAS's own threads (see ``_backend.thread_plan``);
@@ -184,21 +186,36 @@ def _input_gemm(x_tm, W, out):
         np.dot(x_tm.reshape(T * B, I), W, out2)
 
 
+@njit(inline="always", **_JIT)
+def _dot_into(a, b, out, first):
+    """out = a @ b when first, else out += a @ b."""
+    if first:
+        np.dot(a, b, out)
+    else:
+        out += np.dot(a, b)
+
+
 @njit(**_JIT)
-def _weight_grads(x_tm, W, hs, dz, dx_tm, dW, dU, db):
-    """From dz (T, B, G*H): dx_tm = dz @ W.T, dW = x^T dz, dU = hs[:T]^T dz
-    (over all T*B rows) and db = column sums of dz."""
+def _weight_grads(x_tm, W, hs, dz, t0, t1, dx_tm, dW, dU, db):
+    """The weight gradients of the chunk of steps [t0, t1), whose
+    pre-activation gradients are dz[:t1 - t0] (dz: (Tc, B, G*H)):
+    dx_tm[t0:t1] = dz @ W.T; dW += x^T dz, dU += hs[t0:t1]^T dz and
+    db += column sums of dz over the chunk's rows (set on the first chunk,
+    t1 = T)."""
     T, B, I = x_tm.shape
     H = hs.shape[2]
     G_H = dz.shape[2]
-    dz2 = dz.reshape(T * B, G_H)
+    R = (t1 - t0) * B
+    first = t1 == T
+    dz2 = dz[:t1 - t0].reshape(R, G_H)
     if I > 0:
-        x2 = x_tm.reshape(T * B, I)
-        np.dot(dz2, W.T, dx_tm.reshape(T * B, I))
-        np.dot(x2.T, dz2, dW)
-    np.dot(hs[0:T].reshape(T * B, H).T, dz2, dU)
-    db[:] = 0
-    for r in range(T * B):
+        x2 = x_tm[t0:t1].reshape(R, I)
+        np.dot(dz2, W.T, dx_tm[t0:t1].reshape(R, I))
+        _dot_into(x2.T, dz2, dW, first)
+    _dot_into(hs[t0:t1].reshape(R, H).T, dz2, dU, first)
+    if first:
+        db[:] = 0
+    for r in range(R):
         for k in range(G_H):
             db[k] += dz2[r, k]
 
@@ -349,14 +366,20 @@ def _take_dh(mask_tm, t, work, dh):
 
 
 @njit(**_JIT)
-def _lstm_grad_steps(mask_tm, U, cs, gates, d_out_tm, dh, dc, dz, work):
-    """The backward time loop: dz (T, B, 4H), and dh, dc at step 0."""
+def _lstm_grad_steps(x_tm, W, U, mask_tm, hs, cs, gates, d_out, dh, dc, dx_tm,
+                     dW, dU, db, dz, work):
+    """The backward time loop, in chunks of dz.shape[0] steps from the end,
+    each followed by its weight gradients; dh, dc end at step 0."""
     UT = U.T
-    for t in range(gates.shape[0] - 1, -1, -1):
-        _lstm_cell_grad(mask_tm, t, gates[t], cs[t], cs[t + 1], d_out_tm[t],
-                        dh, dc, dz[t])
-        _recurrent(dz[t], UT, work)
-        _take_dh(mask_tm, t, work, dh)
+    T, Tc = gates.shape[0], dz.shape[0]
+    for t1 in range(T, 0, -Tc):
+        t0 = max(t1 - Tc, 0)
+        for t in range(t1 - 1, t0 - 1, -1):
+            _lstm_cell_grad(mask_tm, t, gates[t], cs[t], cs[t + 1], d_out[:, t],
+                            dh, dc, dz[t - t0])
+            _recurrent(dz[t - t0], UT, work)
+            _take_dh(mask_tm, t, work, dh)
+        _weight_grads(x_tm, W, hs, dz, t0, t1, dx_tm, dW, dU, db)
 
 
 def lstm_forward(x_tm, W, U, bias, mask_tm, hs, cs, gates, training, nthreads):
@@ -369,13 +392,14 @@ def lstm_forward(x_tm, W, U, bias, mask_tm, hs, cs, gates, training, nthreads):
     _lstm_steps(mask_tm, U, bias, hs, cs, gates, training)
 
 
-def lstm_backward(x_tm, W, U, mask_tm, hs, cs, gates, d_out_tm, dh, dc,
+def lstm_backward(x_tm, W, U, mask_tm, hs, cs, gates, d_out, dh, dc,
                   dx_tm, dW, dU, db, dz, work, nthreads):
-    """LSTM backward through time.  dh, dc (B, H): dL/dh_T, dL/dc_T on entry,
-    dL/dh0, dL/dc0 on exit.  Writes dx_tm (T, B, I), dW, dU, db and
-    dz (T, B, 4H); work (B, H) is scratch."""
-    _lstm_grad_steps(mask_tm, U, cs, gates, d_out_tm, dh, dc, dz, work)
-    _weight_grads(x_tm, W, hs, dz, dx_tm, dW, dU, db)
+    """LSTM backward through time.  d_out (B, T, H) batch-major, in reading
+    order.  dh, dc (B, H): dL/dh_T, dL/dc_T on entry, dL/dh0, dL/dc0 on
+    exit.  Writes dx_tm (T, B, I), dW, dU and db; dz (Tc, B, 4H), for chunks
+    of 1 <= Tc <= T steps, and work (B, H) are scratch."""
+    _lstm_grad_steps(x_tm, W, U, mask_tm, hs, cs, gates, d_out, dh, dc,
+                     dx_tm, dW, dU, db, dz, work)
 
 
 # -------------------------------------------------------------------- RNN ---
@@ -442,19 +466,27 @@ def _rnn_cell_grad(mask_tm, t, act, h_t, d_out_t, dh, dz_t):
 
 
 @njit(**_JIT)
-def _rnn_grad_steps(mask_tm, U, hs, act, d_out_tm, dh, dz, work):
-    """The backward time loop: dz (T, B, H), and dh at step 0."""
+def _rnn_grad_steps(x_tm, W, U, mask_tm, hs, act, d_out, dh, dx_tm, dW, dU,
+                    db, dz, work):
+    """The backward time loop, in chunks as ``_lstm_grad_steps``; dh ends at
+    step 0."""
     UT = U.T
-    for t in range(dz.shape[0] - 1, -1, -1):
-        _rnn_cell_grad(mask_tm, t, act, hs[t + 1], d_out_tm[t], dh, dz[t])
-        _recurrent(dz[t], UT, work)
-        _take_dh(mask_tm, t, work, dh)
+    T, Tc = x_tm.shape[0], dz.shape[0]
+    for t1 in range(T, 0, -Tc):
+        t0 = max(t1 - Tc, 0)
+        for t in range(t1 - 1, t0 - 1, -1):
+            _rnn_cell_grad(mask_tm, t, act, hs[t + 1], d_out[:, t], dh,
+                           dz[t - t0])
+            _recurrent(dz[t - t0], UT, work)
+            _take_dh(mask_tm, t, work, dh)
+        _weight_grads(x_tm, W, hs, dz, t0, t1, dx_tm, dW, dU, db)
 
 
-def rnn_backward(x_tm, W, U, mask_tm, hs, act, d_out_tm, dh, dx_tm, dW, dU,
+def rnn_backward(x_tm, W, U, mask_tm, hs, act, d_out, dh, dx_tm, dW, dU,
                  db, dz, work, nthreads):
-    """RNN backward through time.  dh (B, H): dL/dh_T on entry, dL/dh0 on
-    exit.  Writes dx_tm (T, B, I), dW, dU, db and dz (T, B, H); work (B, H)
-    is scratch."""
-    _rnn_grad_steps(mask_tm, U, hs, act, d_out_tm, dh, dz, work)
-    _weight_grads(x_tm, W, hs, dz, dx_tm, dW, dU, db)
+    """RNN backward through time.  d_out (B, T, H) batch-major, in reading
+    order.  dh (B, H): dL/dh_T on entry, dL/dh0 on exit.  Writes
+    dx_tm (T, B, I), dW, dU and db; dz (Tc, B, H) and work (B, H) are
+    scratch."""
+    _rnn_grad_steps(x_tm, W, U, mask_tm, hs, act, d_out, dh, dx_tm, dW, dU,
+                    db, dz, work)

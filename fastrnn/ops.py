@@ -9,7 +9,9 @@ inputs' dtype.  The math is specified by :mod:`fastrnn.reference`.
 
 The compiled backends run in time-major, reading order internally: this
 module moves arrays between that layout and the public one, allocates every
-buffer, and calls one kernel entry point per pass.
+buffer, and calls one kernel entry point per pass.  Their backward passes
+read d_outputs as given (batch-major) and keep the pre-activation gradients
+of one chunk of time steps at a time (see ``_chunk_steps``).
 """
 from collections import namedtuple
 from dataclasses import dataclass, field
@@ -123,6 +125,22 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
     return LSTMResult(outputs, hs[T].copy(), c, ws if training else None)
 
 
+# The backward pass keeps the pre-activation gradients dz of a chunk of time
+# steps only, and runs the weight-gradient GEMMs after each chunk: a chunk has
+# at least _CHUNK_ROWS (t, b) rows (so the GEMMs stay efficient) and at least
+# _MIN_CHUNK_STEPS steps.
+_CHUNK_ROWS = 1024
+_MIN_CHUNK_STEPS = 8
+
+
+def _chunk_steps(T, B):
+    """Steps per backward chunk, 1 <= Tc <= T: as many chunks as fit the
+    minimum size, cut evenly (the last one may be shorter)."""
+    tc = min(T, max(_MIN_CHUNK_STEPS, -(-_CHUNK_ROWS // B)))
+    n_chunks = T // tc
+    return -(-T // n_chunks)
+
+
 def _check_workspace(workspace, kind):
     if not isinstance(workspace, Workspace):
         raise TypeError(f"workspace must be the Workspace returned by "
@@ -145,6 +163,14 @@ def _d_arrays(workspace, d_outputs, states):
     return d_out, ds
 
 
+def _kernel_d_out(d_out, seen):
+    """d_outputs as the kernels read it: C-contiguous (B, T, H), zero where
+    the forward's output was forced to zero (before a row's first step)."""
+    if seen is not None:
+        d_out = np.where(seen.swapaxes(0, 1), d_out, d_out.dtype.type(0))
+    return np.ascontiguousarray(d_out)
+
+
 def lstm_backward(workspace, d_outputs, d_h=None, d_c=None):
     """Backward pass of ``lstm_forward``.
 
@@ -164,22 +190,20 @@ def lstm_backward(workspace, d_outputs, d_h=None, d_c=None):
                          g["recurrent_kernel"],
                          g["bias"] if workspace.has_bias else None)
     d = workspace.data
-    d_out_tm = _time_major(d_out, False)     # outputs are in reading order
-    if d["seen"] is not None:
-        d_out_tm = np.where(d["seen"], d_out_tm, dt.type(0))
+    d_out = _kernel_d_out(d_out, d["seen"])   # outputs are in reading order
     dh = np.array(d_h, dtype=dt, order="C", copy=True)
     dc = np.array(d_c, dtype=dt, order="C", copy=True)
     dx_tm = np.empty((T, B, I), dt)
     dW = np.empty((I, 4 * H), dt)
     dU = np.empty((H, 4 * H), dt)
     db = np.empty(4 * H, dt)
-    dz = np.empty((T, B, 4 * H), dt)
+    dz = np.empty((_chunk_steps(T, B), B, 4 * H), dt)
     work = np.empty((B, H), dt)
     threads, blas = _backend.thread_plan(B, 4, H)
     with blas:
         _backend.module(workspace.backend).lstm_backward(
             d["x_tm"], np.ascontiguousarray(d["W"]), np.ascontiguousarray(d["U"]),
-            d["mask_tm"], d["hs"], d["cs"], d["gates"], d_out_tm, dh, dc,
+            d["mask_tm"], d["hs"], d["cs"], d["gates"], d_out, dh, dc,
             dx_tm, dW, dU, db, dz, work, threads)
     dx = _batch_major(dx_tm, workspace.go_backwards)
     return LSTMGrads(dx, dh, dc, dW, dU, db if workspace.has_bias else None)
@@ -252,21 +276,19 @@ def rnn_backward(workspace, d_outputs, d_h=None):
         return RNNGrads(g["x"], g["h0"], g["kernel"], g["recurrent_kernel"],
                         g["bias"] if workspace.has_bias else None)
     d = workspace.data
-    d_out_tm = _time_major(d_out, False)     # outputs are in reading order
-    if d["seen"] is not None:
-        d_out_tm = np.where(d["seen"], d_out_tm, dt.type(0))
+    d_out = _kernel_d_out(d_out, d["seen"])   # outputs are in reading order
     dh = np.array(d_h, dtype=dt, order="C", copy=True)
     dx_tm = np.empty((T, B, I), dt)
     dW = np.empty((I, H), dt)
     dU = np.empty((H, H), dt)
     db = np.empty(H, dt)
-    dz = np.empty((T, B, H), dt)
+    dz = np.empty((_chunk_steps(T, B), B, H), dt)
     work = np.empty((B, H), dt)
     threads, blas = _backend.thread_plan(B, 1, H)
     with blas:
         _backend.module(workspace.backend).rnn_backward(
             d["x_tm"], np.ascontiguousarray(d["W"]), np.ascontiguousarray(d["U"]),
-            d["mask_tm"], d["hs"], ACTIVATIONS[workspace.activation], d_out_tm, dh,
+            d["mask_tm"], d["hs"], ACTIVATIONS[workspace.activation], d_out, dh,
             dx_tm, dW, dU, db, dz, work, threads)
     dx = _batch_major(dx_tm, workspace.go_backwards)
     return RNNGrads(dx, dh, dW, dU, db if workspace.has_bias else None)

@@ -1,0 +1,115 @@
+"""The compiled backends' backward pass in chunks of time steps: several
+chunks with a ragged last one (forced small through fastrnn.ops' chunk
+constants), with masks, go_backwards and kernel threads, against
+fastrnn.reference; the chunk size rule; the (Tc, B, G*H) scratch the kernels
+get; and d_outputs read as given (batch-major, any layout, read-only)."""
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn import _backend, ops
+
+COMPILED = [b for b in fastrnn.available_backends() if b != "numpy"]
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 4 steps whatever B is: T = 10 runs as 4 + 4 + 2."""
+    monkeypatch.setattr(ops, "_CHUNK_ROWS", 1)
+    monkeypatch.setattr(ops, "_MIN_CHUNK_STEPS", 3)
+    assert ops._chunk_steps(10, 4) == 4
+
+
+@pytest.fixture(params=[1, 3], ids=["1thread", "3threads"])
+def threads(request, monkeypatch):
+    monkeypatch.setattr(_backend, "_num_threads", None)
+    fastrnn.set_num_threads(request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("go_backwards", [False, True], ids=["fwd", "bwd"])
+@pytest.mark.parametrize("mask", [None, "random", "left_padded", "empty_rows"])
+@pytest.mark.parametrize("kind,activation", [("lstm", "tanh"), ("rnn", "tanh"),
+                                             ("rnn", "relu")])
+def test_chunked_backward_matches_reference(backend, dtype, kind, activation,
+                                            mask, go_backwards, threads,
+                                            small_chunks, rng, kernels):
+    p = kernels.make_problem(rng, kind, 4, 10, 3, 40, dtype,
+                             activation=activation, mask=mask,
+                             go_backwards=go_backwards)
+    kernels.assert_results_close(kernels.run_ops(p, backend),
+                                 kernels.run_reference(p), backend)
+
+
+@pytest.mark.parametrize("min_steps", [1, 3, 4, 10])
+@pytest.mark.parametrize("kind", ["lstm", "rnn"])
+def test_every_chunk_size_gives_the_same_gradients(backend, kind, min_steps,
+                                                   monkeypatch, rng, kernels):
+    """Tc = 1, 4 (4 + 4 + 2), 5 (5 + 5) and 10 (one chunk); I = 0 too."""
+    monkeypatch.setattr(ops, "_CHUNK_ROWS", 1)
+    monkeypatch.setattr(ops, "_MIN_CHUNK_STEPS", min_steps)
+    for I in (0, 2):
+        p = kernels.make_problem(rng, kind, 3, 10, I, 5, np.float64,
+                                 mask="random")
+        kernels.assert_results_close(kernels.run_ops(p, backend),
+                                     kernels.run_reference(p),
+                                     f"{backend} I={I}")
+
+
+def test_chunk_steps_rule():
+    for T in (1, 2, 7, 8, 9, 100, 513):
+        for B in (1, 3, 32, 64, 128, 2000):
+            tc = ops._chunk_steps(T, B)
+            assert 1 <= tc <= T
+            # every chunk but a shorter last one has the minimum size
+            assert tc == T or (tc * B >= ops._CHUNK_ROWS
+                               and tc >= ops._MIN_CHUNK_STEPS), (T, B, tc)
+            n_chunks = -(-T // tc)
+            assert tc * (n_chunks - 1) < T
+    assert ops._chunk_steps(100, 32) == 34      # 34 + 34 + 32 steps
+    assert ops._chunk_steps(50, 64) == 17       # 17 + 17 + 16
+    assert ops._chunk_steps(100, 1) == 100      # one chunk
+
+
+@pytest.mark.parametrize("backend_name", COMPILED)
+@pytest.mark.parametrize("kind", ["lstm", "rnn"])
+def test_kernels_get_one_chunk_of_scratch(backend_name, kind, monkeypatch,
+                                          rng, kernels):
+    """dz holds one chunk of steps; d_outputs reaches the kernel as the
+    caller's (B, T, H) array, not a time-major copy."""
+    B, T, H = 32, 100, 8
+    G = 4 if kind == "lstm" else 1
+    module = _backend.module(backend_name)
+    real = getattr(module, f"{kind}_backward")
+    seen = {}
+
+    def spy(*args):
+        arrays = [a for a in args if isinstance(a, np.ndarray)]
+        seen["dz"] = arrays[-2].shape
+        seen["d_out"] = next(a for a in arrays if a.shape == (B, T, H))
+        return real(*args)
+
+    monkeypatch.setattr(module, f"{kind}_backward", spy)
+    p = kernels.make_problem(rng, kind, B, T, 3, H, np.float32)
+    kernels.run_ops(p, backend_name)
+    assert seen["dz"] == (ops._chunk_steps(T, B), B, G * H) == (34, B, G * H)
+    assert np.shares_memory(seen["d_out"], p["d_outputs"])
+
+
+@pytest.mark.parametrize("layout", ["fortran", "strided", "read_only"])
+@pytest.mark.parametrize("kind", ["lstm", "rnn"])
+def test_d_outputs_in_any_layout(backend, kind, layout, small_chunks, rng,
+                                 kernels):
+    p = kernels.make_problem(rng, kind, 4, 10, 3, 6, np.float64,
+                             mask="random")
+    d = p["d_outputs"]
+    if layout == "fortran":
+        given = np.asfortranarray(d)
+    elif layout == "strided":
+        given = np.repeat(d, 2, axis=1)[:, ::2]
+    else:
+        given = d.copy()
+        given.flags.writeable = False
+    assert np.array_equal(given, d)
+    kernels.assert_results_close(kernels.run_ops(p, backend, d_outputs=given),
+                                 kernels.run_reference(p), f"{backend} {layout}")
