@@ -174,19 +174,32 @@ class _SerialBlas:
 _serial_blas = _SerialBlas()
 
 
-# One step's recurrent GEMM (B x H times H x G*H) of at least this many
-# multiply-adds is worth BLAS's own threads.  Below it, waking BLAS threads
-# for every step costs more than it brings: BLAS runs single-threaded and
-# the cython kernels split the hidden units between their own threads
-# instead (one barrier per step).
-BLAS_THREADED_STEP_WORK = 1 << 20
+# When a second thread pays.  A thread per core splitting the hidden units
+# (the cython kernels' own team, one barrier per step) pays when one step's
+# recurrent GEMM is large (B * G*H * H multiply-adds), or at small batch
+# when the recurrent weights (G*H * H) are large enough that each core
+# keeping its slice in its own cache beats one core streaming them all.
+PARALLEL_STEP_WORK = 1 << 22
+PARALLEL_SMALL_BATCH = 4
+PARALLEL_SMALL_BATCH_WEIGHTS = 1 << 16
 
 
-def thread_plan(B, G, H):
+def thread_plan(backend, B, G, H):
     """(kernel_threads, blas_context) for one kernel call on B rows, G gate
     blocks and H units: the threads the kernel may start itself, and the
-    context manager the call runs in."""
+    context manager the call runs in.
+
+    BLAS always runs single-threaded inside the cython kernels: waking
+    BLAS's threads for every small per-step GEMM costs more than it brings,
+    and ruinously so when the cores are shared.  The numba kernels have no
+    threads of their own, so where a second thread pays they get BLAS's.
+    """
     n = get_num_threads()
-    if n > 1 and B * G * H * H >= BLAS_THREADED_STEP_WORK:
+    parallel = n > 1 and (
+        B * G * H * H >= PARALLEL_STEP_WORK
+        or (B <= PARALLEL_SMALL_BATCH and G * H * H >= PARALLEL_SMALL_BATCH_WEIGHTS))
+    if not parallel:
+        return 1, _serial_blas
+    if backend == "numba":
         return 1, contextlib.nullcontext()
     return n, _serial_blas

@@ -122,7 +122,7 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
     cs = _aligned_empty((T + 1 if training else 2, B, H), dt)
     cs[0] = c0
     gates = _aligned_empty((T, B, 4 * H), dt)
-    threads, blas = _backend.thread_plan(B, 4, H)
+    threads, blas = _backend.thread_plan(name, B, 4, H)
     with blas:
         _backend.module(name).lstm_forward(
             x_tm, np.ascontiguousarray(W), np.ascontiguousarray(U),
@@ -212,7 +212,7 @@ def lstm_backward(workspace, d_outputs, d_h=None, d_c=None):
     db = np.empty(4 * H, dt)
     dz = np.empty((_chunk_steps(T, B), B, 4 * H), dt)
     work = np.empty((B, H), dt)
-    threads, blas = _backend.thread_plan(B, 4, H)
+    threads, blas = _backend.thread_plan(workspace.backend, B, 4, H)
     with blas:
         _backend.module(workspace.backend).lstm_backward(
             d["x_tm"], np.ascontiguousarray(d["W"]), np.ascontiguousarray(d["U"]),
@@ -263,7 +263,7 @@ def rnn_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *,
     hs = _aligned_empty((T + 1, B, H), dt)
     hs[0] = h0
     z = np.empty((T, B, H), dt)
-    threads, blas = _backend.thread_plan(B, 1, H)
+    threads, blas = _backend.thread_plan(name, B, 1, H)
     with blas:
         _backend.module(name).rnn_forward(
             x_tm, np.ascontiguousarray(W), np.ascontiguousarray(U),
@@ -297,7 +297,7 @@ def rnn_backward(workspace, d_outputs, d_h=None):
     db = np.empty(H, dt)
     dz = np.empty((_chunk_steps(T, B), B, H), dt)
     work = np.empty((B, H), dt)
-    threads, blas = _backend.thread_plan(B, 1, H)
+    threads, blas = _backend.thread_plan(workspace.backend, B, 1, H)
     with blas:
         _backend.module(workspace.backend).rnn_backward(
             d["x_tm"], np.ascontiguousarray(d["W"]), np.ascontiguousarray(d["U"]),

@@ -17,7 +17,7 @@ COMPILED = [b for b in ("cython", "numba") if b in fastrnn.available_backends()]
 
 @pytest.fixture
 def threaded(monkeypatch):
-    monkeypatch.setattr(_backend, "BLAS_THREADED_STEP_WORK", 1 << 62)
+    monkeypatch.setattr(_backend, "PARALLEL_STEP_WORK", 0)
     old = _backend.get_num_threads()
     yield
     fastrnn.set_num_threads(old)
