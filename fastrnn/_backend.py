@@ -174,14 +174,12 @@ class _SerialBlas:
 _serial_blas = _SerialBlas()
 
 
-# When a second thread pays.  A thread per core splitting the hidden units
+# When a second thread pays: a thread per core splitting the hidden units
 # (the cython kernels' own team, one barrier per step) pays when one step's
-# recurrent GEMM is large (B * G*H * H multiply-adds), or at small batch
-# when the recurrent weights (G*H * H) are large enough that each core
-# keeping its slice in its own cache beats one core streaming them all.
+# recurrent GEMM is large (B * G*H * H multiply-adds).  Below that, the
+# barrier's cost and its sensitivity to other busy threads (TensorFlow's,
+# BLAS's, other processes') outweigh the gain.
 PARALLEL_STEP_WORK = 1 << 22
-PARALLEL_SMALL_BATCH = 4
-PARALLEL_SMALL_BATCH_WEIGHTS = 1 << 16
 
 
 def thread_plan(backend, B, G, H):
@@ -195,9 +193,7 @@ def thread_plan(backend, B, G, H):
     threads of their own, so where a second thread pays they get BLAS's.
     """
     n = get_num_threads()
-    parallel = n > 1 and (
-        B * G * H * H >= PARALLEL_STEP_WORK
-        or (B <= PARALLEL_SMALL_BATCH and G * H * H >= PARALLEL_SMALL_BATCH_WEIGHTS))
+    parallel = n > 1 and B * G * H * H >= PARALLEL_STEP_WORK
     if not parallel:
         return 1, _serial_blas
     if backend == "numba":
