@@ -67,11 +67,11 @@ _DBLAS.gemv = <fr_dgemv_fn>dgemv
 
 
 def build_info():
-    """How the extension was built: {"compiler": str, "openmp": str}."""
+    """How the extension was built: {"compiler": str, "openmp": str}.
+    (Its BLAS is SciPy's, through scipy.linalg.cython_blas.)"""
     cdef int omp = fr_openmp_version()
     return {"compiler": fr_compiler().decode(),
-            "openmp": f"OpenMP {omp}" if omp else "no",
-            "blas": "scipy.linalg.cython_blas"}
+            "openmp": f"OpenMP {omp}" if omp else "no"}
 
 
 cdef inline void _expect(str name, tuple got, tuple want) except *:
