@@ -50,8 +50,8 @@ class DemoConfig:
     """
     text: str = None            # path of a UTF-8 text; None: the bundled one
     max_chars: int = 0          # use at most this many characters (0: all)
-    epochs: int = 6
-    units: int = 128
+    epochs: int = 10
+    units: int = 256
     embedding_dim: int = 32
     seq_len: int = 64
     batch_size: int = 64
