@@ -40,7 +40,8 @@ class _FastRNNMixin:
     """What the two layers share: the ``backend`` option, input checks and
     the choice between fastrnn's kernels and the stock loop."""
 
-    def _fastrnn_init(self, backend):
+    def __init__(self, *args, backend=None, **kwargs):
+        super().__init__(*args, **kwargs)
         self.fastrnn_backend = _check_backend(backend)
         if self._static_fallback_reason() is None:
             # tf.numpy_function can't be XLA-compiled: let
@@ -163,10 +164,6 @@ class LSTM(_FastRNNMixin, keras.layers.LSTM):
     ``jit_compile="auto"`` picks the non-XLA path.
     """
 
-    def __init__(self, *args, backend=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._fastrnn_init(backend)
-
     def _activation_fallback_reason(self):
         if self.cell.activation is not activations.tanh:
             return "activation is not tanh"
@@ -238,10 +235,6 @@ class SimpleRNN(_FastRNNMixin, keras.layers.SimpleRNN):
     The layer sets ``supports_jit = False`` when it can use the kernels, so
     ``jit_compile="auto"`` picks the non-XLA path.
     """
-
-    def __init__(self, *args, backend=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._fastrnn_init(backend)
 
     def _activation_fallback_reason(self):
         if _rnn_activation_name(self.cell.activation) is None:
