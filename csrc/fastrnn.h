@@ -17,9 +17,9 @@
  *
  * BLAS is passed in as function pointers (the caller hands in SciPy's
  * ?gemm/?gemv from scipy.linalg.cython_blas), so nothing else is linked.
- * Functions return 0 on success, nonzero on bad arguments or failed
- * allocation.  They hold no global state and are safe to call from several
- * threads at once.
+ * Functions return 0 on success, nonzero on bad arguments.  They are safe
+ * to call from several threads at once: one call at a time gets the thread
+ * team, the others run on their caller's thread.
  */
 #ifndef FASTRNN_H
 #define FASTRNN_H
@@ -55,7 +55,8 @@ enum { FR_ACT_TANH = 0, FR_ACT_RELU = 1, FR_ACT_LINEAR = 2 };
  *          cs[(t+1) % 2] (inference).
  *   gates  (T, B, 4H) scratch; when training, holds on exit the activated
  *          gates i, f, g, o that lstm_backward needs.
- *   nthreads  OpenMP threads for the pointwise work (ignored without OpenMP).
+ *   nthreads  threads of the team (fr_pool.h) that split the hidden units;
+ *          1 runs on the caller's thread only.
  */
 int fr_lstm_forward_f32(const fr_sblas *blas, int nthreads, int training,
                         int T, int B, int I, int H,
@@ -126,9 +127,21 @@ int fr_rnn_backward_f64(const fr_dblas *blas, int nthreads, int act, int T, int 
                         const double *d_out, double *dh, double *dx, double *dW,
                         double *dU, double *db, double *dz, double *work);
 
-/* How the kernels were built: compiler, OpenMP version (0 without). */
+/* How the kernels were built: the compiler; 1 if the kernels can run on a
+ * team of threads (POSIX threads), 0 if they always run on the caller's. */
 const char *fr_compiler(void);
-int fr_openmp_version(void);
+int fr_has_threads(void);
+
+/* Give the kernels' worker threads a function that sets the calling thread's
+ * BLAS thread count (OpenBLAS's openblas_set_num_threads_local): each worker
+ * calls it with 1, so BLAS inside a team stays single-threaded.  The caller
+ * sets its own thread's count. */
+void fr_set_blas_threads_fn(int (*fn)(int));
+
+/* The thread team's counters: calls run by a team, team calls that stalled
+ * (threads asleep > 25% of the call: oversubscribed cores), and calls run
+ * on the caller's thread alone during the back-off that follows a stall. */
+void fr_team_stats(long *team_calls, long *stalled_calls, long *backoff_calls);
 
 #ifdef __cplusplus
 }

@@ -8,14 +8,12 @@
  * checks, uses libm.  NaN propagates through both.
  */
 #include <math.h>
+#include <stdlib.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "fastrnn.h"
+#include "fr_pool.h"
 
 /* The gate passes are compiled for AVX-512, AVX2 and baseline x86-64 and the
  * best one is picked at load time (GCC function multi-versioning). */
@@ -26,54 +24,8 @@
 #define FR_VECTORIZE
 #endif
 
-/* --- threading: one parallel region per kernel, see rnn_kernels_impl.h --- */
+/* --- threading: each kernel is one job for the team of fr_pool.h --- */
 #define FR_CHUNK 16    /* unit slices are multiples of one AVX-512 vector */
-#ifdef _OPENMP
-#include <sched.h>
-#include <stdatomic.h>
-#define FR_PARALLEL(nt) _Pragma("omp parallel num_threads(nt)")
-#define FR_TID() omp_get_thread_num()
-#define FR_NT() omp_get_num_threads()
-
-/* The team meets once per time step.  OpenMP's own barrier spins for a long
- * time before sleeping, which is ruinous when the cores are shared (another
- * process, TensorFlow's threads): a waiting thread keeps its core from the
- * thread it waits for.  This one spins briefly, then yields. */
-typedef struct { atomic_int count; atomic_int sense; } fr_barrier;
-#define FR_BARRIER_INIT(b) do { atomic_init(&(b).count, 0); atomic_init(&(b).sense, 0); } while (0)
-
-static void fr_barrier_wait(fr_barrier *b, int n, int *local_sense)
-{
-    if (n <= 1)
-        return;
-    int s = !*local_sense;
-    *local_sense = s;
-    if (atomic_fetch_add_explicit(&b->count, 1, memory_order_acq_rel) == n - 1) {
-        atomic_store_explicit(&b->count, 0, memory_order_relaxed);
-        atomic_store_explicit(&b->sense, s, memory_order_release);
-        return;
-    }
-    for (int spins = 0; atomic_load_explicit(&b->sense, memory_order_acquire) != s; spins++) {
-        if (spins < 2000) {
-#if defined(__x86_64__) || defined(__i386__)
-            __builtin_ia32_pause();
-#endif
-        } else {
-            sched_yield();
-        }
-    }
-}
-#else
-#define FR_PARALLEL(nt)
-#define FR_TID() 0
-#define FR_NT() 1
-typedef struct { int unused; } fr_barrier;
-#define FR_BARRIER_INIT(b) ((b).unused = 0)
-static void fr_barrier_wait(fr_barrier *b, int n, int *local_sense)
-{
-    (void)b; (void)n; (void)local_sense;
-}
-#endif
 
 /* Part tid of n of [0, n_items), cut at multiples of align. */
 static void fr_split(int n_items, int align, int tid, int n, int *lo, int *hi)
@@ -84,20 +36,44 @@ static void fr_split(int n_items, int align, int tid, int n, int *lo, int *hi)
     *hi = (int)(b < n_items ? b : n_items);
 }
 
-/* Threads for a kernel: the caller's choice, at most one per FR_CHUNK
- * hidden units (fastrnn/_backend.py decides when threads pay). */
-static int fr_team(int nthreads, int H)
+/* How a team splits a kernel.  With enough batch rows, each thread owns a
+ * block of rows for the whole sequence: rows never interact, so the threads
+ * run the time loop independently and meet only around the large GEMMs
+ * (input projection, weight gradients), never per step, which keeps the
+ * team fast when the cores are shared (a descheduled thread only delays
+ * itself).  With few rows (batch 1), each thread owns a slice of the hidden
+ * units and the team meets once per step. */
+#define FR_MIN_ROWS 4    /* fewest batch rows a thread owns in the row split */
+
+static int fr_split_rows(int B, int n)
 {
-#ifdef _OPENMP
+    static int forced = -1;      /* FASTRNN_SPLIT=units|rows, for measurements */
+    if (forced < 0) {
+        const char *e = getenv("FASTRNN_SPLIT");
+        forced = e && !strcmp(e, "units") ? 0 : e && !strcmp(e, "rows") ? 1 : 2;
+    }
+    if (n <= 1)
+        return 0;
+    if (forced < 2)
+        return forced && B >= n;
+    return B >= n * FR_MIN_ROWS;
+}
+
+/* Threads for a kernel: the caller's choice (fastrnn/_backend.py decides
+ * when threads pay), at most one per FR_MIN_ROWS rows in the row split,
+ * else at most one per FR_CHUNK hidden units. */
+static int fr_team(int nthreads, int B, int H)
+{
+    if (nthreads <= 1)
+        return 1;
+    if (fr_split_rows(B, 2)) {
+        int most = B / FR_MIN_ROWS;
+        return nthreads < most ? nthreads : most;
+    }
     int most = (H + FR_CHUNK - 1) / FR_CHUNK;
     if (nthreads > most)
         nthreads = most;
     return nthreads < 1 ? 1 : nthreads;
-#else
-    (void)H;
-    (void)nthreads;
-    return 1;
-#endif
 }
 
 /* The gate passes' streams never overlap (distinct buffers, or distinct gate
@@ -188,11 +164,17 @@ const char *fr_compiler(void)
 #endif
 }
 
-int fr_openmp_version(void)
+void fr_set_blas_threads_fn(int (*fn)(int))
 {
-#ifdef _OPENMP
-    return _OPENMP;
-#else
-    return 0;
-#endif
+    fr_pool_set_blas_threads_fn(fn);
+}
+
+int fr_has_threads(void)
+{
+    return fr_pool_threads_available();
+}
+
+void fr_team_stats(long *team_calls, long *stalled_calls, long *backoff_calls)
+{
+    fr_pool_stats(team_calls, stalled_calls, backoff_calls);
 }

@@ -2,10 +2,10 @@
  * The kernels' bodies, written once and included twice by rnn_kernels.c:
  * with REAL = float (SUF f32) and with REAL = double (SUF f64).
  * Expected macros: REAL, SUF, BLAS_T, SIGMOID(x), TANH(x); and from
- * rnn_kernels.c: FR_VECTORIZE, FR_PARALLEL, FR_TID, FR_NT, fr_barrier,
- * fr_split, fr_team.
+ * rnn_kernels.c: FR_VECTORIZE, FR_IVDEP, FR_CHUNK, fr_split, fr_team; and the
+ * team (fr_pool_run, fr_barrier) from fr_pool.h.
  *
- * Threading: each kernel is one parallel region ("persistent threads").
+ * Threading: each kernel is one job for the team ("persistent threads").
  * Thread k of n owns a slice [j0, j1) of the hidden units: per step it runs
  * the recurrent GEMM for its slice's columns of every gate block (with a
  * single-threaded BLAS call) and the gate pass for its slice, then the team
@@ -173,6 +173,50 @@ static void FN(recurrent_projection)(const BLAS_T *blas, int G, int B, int H, in
                     1, z + q * H + j0, GH);
 }
 
+/* The arguments of one LSTM forward call, shared by its team. */
+typedef struct {
+    const BLAS_T *blas;
+    int training, T, B, I, H;
+    const REAL *x, *W, *U, *bias;
+    const unsigned char *mask;
+    REAL *hs, *cs, *gates;
+    fr_barrier bar;
+} FN(lstm_fwd_args);
+
+static void FN(lstm_forward_job)(void *arg, int tid, int n)
+{
+    FN(lstm_fwd_args) *a = arg;
+    const int T = a->T, B = a->B, H = a->H, training = a->training;
+    const size_t BH = (size_t)B * H, BG = (size_t)B * 4 * H;
+    const int rows = fr_split_rows(B, n);
+    int sense = 0;
+    int r0, r1, b0 = 0, b1 = B, j0 = 0, j1 = H;
+    fr_split(T * B, 1, tid, n, &r0, &r1);
+    FN(input_projection)(a->blas, r0, r1, a->I, 4 * H, a->x, a->W, a->gates);
+    if (rows)
+        fr_split(B, 1, tid, n, &b0, &b1);
+    else
+        fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
+    fr_barrier_wait(&a->bar, n, &sense);
+    /* this thread's rows [b0, b1) and units [j0, j1) */
+    const int Bk = b1 - b0;
+    const size_t oh = (size_t)b0 * H, og = (size_t)b0 * 4 * H;
+    for (int t = 0; t < T; t++) {
+        REAL *z = a->gates + t * BG + og;
+        const REAL *hp = a->hs + t * BH + oh;
+        const REAL *cp = a->cs + (size_t)(training ? t : (t & 1)) * BH + oh;
+        REAL *cn = a->cs + (size_t)(training ? t + 1 : ((t + 1) & 1)) * BH + oh;
+        const unsigned char *m = a->mask ? a->mask + (size_t)t * B + b0 : NULL;
+        if (j1 > j0 && Bk > 0) {
+            FN(recurrent_projection)(a->blas, 4, Bk, H, j0, j1, hp, a->U, z);
+            FN(lstm_cell)(Bk, H, j0, j1, a->bias, m, z, hp, cp,
+                          a->hs + (t + 1) * BH + oh, cn);
+        }
+        if (!rows)
+            fr_barrier_wait(&a->bar, n, &sense);
+    }
+}
+
 int FN(fr_lstm_forward)(const BLAS_T *blas, int nthreads, int training, int T, int B,
                         int I, int H, const REAL *x, const REAL *W,
                         const REAL *U, const REAL *bias,
@@ -181,33 +225,10 @@ int FN(fr_lstm_forward)(const BLAS_T *blas, int nthreads, int training, int T, i
 {
     if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 4))
         return 1;
-    const size_t BH = (size_t)B * H, BG = (size_t)B * 4 * H;
-    const int nt = fr_team(nthreads, H);
-    fr_barrier bar;
-    FR_BARRIER_INIT(bar);
-    FR_PARALLEL(nt)
-    {
-        const int tid = FR_TID(), n = FR_NT();
-        int sense = 0;
-        int r0, r1, j0, j1;
-        fr_split(T * B, 1, tid, n, &r0, &r1);
-        FN(input_projection)(blas, r0, r1, I, 4 * H, x, W, gates);
-        fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
-        fr_barrier_wait(&bar, n, &sense);
-        for (int t = 0; t < T; t++) {
-            REAL *z = gates + t * BG;
-            const REAL *hp = hs + t * BH;
-            const REAL *cp = cs + (size_t)(training ? t : (t & 1)) * BH;
-            REAL *cn = cs + (size_t)(training ? t + 1 : ((t + 1) & 1)) * BH;
-            const unsigned char *m = mask ? mask + (size_t)t * B : NULL;
-            if (j1 > j0) {
-                FN(recurrent_projection)(blas, 4, B, H, j0, j1, hp, U, z);
-                FN(lstm_cell)(B, H, j0, j1, bias, m, z, hp, cp,
-                              hs + (t + 1) * BH, cn);
-            }
-            fr_barrier_wait(&bar, n, &sense);
-        }
-    }
+    FN(lstm_fwd_args) a = {blas, training, T, B, I, H, x, W, U, bias, mask,
+                           hs, cs, gates};
+    fr_barrier_init(&a.bar);
+    fr_pool_run(fr_team(nthreads, B, H), FN(lstm_forward_job), &a);
     return 0;
 }
 
@@ -274,6 +295,61 @@ static void FN(recurrent_grad)(const BLAS_T *blas, int G, int B, int H, int j0,
                 dh[(size_t)b * H + j] = work[(size_t)b * H + j];
 }
 
+typedef struct {
+    const BLAS_T *blas;
+    int T, Tc, B, I, H;
+    const REAL *x, *W, *U;
+    const unsigned char *mask;
+    const REAL *hs, *cs, *gates, *d_out;
+    REAL *dh, *dc, *dx, *dW, *dU, *db, *dz, *work;
+    fr_barrier bar;
+} FN(lstm_bwd_args);
+
+static void FN(lstm_backward_job)(void *arg, int tid, int n)
+{
+    FN(lstm_bwd_args) *a = arg;
+    const int T = a->T, Tc = a->Tc, B = a->B, H = a->H;
+    const size_t BH = (size_t)B * H, BG = (size_t)B * 4 * H, ld_out = (size_t)T * H;
+    const int rows = fr_split_rows(B, n);
+    int sense = 0;
+    int b0 = 0, b1 = B, j0 = 0, j1 = H;
+    if (rows)
+        fr_split(B, 1, tid, n, &b0, &b1);
+    else
+        fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
+    const int Bk = b1 - b0;
+    const size_t oh = (size_t)b0 * H, og = (size_t)b0 * 4 * H;
+    /* chunks [t0, t1) of Tc steps from the end; step t's dz is dz[t - t0] */
+    for (int t1 = T; t1 > 0; t1 -= Tc) {
+        const int t0 = t1 > Tc ? t1 - Tc : 0;
+        for (int t = t1 - 1; t >= t0; t--) {
+            const unsigned char *m = a->mask ? a->mask + (size_t)t * B + b0 : NULL;
+            REAL *dzt = a->dz + (size_t)(t - t0) * BG;
+            if (j1 > j0 && Bk > 0) {
+                FN(add_cols)(Bk, H, j0, j1, a->d_out + (size_t)b0 * ld_out + (size_t)t * H,
+                             ld_out, a->dh + oh);
+                FN(lstm_cell_grad)(Bk, H, j0, j1, m, a->gates + t * BG + og,
+                                   a->cs + (t + 1) * BH + oh, a->cs + t * BH + oh,
+                                   a->dh + oh, a->dc + oh, dzt + og);
+            }
+            /* units split: the GEMM below reads every thread's dz_t */
+            if (!rows)
+                fr_barrier_wait(&a->bar, n, &sense);
+            if (j1 > j0 && Bk > 0)
+                FN(recurrent_grad)(a->blas, 4, Bk, H, j0, j1, m, dzt + og, a->U,
+                                   a->dh + oh, a->work + oh);
+        }
+        /* the chunk's dz is complete after this barrier (units split: since
+         * the last step's) */
+        if (rows)
+            fr_barrier_wait(&a->bar, n, &sense);
+        FN(weight_grads)(a->blas, tid, n, t1 == T, t0, t1, B, a->I, H, 4, a->x,
+                         a->W, a->hs, a->dz, a->dx, a->dW, a->dU, a->db);
+        if (t0 > 0)
+            fr_barrier_wait(&a->bar, n, &sense);   /* the next chunk overwrites dz */
+    }
+}
+
 int FN(fr_lstm_backward)(const BLAS_T *blas, int nthreads, int T, int Tc, int B, int I, int H,
                          const REAL *x, const REAL *W, const REAL *U,
                          const unsigned char *mask, const REAL *hs,
@@ -284,38 +360,10 @@ int FN(fr_lstm_backward)(const BLAS_T *blas, int nthreads, int T, int Tc, int B,
     if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 4) ||
         Tc < 1 || Tc > T)
         return 1;
-    const size_t BH = (size_t)B * H, BG = (size_t)B * 4 * H, ld_out = (size_t)T * H;
-    const int nt = fr_team(nthreads, H);
-    fr_barrier bar;
-    FR_BARRIER_INIT(bar);
-    FR_PARALLEL(nt)
-    {
-        const int tid = FR_TID(), n = FR_NT();
-        int sense = 0;
-        int j0, j1;
-        fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
-        /* chunks [t0, t1) of Tc steps from the end; step t's dz is dz[t - t0] */
-        for (int t1 = T; t1 > 0; t1 -= Tc) {
-            const int t0 = t1 > Tc ? t1 - Tc : 0;
-            for (int t = t1 - 1; t >= t0; t--) {
-                const unsigned char *m = mask ? mask + (size_t)t * B : NULL;
-                REAL *dzt = dz + (size_t)(t - t0) * BG;
-                if (j1 > j0) {
-                    FN(add_cols)(B, H, j0, j1, d_out + (size_t)t * H, ld_out, dh);
-                    FN(lstm_cell_grad)(B, H, j0, j1, m, gates + t * BG,
-                                       cs + (t + 1) * BH, cs + t * BH, dh, dc, dzt);
-                }
-                fr_barrier_wait(&bar, n, &sense);   /* the GEMM below reads every thread's dz_t */
-                if (j1 > j0)
-                    FN(recurrent_grad)(blas, 4, B, H, j0, j1, m, dzt, U, dh, work);
-            }
-            /* the chunk's dz is complete since the last step's barrier */
-            FN(weight_grads)(blas, tid, n, t1 == T, t0, t1, B, I, H, 4, x, W, hs,
-                             dz, dx, dW, dU, db);
-            if (t0 > 0)
-                fr_barrier_wait(&bar, n, &sense);   /* the next chunk overwrites dz */
-        }
-    }
+    FN(lstm_bwd_args) a = {blas, T, Tc, B, I, H, x, W, U, mask, hs, cs, gates,
+                           d_out, dh, dc, dx, dW, dU, db, dz, work};
+    fr_barrier_init(&a.bar);
+    fr_pool_run(fr_team(nthreads, B, H), FN(lstm_backward_job), &a);
     return 0;
 }
 
@@ -383,6 +431,46 @@ static void FN(rnn_cell_grad)(int B, int H, int j0, int j1, int act,
     }
 }
 
+typedef struct {
+    const BLAS_T *blas;
+    int act, T, B, I, H;
+    const REAL *x, *W, *U, *bias;
+    const unsigned char *mask;
+    REAL *hs, *z;
+    fr_barrier bar;
+} FN(rnn_fwd_args);
+
+static void FN(rnn_forward_job)(void *arg, int tid, int n)
+{
+    FN(rnn_fwd_args) *a = arg;
+    const int T = a->T, B = a->B, H = a->H;
+    const size_t BH = (size_t)B * H;
+    const int rows = fr_split_rows(B, n);
+    int sense = 0;
+    int r0, r1, b0 = 0, b1 = B, j0 = 0, j1 = H;
+    fr_split(T * B, 1, tid, n, &r0, &r1);
+    FN(input_projection)(a->blas, r0, r1, a->I, H, a->x, a->W, a->z);
+    if (rows)
+        fr_split(B, 1, tid, n, &b0, &b1);
+    else
+        fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
+    fr_barrier_wait(&a->bar, n, &sense);
+    const int Bk = b1 - b0;
+    const size_t oh = (size_t)b0 * H;
+    for (int t = 0; t < T; t++) {
+        REAL *zt = a->z + t * BH + oh;
+        const unsigned char *m = a->mask ? a->mask + (size_t)t * B + b0 : NULL;
+        if (j1 > j0 && Bk > 0) {
+            FN(recurrent_projection)(a->blas, 1, Bk, H, j0, j1, a->hs + t * BH + oh,
+                                     a->U, zt);
+            FN(rnn_cell)(Bk, H, j0, j1, a->act, a->bias, m, zt, a->hs + t * BH + oh,
+                         a->hs + (t + 1) * BH + oh);
+        }
+        if (!rows)
+            fr_barrier_wait(&a->bar, n, &sense);
+    }
+}
+
 int FN(fr_rnn_forward)(const BLAS_T *blas, int nthreads, int act, int T, int B, int I,
                        int H, const REAL *x, const REAL *W, const REAL *U,
                        const REAL *bias, const unsigned char *mask, REAL *hs,
@@ -390,31 +478,61 @@ int FN(fr_rnn_forward)(const BLAS_T *blas, int nthreads, int act, int T, int B, 
 {
     if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 1) || act < 0 || act > 2)
         return 1;
-    const size_t BH = (size_t)B * H;
-    const int nt = fr_team(nthreads, H);
-    fr_barrier bar;
-    FR_BARRIER_INIT(bar);
-    FR_PARALLEL(nt)
-    {
-        const int tid = FR_TID(), n = FR_NT();
-        int sense = 0;
-        int r0, r1, j0, j1;
-        fr_split(T * B, 1, tid, n, &r0, &r1);
-        FN(input_projection)(blas, r0, r1, I, H, x, W, z);
-        fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
-        fr_barrier_wait(&bar, n, &sense);
-        for (int t = 0; t < T; t++) {
-            REAL *zt = z + t * BH;
-            const unsigned char *m = mask ? mask + (size_t)t * B : NULL;
-            if (j1 > j0) {
-                FN(recurrent_projection)(blas, 1, B, H, j0, j1, hs + t * BH, U, zt);
-                FN(rnn_cell)(B, H, j0, j1, act, bias, m, zt, hs + t * BH,
-                             hs + (t + 1) * BH);
-            }
-            fr_barrier_wait(&bar, n, &sense);
-        }
-    }
+    FN(rnn_fwd_args) a = {blas, act, T, B, I, H, x, W, U, bias, mask, hs, z};
+    fr_barrier_init(&a.bar);
+    fr_pool_run(fr_team(nthreads, B, H), FN(rnn_forward_job), &a);
     return 0;
+}
+
+typedef struct {
+    const BLAS_T *blas;
+    int act, T, Tc, B, I, H;
+    const REAL *x, *W, *U;
+    const unsigned char *mask;
+    const REAL *hs, *d_out;
+    REAL *dh, *dx, *dW, *dU, *db, *dz, *work;
+    fr_barrier bar;
+} FN(rnn_bwd_args);
+
+static void FN(rnn_backward_job)(void *arg, int tid, int n)
+{
+    FN(rnn_bwd_args) *a = arg;
+    const int T = a->T, Tc = a->Tc, B = a->B, H = a->H;
+    const size_t BH = (size_t)B * H, ld_out = (size_t)T * H;
+    const int rows = fr_split_rows(B, n);
+    int sense = 0;
+    int b0 = 0, b1 = B, j0 = 0, j1 = H;
+    if (rows)
+        fr_split(B, 1, tid, n, &b0, &b1);
+    else
+        fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
+    const int Bk = b1 - b0;
+    const size_t oh = (size_t)b0 * H;
+    /* chunks as in the LSTM's backward pass */
+    for (int t1 = T; t1 > 0; t1 -= Tc) {
+        const int t0 = t1 > Tc ? t1 - Tc : 0;
+        for (int t = t1 - 1; t >= t0; t--) {
+            const unsigned char *m = a->mask ? a->mask + (size_t)t * B + b0 : NULL;
+            REAL *dzt = a->dz + (size_t)(t - t0) * BH;
+            if (j1 > j0 && Bk > 0) {
+                FN(add_cols)(Bk, H, j0, j1, a->d_out + (size_t)b0 * ld_out + (size_t)t * H,
+                             ld_out, a->dh + oh);
+                FN(rnn_cell_grad)(Bk, H, j0, j1, a->act, m, a->hs + (t + 1) * BH + oh,
+                                  a->dh + oh, dzt + oh);
+            }
+            if (!rows)
+                fr_barrier_wait(&a->bar, n, &sense);
+            if (j1 > j0 && Bk > 0)
+                FN(recurrent_grad)(a->blas, 1, Bk, H, j0, j1, m, dzt + oh, a->U,
+                                   a->dh + oh, a->work + oh);
+        }
+        if (rows)
+            fr_barrier_wait(&a->bar, n, &sense);
+        FN(weight_grads)(a->blas, tid, n, t1 == T, t0, t1, B, a->I, H, 1, a->x,
+                         a->W, a->hs, a->dz, a->dx, a->dW, a->dU, a->db);
+        if (t0 > 0)
+            fr_barrier_wait(&a->bar, n, &sense);
+    }
 }
 
 int FN(fr_rnn_backward)(const BLAS_T *blas, int nthreads, int act, int T, int Tc, int B, int I,
@@ -426,36 +544,10 @@ int FN(fr_rnn_backward)(const BLAS_T *blas, int nthreads, int act, int T, int Tc
     if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 1) ||
         Tc < 1 || Tc > T || act < 0 || act > 2)
         return 1;
-    const size_t BH = (size_t)B * H, ld_out = (size_t)T * H;
-    const int nt = fr_team(nthreads, H);
-    fr_barrier bar;
-    FR_BARRIER_INIT(bar);
-    FR_PARALLEL(nt)
-    {
-        const int tid = FR_TID(), n = FR_NT();
-        int sense = 0;
-        int j0, j1;
-        fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
-        /* chunks as in fr_lstm_backward */
-        for (int t1 = T; t1 > 0; t1 -= Tc) {
-            const int t0 = t1 > Tc ? t1 - Tc : 0;
-            for (int t = t1 - 1; t >= t0; t--) {
-                const unsigned char *m = mask ? mask + (size_t)t * B : NULL;
-                REAL *dzt = dz + (size_t)(t - t0) * BH;
-                if (j1 > j0) {
-                    FN(add_cols)(B, H, j0, j1, d_out + (size_t)t * H, ld_out, dh);
-                    FN(rnn_cell_grad)(B, H, j0, j1, act, m, hs + (t + 1) * BH, dh, dzt);
-                }
-                fr_barrier_wait(&bar, n, &sense);
-                if (j1 > j0)
-                    FN(recurrent_grad)(blas, 1, B, H, j0, j1, m, dzt, U, dh, work);
-            }
-            FN(weight_grads)(blas, tid, n, t1 == T, t0, t1, B, I, H, 1, x, W, hs,
-                             dz, dx, dW, dU, db);
-            if (t0 > 0)
-                fr_barrier_wait(&bar, n, &sense);
-        }
-    }
+    FN(rnn_bwd_args) a = {blas, act, T, Tc, B, I, H, x, W, U, mask, hs, d_out,
+                          dh, dx, dW, dU, db, dz, work};
+    fr_barrier_init(&a.bar);
+    fr_pool_run(fr_team(nthreads, B, H), FN(rnn_backward_job), &a);
     return 0;
 }
 

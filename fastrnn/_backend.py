@@ -3,7 +3,6 @@
 The compiled modules are imported lazily, on first use, so that
 ``import fastrnn`` stays cheap and never compiles anything.
 """
-import contextlib
 import importlib
 import os
 import threading
@@ -35,7 +34,10 @@ def _try_load(name):
             _loaded[name] = None
             return True
         try:
-            _loaded[name] = importlib.import_module(modname)
+            mod = importlib.import_module(modname)
+            if name == "cython":
+                _give_workers_serial_blas(mod)
+            _loaded[name] = mod
             return True
         except Exception as exc:  # ImportError, numba compile errors, ...
             _failed[name] = f"{type(exc).__name__}: {exc}"
@@ -142,6 +144,15 @@ def _local_threads_setter():
     return None
 
 
+def _give_workers_serial_blas(cy):
+    """Hand the cython kernels' worker threads OpenBLAS's thread-local
+    setter, so that their BLAS calls stay single-threaded too."""
+    fn = _local_threads_setter()
+    if fn is not None and hasattr(cy, "set_blas_threads_fn"):
+        import ctypes
+        cy.set_blas_threads_fn(ctypes.cast(fn, ctypes.c_void_p).value or 0)
+
+
 class _SerialBlas:
     """Context manager: SciPy's BLAS single-threaded in the calling thread.
 
@@ -174,28 +185,25 @@ class _SerialBlas:
 _serial_blas = _SerialBlas()
 
 
-# When a second thread pays: a thread per core splitting the hidden units
-# (the cython kernels' own team, one barrier per step) pays when one step's
-# recurrent GEMM is large (B * G*H * H multiply-adds).  Below that, the
-# barrier's cost and its sensitivity to other busy threads (TensorFlow's,
-# BLAS's, other processes') outweigh the gain.
-PARALLEL_STEP_WORK = 1 << 22
+# When a second thread pays: measured on 2 cores (fastrnn 0.1, own thread
+# team), a team is faster than one thread once one step's recurrent GEMM has
+# about 64K multiply-adds (B * G*H * H); below that the threads' meeting
+# costs more than the work they share.
+PARALLEL_STEP_WORK = 1 << 16
 
 
 def thread_plan(backend, B, G, H):
     """(kernel_threads, blas_context) for one kernel call on B rows, G gate
-    blocks and H units: the threads the kernel may start itself, and the
-    context manager the call runs in.
+    blocks and H units: the threads the kernel may use, and the context
+    manager the call runs in.
 
-    BLAS always runs single-threaded inside the cython kernels: waking
-    BLAS's threads for every small per-step GEMM costs more than it brings,
-    and ruinously so when the cores are shared.  The numba kernels have no
-    threads of their own, so where a second thread pays they get BLAS's.
+    BLAS always runs single-threaded inside the kernels (the calling thread
+    here, the kernels' own threads by themselves): waking BLAS's threads for
+    every small per-step GEMM costs more than it brings, and their idle
+    threads spin on the cores the kernels' threads need.  The kernels split
+    the work between their own threads instead (see csrc/fr_pool.h and
+    fastrnn/_numba_kernels.py).
     """
     n = get_num_threads()
     parallel = n > 1 and B * G * H * H >= PARALLEL_STEP_WORK
-    if not parallel:
-        return 1, _serial_blas
-    if backend == "numba":
-        return 1, contextlib.nullcontext()
-    return n, _serial_blas
+    return (n if parallel else 1), _serial_blas

@@ -55,7 +55,9 @@ cdef extern from "fastrnn.h" nogil:
                             const unsigned char*, const double*, const double*,
                             double*, double*, double*, double*, double*, double*, double*)
     const char *fr_compiler()
-    int fr_openmp_version()
+    int fr_has_threads()
+    void fr_set_blas_threads_fn(int (*fn)(int))
+    void fr_team_stats(long *team_calls, long *stalled_calls, long *backoff_calls)
 
 
 cdef fr_sblas _SBLAS
@@ -67,11 +69,25 @@ _DBLAS.gemv = <fr_dgemv_fn>dgemv
 
 
 def build_info():
-    """How the extension was built: {"compiler": str, "openmp": str}.
+    """How the extension was built: {"compiler": str, "threads": str}.
     (Its BLAS is SciPy's, through scipy.linalg.cython_blas.)"""
-    cdef int omp = fr_openmp_version()
     return {"compiler": fr_compiler().decode(),
-            "openmp": f"OpenMP {omp}" if omp else "no"}
+            "threads": "own team (POSIX threads)" if fr_has_threads() else "no"}
+
+
+def team_stats():
+    """The kernels' thread team since the process started: {"team_calls",
+    "stalled_calls", "backoff_calls"} (see csrc/fr_pool.h)."""
+    cdef long team = 0, stalled = 0, backoff = 0
+    fr_team_stats(&team, &stalled, &backoff)
+    return {"team_calls": team, "stalled_calls": stalled, "backoff_calls": backoff}
+
+
+def set_blas_threads_fn(size_t address):
+    """Hand the kernels' worker threads ``int fn(int)`` at ``address`` (the C
+    address of OpenBLAS's openblas_set_num_threads_local), which each worker
+    calls with 1 so that BLAS inside a team stays single-threaded.  0 unsets."""
+    fr_set_blas_threads_fn(<int (*)(int) noexcept nogil>address)
 
 
 cdef inline void _expect(str name, tuple got, tuple want) except *:

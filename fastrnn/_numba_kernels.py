@@ -14,11 +14,17 @@ of time steps (it keeps one chunk's pre-activation gradients), the weight
 gradients as GEMMs over that chunk's rows.  Compilation is lazy (on first
 call per dtype and read-only-ness of the arguments) and cached on disk.
 
-Threading: none of its own.  fastrnn.ops runs each call either with BLAS
-single-threaded or with BLAS's own threads (see ``_backend.thread_plan``);
-``nthreads`` is accepted for the common kernel signature and not used.
+Threading: with ``nthreads`` > 1 and at least 4 batch rows per thread, the
+rows are split into blocks and each block's time loop runs on its own
+thread (the kernels release the GIL), so threads never meet per step: only
+after the input projection (split by rows) and around each backward
+chunk's weight gradients (split by columns).  BLAS stays single-threaded
+in every thread.  Fewer rows run serially.
 """
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from llvmlite import ir
@@ -230,6 +236,49 @@ def _recurrent(a, M, out):
         np.dot(a, M, out)
 
 
+@njit(**_JIT)
+def _gemm_rows(a, b, out, r0, r1):
+    """out[r0:r1] = a[r0:r1] @ b (a, out C-contiguous 2-D)."""
+    if a.shape[1] == 0:
+        out[r0:r1] = 0
+    else:
+        np.dot(a[r0:r1], b, out[r0:r1])
+
+
+@njit(**_JIT)
+def _weight_grads_part(x_tm, W, hs, dz, t0, t1, c0, c1, r0, r1, dx_tm, dW,
+                       dU, db):
+    """One thread's share of ``_weight_grads``: rows [r0, r1) of the chunk's
+    dx (rows of the flattened (t, b) chunk) and columns [c0, c1) of dW, dU
+    and db."""
+    T, B, I = x_tm.shape
+    H = hs.shape[2]
+    G_H = dz.shape[2]
+    R = (t1 - t0) * B
+    first = t1 == T
+    dz2 = dz[:t1 - t0].reshape(R, G_H)
+    if I > 0 and r1 > r0:
+        np.dot(dz2[r0:r1], W.T, dx_tm[t0:t1].reshape(R, I)[r0:r1])
+    if c1 <= c0:
+        return
+    dzc = np.ascontiguousarray(dz2[:, c0:c1])
+    if I > 0:
+        part = np.dot(x_tm[t0:t1].reshape(R, I).T, dzc)
+        if first:
+            dW[:, c0:c1] = part
+        else:
+            dW[:, c0:c1] += part
+    part = np.dot(hs[t0:t1].reshape(R, H).T, dzc)
+    if first:
+        dU[:, c0:c1] = part
+        db[c0:c1] = 0
+    else:
+        dU[:, c0:c1] += part
+    for r in range(R):
+        for k in range(c1 - c0):
+            db[c0 + k] += dzc[r, k]
+
+
 @njit(inline="always", **_JIT)
 def _taken(mask_tm, t, b):
     """Whether row b takes step t (no mask: always)."""
@@ -306,18 +355,22 @@ def _lstm_cell_train(mask_tm, t, gates_t, rec, bias, h_prev, c_prev, h_next,
 
 
 @njit(**_JIT)
-def _lstm_steps(mask_tm, U, bias, hs, cs, gates, training):
-    """The forward time loop; gates (T, B, 4H) hold x_t W on entry."""
-    T, B, _ = gates.shape
-    rec = np.empty((B, gates.shape[2]), gates.dtype)
+def _lstm_steps(mask_tm, U, bias, hs, cs, gates, training, b0, b1):
+    """The forward time loop over batch rows [b0, b1) (a thread's block);
+    gates (T, B, 4H) hold x_t W on entry.  mask_tm holds those rows'
+    columns only."""
+    T = gates.shape[0]
+    rec = np.empty((b1 - b0, gates.shape[2]), gates.dtype)
     for t in range(T):
-        _recurrent(hs[t], U, rec)
+        _recurrent(hs[t, b0:b1], U, rec)
         if training:
-            _lstm_cell_train(mask_tm, t, gates[t], rec, bias, hs[t], cs[t],
-                             hs[t + 1], cs[t + 1])
+            _lstm_cell_train(mask_tm, t, gates[t, b0:b1], rec, bias,
+                             hs[t, b0:b1], cs[t, b0:b1], hs[t + 1, b0:b1],
+                             cs[t + 1, b0:b1])
         else:
-            _lstm_cell(mask_tm, t, gates[t], rec, bias, hs[t], cs[t % 2],
-                       hs[t + 1], cs[(t + 1) % 2])
+            _lstm_cell(mask_tm, t, gates[t, b0:b1], rec, bias, hs[t, b0:b1],
+                       cs[t % 2, b0:b1], hs[t + 1, b0:b1],
+                       cs[(t + 1) % 2, b0:b1])
 
 
 @njit(**_JIT)
@@ -366,19 +419,31 @@ def _take_dh(mask_tm, t, work, dh):
 
 
 @njit(**_JIT)
+def _lstm_chunk_grad_steps(U, mask_tm, cs, gates, d_out, dh, dc, dz, work,
+                           t0, t1, b0, b1):
+    """Steps t1-1 down to t0 of the backward time loop for batch rows
+    [b0, b1) (dz[t - t0] gets step t's pre-activation gradients; mask_tm
+    holds those rows' columns only)."""
+    UT = U.T
+    for t in range(t1 - 1, t0 - 1, -1):
+        dzt = dz[t - t0, b0:b1]
+        _lstm_cell_grad(mask_tm, t, gates[t, b0:b1], cs[t, b0:b1],
+                        cs[t + 1, b0:b1], d_out[b0:b1, t], dh[b0:b1],
+                        dc[b0:b1], dzt)
+        _recurrent(dzt, UT, work[b0:b1])
+        _take_dh(mask_tm, t, work[b0:b1], dh[b0:b1])
+
+
+@njit(**_JIT)
 def _lstm_grad_steps(x_tm, W, U, mask_tm, hs, cs, gates, d_out, dh, dc, dx_tm,
                      dW, dU, db, dz, work):
     """The backward time loop, in chunks of dz.shape[0] steps from the end,
     each followed by its weight gradients; dh, dc end at step 0."""
-    UT = U.T
     T, Tc = gates.shape[0], dz.shape[0]
     for t1 in range(T, 0, -Tc):
         t0 = max(t1 - Tc, 0)
-        for t in range(t1 - 1, t0 - 1, -1):
-            _lstm_cell_grad(mask_tm, t, gates[t], cs[t], cs[t + 1], d_out[:, t],
-                            dh, dc, dz[t - t0])
-            _recurrent(dz[t - t0], UT, work)
-            _take_dh(mask_tm, t, work, dh)
+        _lstm_chunk_grad_steps(U, mask_tm, cs, gates, d_out, dh, dc, dz, work,
+                               t0, t1, 0, dh.shape[0])
         _weight_grads(x_tm, W, hs, dz, t0, t1, dx_tm, dW, dU, db)
 
 
@@ -388,8 +453,15 @@ def lstm_forward(x_tm, W, U, bias, mask_tm, hs, cs, gates, training, nthreads):
     c after step t is at cs[t+1] (training) or cs[(t+1) % 2].  gates
     (T, B, 4H): when training, on exit the activated gates i, f, g, o of
     taken rows."""
-    _input_gemm(x_tm, W, gates)
-    _lstm_steps(mask_tm, U, bias, hs, cs, gates, training)
+    blocks = _row_blocks(x_tm.shape[1], nthreads)
+    if len(blocks) == 1:
+        _input_gemm(x_tm, W, gates)
+        _lstm_steps(mask_tm, U, bias, hs, cs, gates, training, 0, x_tm.shape[1])
+        return
+    _parallel_input_gemm(x_tm, W, gates, len(blocks))
+    _run_parallel(lambda b0, b1: _lstm_steps(
+        _rows(mask_tm, b0, b1), U, bias, hs, cs, gates, training, b0, b1),
+        blocks)
 
 
 def lstm_backward(x_tm, W, U, mask_tm, hs, cs, gates, d_out, dh, dc,
@@ -398,8 +470,19 @@ def lstm_backward(x_tm, W, U, mask_tm, hs, cs, gates, d_out, dh, dc,
     order.  dh, dc (B, H): dL/dh_T, dL/dc_T on entry, dL/dh0, dL/dc0 on
     exit.  Writes dx_tm (T, B, I), dW, dU and db; dz (Tc, B, 4H), for chunks
     of 1 <= Tc <= T steps, and work (B, H) are scratch."""
-    _lstm_grad_steps(x_tm, W, U, mask_tm, hs, cs, gates, d_out, dh, dc,
-                     dx_tm, dW, dU, db, dz, work)
+    blocks = _row_blocks(x_tm.shape[1], nthreads)
+    if len(blocks) == 1:
+        _lstm_grad_steps(x_tm, W, U, mask_tm, hs, cs, gates, d_out, dh, dc,
+                         dx_tm, dW, dU, db, dz, work)
+        return
+    T, Tc = x_tm.shape[0], dz.shape[0]
+    for t1 in range(T, 0, -Tc):
+        t0 = max(t1 - Tc, 0)
+        _run_parallel(lambda b0, b1: _lstm_chunk_grad_steps(
+            U, _rows(mask_tm, b0, b1), cs, gates, d_out, dh, dc, dz, work,
+            t0, t1, b0, b1), blocks)
+        _parallel_weight_grads(x_tm, W, hs, dz, t0, t1, dx_tm, dW, dU, db,
+                               len(blocks))
 
 
 # -------------------------------------------------------------------- RNN ---
@@ -427,20 +510,28 @@ def _rnn_cell(mask_tm, t, z_t, rec, bias, act, h_prev, h_next):
 
 
 @njit(**_JIT)
-def _rnn_steps(mask_tm, U, bias, hs, z, act):
-    """The forward time loop; z (T, B, H) holds x_t W on entry."""
-    T, B, H = z.shape
-    rec = np.empty((B, H), z.dtype)
+def _rnn_steps(mask_tm, U, bias, hs, z, act, b0, b1):
+    """The forward time loop over batch rows [b0, b1) (mask_tm: those rows'
+    columns); z (T, B, H) holds x_t W on entry."""
+    T, _, H = z.shape
+    rec = np.empty((b1 - b0, H), z.dtype)
     for t in range(T):
-        _recurrent(hs[t], U, rec)
-        _rnn_cell(mask_tm, t, z[t], rec, bias, act, hs[t], hs[t + 1])
+        _recurrent(hs[t, b0:b1], U, rec)
+        _rnn_cell(mask_tm, t, z[t, b0:b1], rec, bias, act, hs[t, b0:b1],
+                  hs[t + 1, b0:b1])
 
 
 def rnn_forward(x_tm, W, U, bias, mask_tm, hs, z, act, nthreads):
     """RNN forward: hs[t+1] = act(x_t @ W + hs[t] @ U + bias) for taken rows.
     z (T, B, H) is scratch; act 0 tanh, 1 relu, 2 linear."""
-    _input_gemm(x_tm, W, z)
-    _rnn_steps(mask_tm, U, bias, hs, z, act)
+    blocks = _row_blocks(x_tm.shape[1], nthreads)
+    if len(blocks) == 1:
+        _input_gemm(x_tm, W, z)
+        _rnn_steps(mask_tm, U, bias, hs, z, act, 0, x_tm.shape[1])
+        return
+    _parallel_input_gemm(x_tm, W, z, len(blocks))
+    _run_parallel(lambda b0, b1: _rnn_steps(
+        _rows(mask_tm, b0, b1), U, bias, hs, z, act, b0, b1), blocks)
 
 
 @njit(**_JIT)
@@ -466,19 +557,29 @@ def _rnn_cell_grad(mask_tm, t, act, h_t, d_out_t, dh, dz_t):
 
 
 @njit(**_JIT)
+def _rnn_chunk_grad_steps(U, mask_tm, hs, act, d_out, dh, dz, work, t0, t1,
+                          b0, b1):
+    """Steps t1-1 down to t0 of the backward time loop for batch rows
+    [b0, b1) (as ``_lstm_chunk_grad_steps``)."""
+    UT = U.T
+    for t in range(t1 - 1, t0 - 1, -1):
+        dzt = dz[t - t0, b0:b1]
+        _rnn_cell_grad(mask_tm, t, act, hs[t + 1, b0:b1], d_out[b0:b1, t],
+                       dh[b0:b1], dzt)
+        _recurrent(dzt, UT, work[b0:b1])
+        _take_dh(mask_tm, t, work[b0:b1], dh[b0:b1])
+
+
+@njit(**_JIT)
 def _rnn_grad_steps(x_tm, W, U, mask_tm, hs, act, d_out, dh, dx_tm, dW, dU,
                     db, dz, work):
     """The backward time loop, in chunks as ``_lstm_grad_steps``; dh ends at
     step 0."""
-    UT = U.T
     T, Tc = x_tm.shape[0], dz.shape[0]
     for t1 in range(T, 0, -Tc):
         t0 = max(t1 - Tc, 0)
-        for t in range(t1 - 1, t0 - 1, -1):
-            _rnn_cell_grad(mask_tm, t, act, hs[t + 1], d_out[:, t], dh,
-                           dz[t - t0])
-            _recurrent(dz[t - t0], UT, work)
-            _take_dh(mask_tm, t, work, dh)
+        _rnn_chunk_grad_steps(U, mask_tm, hs, act, d_out, dh, dz, work, t0, t1,
+                              0, dh.shape[0])
         _weight_grads(x_tm, W, hs, dz, t0, t1, dx_tm, dW, dU, db)
 
 
@@ -488,5 +589,97 @@ def rnn_backward(x_tm, W, U, mask_tm, hs, act, d_out, dh, dx_tm, dW, dU,
     order.  dh (B, H): dL/dh_T on entry, dL/dh0 on exit.  Writes
     dx_tm (T, B, I), dW, dU and db; dz (Tc, B, H) and work (B, H) are
     scratch."""
-    _rnn_grad_steps(x_tm, W, U, mask_tm, hs, act, d_out, dh, dx_tm, dW, dU,
-                    db, dz, work)
+    blocks = _row_blocks(x_tm.shape[1], nthreads)
+    if len(blocks) == 1:
+        _rnn_grad_steps(x_tm, W, U, mask_tm, hs, act, d_out, dh, dx_tm, dW, dU,
+                        db, dz, work)
+        return
+    T, Tc = x_tm.shape[0], dz.shape[0]
+    for t1 in range(T, 0, -Tc):
+        t0 = max(t1 - Tc, 0)
+        _run_parallel(lambda b0, b1: _rnn_chunk_grad_steps(
+            U, _rows(mask_tm, b0, b1), hs, act, d_out, dh, dz, work, t0, t1,
+            b0, b1), blocks)
+        _parallel_weight_grads(x_tm, W, hs, dz, t0, t1, dx_tm, dW, dU, db,
+                               len(blocks))
+
+
+# -------------------------------------------------------------- threads ---
+MIN_ROWS = 4          # fewest batch rows a thread owns
+
+
+def _split(n_items, k, i, align=1):
+    """Part i of k of range(n_items), cut at multiples of align."""
+    chunks = -(-n_items // align)
+    lo, hi = chunks * i // k * align, chunks * (i + 1) // k * align
+    return min(lo, n_items), min(hi, n_items)
+
+
+def _row_blocks(B, nthreads):
+    """[(b0, b1)]: one block of batch rows per thread, at least MIN_ROWS
+    each; a single block runs serially."""
+    n = max(1, min(int(nthreads), B // MIN_ROWS))
+    return [_split(B, n, i) for i in range(n)]
+
+
+def _rows(mask_tm, b0, b1):
+    """The mask's columns for rows [b0, b1) ((0, 0): no mask)."""
+    return mask_tm if mask_tm.shape[0] == 0 else mask_tm[:, b0:b1]
+
+
+_executor = None
+_executor_key = None
+_executor_lock = threading.Lock()
+
+
+def _serial_blas_in_this_thread():
+    from . import _backend
+    fn = _backend._local_threads_setter()
+    if fn is not None:
+        fn(1)
+
+
+def _workers(n):
+    """A thread pool of at least n workers, BLAS single-threaded in each
+    (a fresh one after fork: the parent's threads do not exist there)."""
+    global _executor, _executor_key
+    with _executor_lock:
+        key = os.getpid()
+        if _executor is None or _executor_key[0] != key or _executor_key[1] < n:
+            _executor = ThreadPoolExecutor(
+                max_workers=n, thread_name_prefix="fastrnn-numba",
+                initializer=_serial_blas_in_this_thread)
+            _executor_key = (key, n)
+        return _executor
+
+
+def _run_parallel(fn, parts):
+    """fn(*part) for every part: the first on this thread, the rest on the
+    pool's threads (the kernels release the GIL); returns when all are done
+    and re-raises the first error."""
+    futures = [_workers(len(parts) - 1).submit(fn, *p) for p in parts[1:]]
+    try:
+        fn(*parts[0])
+    finally:
+        for f in futures:
+            f.exception()           # wait for every part
+    for f in futures:
+        f.result()
+
+
+def _parallel_input_gemm(x_tm, W, out, n):
+    """out = x_tm @ W as in ``_input_gemm``, its rows split n ways."""
+    T, B, I = x_tm.shape
+    a, o = x_tm.reshape(T * B, I), out.reshape(T * B, out.shape[2])
+    _run_parallel(lambda r0, r1: _gemm_rows(a, W, o, r0, r1),
+                  [_split(T * B, n, i) for i in range(n)])
+
+
+def _parallel_weight_grads(x_tm, W, hs, dz, t0, t1, dx_tm, dW, dU, db, n):
+    """``_weight_grads`` split n ways: dx by rows, dW, dU, db by columns."""
+    R, GH = (t1 - t0) * x_tm.shape[1], dz.shape[2]
+    _run_parallel(
+        lambda i: _weight_grads_part(x_tm, W, hs, dz, t0, t1,
+                                     *_split(GH, n, i, 16), *_split(R, n, i),
+                                     dx_tm, dW, dU, db),
+        [(i,) for i in range(n)])

@@ -52,7 +52,7 @@ def _blas():
 
 
 def _build():
-    """The compiled extension's build facts: compiler, OpenMP, others."""
+    """The compiled extension's build facts: compiler, threads, others."""
     try:
         cy = importlib.import_module("fastrnn._cykernels")
     except Exception as exc:
@@ -61,7 +61,7 @@ def _build():
         return {"compiled extension": "built, but reports no build_info()"}
     info = dict(cy.build_info())
     facts = {"compiler": str(info.pop("compiler", "unknown")),
-             "OpenMP": str(info.pop("openmp", "unknown"))}
+             "kernel threads": str(info.pop("threads", "unknown"))}
     facts.update({k: str(v) for k, v in info.items()})
     return facts
 

@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _backend, _checks, reference
+from ._buffers import pool as _pool
 
 __all__ = ["lstm_forward", "lstm_backward", "rnn_forward", "rnn_backward",
+           "release_buffers",
            "LSTMResult", "RNNResult", "LSTMGrads", "RNNGrads", "Workspace"]
 
 LSTMResult = namedtuple("LSTMResult", "outputs h c workspace")
@@ -51,18 +53,19 @@ class Workspace:
 
 # ----------------------------------------------------------------- layout ---
 def _time_major(a, go_backwards):
-    """(B, T, ...) -> contiguous (T, B, ...) in reading order."""
+    """(B, T, ...) -> contiguous (T, B, ...) in reading order (a pooled
+    buffer, see fastrnn._buffers)."""
     a = a.swapaxes(0, 1)
     if go_backwards:
         a = a[::-1]
-    return np.ascontiguousarray(a)
+    return _pool.copy(a)
 
 
 def _batch_major(a, go_backwards):
     """Inverse of ``_time_major``: (T, B, ...) reading order -> (B, T, ...)."""
     if go_backwards:
         a = a[::-1]
-    return np.ascontiguousarray(a.swapaxes(0, 1))
+    return _pool.copy(a.swapaxes(0, 1))
 
 
 def _seen(mask_tm):
@@ -72,16 +75,32 @@ def _seen(mask_tm):
 
 
 def _aligned_empty(shape, dt):
-    """An uninitialised array whose data starts on a 64-byte boundary.
+    """An uninitialised array whose data starts on a 64-byte boundary, from
+    the buffer pool (fastrnn._buffers: reused memory, no page faults).
 
     The forward's saved arrays go to TensorFlow as tensors (fastrnn.keras);
     TensorFlow wraps 64-byte-aligned NumPy memory without copying it, which
     keeps a training step's peak memory below the stock layer's.
     """
-    n = int(np.prod(shape)) * np.dtype(dt).itemsize
-    raw = np.empty(n + 64, np.uint8)
-    off = (-raw.ctypes.data) % 64
-    return raw[off:off + n].view(dt).reshape(shape)
+    return _pool.empty(shape, dt)
+
+
+def release_buffers():
+    """Let go of the memory fastrnn keeps for reuse between calls (see
+    ``FASTRNN_BUFFER_POOL_MB`` in the README); buffers still in use are
+    freed when their last array goes."""
+    _pool.release()
+
+
+def _outputs(hs, seen):
+    """The public outputs (B, T, H) from the states hs (T+1, B, H): zero
+    where ``seen`` (T, B, 1) is False (before a row's first step)."""
+    if seen is None:
+        return _batch_major(hs[1:], False)
+    out = _pool.empty((hs.shape[1], hs.shape[0] - 1, hs.shape[2]), hs.dtype)
+    out[...] = 0
+    np.copyto(out, hs[1:].swapaxes(0, 1), where=seen.swapaxes(0, 1))
+    return out
 
 
 def _degenerate(B, T, H):
@@ -129,8 +148,7 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
             np.ascontiguousarray(b), mask_tm, hs, cs, gates, training,
             threads)
     seen = None if mask is None else _seen(mask_tm)
-    out_tm = hs[1:] if seen is None else np.where(seen, hs[1:], dt.type(0))
-    outputs = _batch_major(out_tm, False)
+    outputs = _outputs(hs, seen)
     c = cs[T if training else T % 2].copy()
     if training:
         ws.data = dict(x_tm=x_tm, W=W, U=U, mask_tm=mask_tm, hs=hs, cs=cs,
@@ -206,11 +224,11 @@ def lstm_backward(workspace, d_outputs, d_h=None, d_c=None):
     d_out = _kernel_d_out(d_out, d["seen"])   # outputs are in reading order
     dh = np.array(d_h, dtype=dt, order="C", copy=True)
     dc = np.array(d_c, dtype=dt, order="C", copy=True)
-    dx_tm = np.empty((T, B, I), dt)
+    dx_tm = _aligned_empty((T, B, I), dt)
     dW = np.empty((I, 4 * H), dt)
     dU = np.empty((H, 4 * H), dt)
     db = np.empty(4 * H, dt)
-    dz = np.empty((_chunk_steps(T, B), B, 4 * H), dt)
+    dz = _aligned_empty((_chunk_steps(T, B), B, 4 * H), dt)
     work = np.empty((B, H), dt)
     threads, blas = _backend.thread_plan(workspace.backend, B, 4, H)
     with blas:
@@ -262,7 +280,7 @@ def rnn_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *,
     mask_tm = _NO_MASK if mask is None else _time_major(mask, go_backwards).view(np.uint8)
     hs = _aligned_empty((T + 1, B, H), dt)
     hs[0] = h0
-    z = np.empty((T, B, H), dt)
+    z = _aligned_empty((T, B, H), dt)
     threads, blas = _backend.thread_plan(name, B, 1, H)
     with blas:
         _backend.module(name).rnn_forward(
@@ -270,8 +288,7 @@ def rnn_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *,
             np.ascontiguousarray(b), mask_tm, hs, z, ACTIVATIONS[activation],
             threads)
     seen = None if mask is None else _seen(mask_tm)
-    out_tm = hs[1:] if seen is None else np.where(seen, hs[1:], dt.type(0))
-    outputs = _batch_major(out_tm, False)
+    outputs = _outputs(hs, seen)
     if training:
         ws.data = dict(x_tm=x_tm, W=W, U=U, mask_tm=mask_tm, hs=hs, seen=seen)
     return RNNResult(outputs, hs[T].copy(), ws if training else None)
@@ -291,11 +308,11 @@ def rnn_backward(workspace, d_outputs, d_h=None):
     d = workspace.data
     d_out = _kernel_d_out(d_out, d["seen"])   # outputs are in reading order
     dh = np.array(d_h, dtype=dt, order="C", copy=True)
-    dx_tm = np.empty((T, B, I), dt)
+    dx_tm = _aligned_empty((T, B, I), dt)
     dW = np.empty((I, H), dt)
     dU = np.empty((H, H), dt)
     db = np.empty(H, dt)
-    dz = np.empty((_chunk_steps(T, B), B, H), dt)
+    dz = _aligned_empty((_chunk_steps(T, B), B, H), dt)
     work = np.empty((B, H), dt)
     threads, blas = _backend.thread_plan(workspace.backend, B, 1, H)
     with blas:

@@ -22,7 +22,9 @@ def small_chunks(monkeypatch):
 
 @pytest.fixture(params=[1, 3], ids=["1thread", "3threads"])
 def threads(request, monkeypatch):
+    """1 or 3 threads, the kernels' team used whatever the size."""
     monkeypatch.setattr(_backend, "_num_threads", None)
+    monkeypatch.setattr(_backend, "PARALLEL_STEP_WORK", 0)
     fastrnn.set_num_threads(request.param)
     return request.param
 
@@ -31,10 +33,11 @@ def threads(request, monkeypatch):
 @pytest.mark.parametrize("mask", [None, "random", "left_padded", "empty_rows"])
 @pytest.mark.parametrize("kind,activation", [("lstm", "tanh"), ("rnn", "tanh"),
                                              ("rnn", "relu")])
+@pytest.mark.parametrize("B", [4, 13], ids=["B4", "B13"])   # 3 threads: units, rows split
 def test_chunked_backward_matches_reference(backend, dtype, kind, activation,
-                                            mask, go_backwards, threads,
+                                            mask, go_backwards, threads, B,
                                             small_chunks, rng, kernels):
-    p = kernels.make_problem(rng, kind, 4, 10, 3, 40, dtype,
+    p = kernels.make_problem(rng, kind, B, 10, 3, 40, dtype,
                              activation=activation, mask=mask,
                              go_backwards=go_backwards)
     kernels.assert_results_close(kernels.run_ops(p, backend),

@@ -1,10 +1,11 @@
-"""The compiled kernels' multi-threaded path (hidden units split between
-threads, a barrier per step) against the reference.
+"""The compiled kernels' multi-threaded paths against the reference: batch
+rows split between threads (B >= 4 per thread) and, for small batches,
+hidden units split between threads (a barrier per step).
 
 These tests keep every call on the kernels' own threads (see
-``fastrnn._backend.thread_plan``) and ask for 2, 3 and 8 threads, so the
-units split into slices that are not a multiple of the SIMD width, and into
-fewer slices than threads.
+``fastrnn._backend.thread_plan``) and ask for 2, 3 and 8 threads, so rows
+and units split unevenly, units into slices that are not a multiple of the
+SIMD width, and into fewer slices than threads.
 """
 import numpy as np
 import pytest
@@ -28,11 +29,12 @@ def threaded(monkeypatch):
 @pytest.mark.parametrize("H", [1, 17, 40, 67])
 @pytest.mark.parametrize("kind", ["lstm", "rnn"])
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("B", [3, 13], ids=["units-split", "rows-split"])
 def test_threaded_kernels_match_reference(threaded, backend, threads, H, kind,
-                                          masked):
+                                          masked, B):
     fastrnn.set_num_threads(threads)
-    rng = np.random.default_rng(H * 31 + threads)
-    B, T, I = 3, 9, 5
+    rng = np.random.default_rng(H * 31 + threads + B)
+    T, I = 9, 5
     G = 4 if kind == "lstm" else 1
     x = rng.standard_normal((B, T, I))
     W = rng.standard_normal((I, G * H)) / np.sqrt(I)

@@ -64,3 +64,64 @@ def test_thread_count_does_not_change_results(backend, kind, rng, kernels,
     fastrnn.set_num_threads(2)
     assert fastrnn.get_num_threads() == 2
     kernels.assert_results_close(kernels.run_ops(p, backend), one, backend)
+
+
+def _team_everywhere(monkeypatch, n=2):
+    """Every call asks for the kernels' own team of n threads."""
+    monkeypatch.setattr(_backend, "PARALLEL_STEP_WORK", 0)
+    monkeypatch.setattr(_backend, "_num_threads", n)
+
+
+COMPILED = [b for b in ("cython", "numba") if b in fastrnn.available_backends()]
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("kind", ["lstm", "rnn"])
+def test_concurrent_calls_share_the_team_safely(backend, kind, rng, kernels,
+                                                monkeypatch):
+    """Three Python threads call multi-threaded kernels at once (cython: one
+    gets the team, the others run on their own threads; numba: they share
+    the worker pool); all results are right.  B = 5 splits hidden units,
+    B = 9 and 12 batch rows."""
+    _team_everywhere(monkeypatch)
+    problems = [kernels.make_problem(rng, kind, B, 30, 6, 40, np.float64,
+                                     mask="random" if i else None)
+                for i, B in enumerate((5, 9, 12))]
+    expected = [kernels.run_ops(p, "numpy") for p in problems]
+
+    def work(i):
+        return [kernels.run_ops(problems[i], backend) for _ in range(ITERATIONS)]
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(work, range(3)))
+    for i, runs in enumerate(results):
+        for r in runs:
+            kernels.assert_results_close(r, expected[i], f"thread {i}")
+
+
+def _child(conn, run_ops, p, backend):
+    # fork copies the parent's settings (threads everywhere, 2 threads)
+    conn.send(run_ops(p, backend))
+    conn.close()
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("B", [4, 8], ids=["units-split", "rows-split"])
+def test_threads_work_in_a_forked_child(backend, B, rng, kernels, monkeypatch):
+    """After the parent has started its kernel threads, a fork()ed child
+    (multiprocessing's default on Linux) gets working threads of its own."""
+    import multiprocessing as mp
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("no fork() on this platform")
+    _team_everywhere(monkeypatch)
+    p = kernels.make_problem(rng, "lstm", B, 12, 5, 48, np.float64)
+    parent = kernels.run_ops(p, backend)           # threads now exist
+    ctx = mp.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(send, kernels.run_ops, p, backend))
+    proc.start()
+    assert recv.poll(120), "the child produced nothing in 120 s (hung?)"
+    child = recv.recv()
+    proc.join(30)
+    assert proc.exitcode == 0
+    kernels.assert_results_close(child, parent, "forked child")

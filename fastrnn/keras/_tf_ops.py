@@ -59,13 +59,6 @@ def graph_fallback_reason():
     return None
 
 
-def _time_major(x, go_backwards):
-    """(B, T, I) -> contiguous (T, B, I) in reading order, as fastrnn.ops's
-    compiled backends keep it."""
-    x = x.swapaxes(0, 1)
-    return np.ascontiguousarray(x[::-1] if go_backwards else x)
-
-
 def _split(ws, fields):
     """Workspace -> [blob, *arrays]: the arrays named in ``fields`` (an
     empty placeholder for a None entry) and a uint8 blob holding the pickled
@@ -87,7 +80,7 @@ def _join(blob, arrays, fields, x, W, U):
     ws = pickle.loads(memoryview(np.ascontiguousarray(blob)))
     if "reference" not in ws.data:
         ws.data = dict(zip((name for name, _ in fields), arrays), **ws.data,
-                       x_tm=_time_major(x, ws.go_backwards), W=W, U=U)
+                       x_tm=ops._time_major(x, ws.go_backwards), W=W, U=U)
     return ws
 
 

@@ -1,0 +1,340 @@
+/*
+ * fastrnn's thread team (see fr_pool.h).
+ *
+ * Workers are started on first use, one per extra thread asked for, and
+ * kept.  Each has its own "go" counter: the caller bumps the counters of the
+ * workers it needs, runs its own share, and waits until they are done.  An
+ * idle worker spins for FR_IDLE_SPIN_NS, then sleeps on a condition
+ * variable, so idle workers never hold a core for long.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE 1    /* syscall(), clock_gettime() under strict -std */
+#endif
+#include "fr_pool.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(__unix__) || defined(__APPLE__)
+#define FR_HAVE_PTHREADS 1
+#include <pthread.h>
+#include <sched.h>
+#include <time.h>
+#include <unistd.h>
+#endif
+
+static inline void fr_pause(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* ------------------------------------------------- waiting, futex --- */
+
+#define FR_SPIN_NS 20000L   /* spin this long before sleeping */
+
+#ifdef FR_HAVE_PTHREADS
+static long fr_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long)ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
+#endif
+
+#if defined(__linux__)
+#include <limits.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+/* Sleep while *addr == expected (returns at once if it differs). */
+static void fr_futex_wait(atomic_int *addr, int expected)
+{
+    syscall(SYS_futex, (int *)addr, FUTEX_WAIT_PRIVATE, expected, NULL, NULL, 0);
+}
+static void fr_futex_wake_all(atomic_int *addr)
+{
+    syscall(SYS_futex, (int *)addr, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+#define FR_HAVE_FUTEX 1
+#endif
+
+/* Nanoseconds team threads spent asleep waiting for each other (stalls). */
+static atomic_long fr_waited_ns;
+
+/* Wait until *word != value: spin up to FR_SPIN_NS, then sleep (futex) or
+ * yield, adding the time asleep to fr_waited_ns.  *sleepers counts the
+ * threads asleep on word, for fr_wake. */
+static void fr_wait_while(atomic_int *word, int value, atomic_int *sleepers)
+{
+#ifdef FR_HAVE_PTHREADS
+    long until = 0;
+    for (int i = 0; atomic_load_explicit(word, memory_order_acquire) == value; i++) {
+        fr_pause();
+        if ((i & 15) != 15)
+            continue;
+        long now = fr_now_ns();
+        if (!until) {
+            until = now + FR_SPIN_NS;
+        } else if (now > until) {
+#ifdef FR_HAVE_FUTEX
+            atomic_fetch_add(sleepers, 1);       /* seq_cst: see fr_wake */
+            while (atomic_load(word) == value)
+                fr_futex_wait(word, value);
+            atomic_fetch_sub(sleepers, 1);
+#else
+            (void)sleepers;
+            while (atomic_load(word) == value)
+                sched_yield();
+#endif
+            atomic_fetch_add(&fr_waited_ns, fr_now_ns() - until);
+            return;
+        }
+    }
+#else
+    (void)sleepers;
+    while (atomic_load_explicit(word, memory_order_acquire) == value)
+        fr_pause();
+#endif
+}
+
+/* After changing *word (seq_cst): wake the threads asleep on it. */
+static void fr_wake(atomic_int *word, atomic_int *sleepers)
+{
+#ifdef FR_HAVE_FUTEX
+    if (atomic_load(sleepers) > 0)
+        fr_futex_wake_all(word);
+#else
+    (void)word;
+    (void)sleepers;
+#endif
+}
+
+/* --------------------------------------------------------- barrier --- */
+
+void fr_barrier_init(fr_barrier *b)
+{
+    atomic_init(&b->count, 0);
+    atomic_init(&b->sense, 0);
+    atomic_init(&b->sleepers, 0);
+}
+
+/* Sense-reversing barrier for the n threads of a team. */
+void fr_barrier_wait(fr_barrier *b, int n, int *local_sense)
+{
+    if (n <= 1)
+        return;
+    int s = !*local_sense;
+    *local_sense = s;
+    if (atomic_fetch_add_explicit(&b->count, 1, memory_order_acq_rel) == n - 1) {
+        atomic_store_explicit(&b->count, 0, memory_order_relaxed);
+        atomic_store(&b->sense, s);
+        fr_wake(&b->sense, &b->sleepers);
+        return;
+    }
+    fr_wait_while(&b->sense, !s, &b->sleepers);
+}
+
+/* ------------------------------------------------------------ pool --- */
+
+#ifdef FR_HAVE_PTHREADS
+
+#define FR_IDLE_SPIN_NS FR_SPIN_NS   /* an idle worker spins, then sleeps */
+
+typedef struct {
+    atomic_uint go;              /* bumped by the caller: run the current job */
+    char pad[64 - sizeof(atomic_uint)];
+} fr_slot;
+
+static pthread_mutex_t busy = PTHREAD_MUTEX_INITIALIZER;   /* one caller at a time */
+static pthread_mutex_t sleep_mx = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t sleep_cv = PTHREAD_COND_INITIALIZER;
+static atomic_int sleepers;
+static int nworkers;                     /* started workers, tids 1..nworkers */
+static fr_slot slots[FR_MAX_THREADS];
+static fr_job_fn job_fn;                 /* the current job, written under busy */
+static void *job_arg;
+static int job_n;
+static atomic_int pending;               /* workers still running the job */
+static atomic_int pending_sleepers;
+static int (*volatile blas_threads_fn)(int);
+static int atfork_registered;
+/* Contention back-off: when a team call spent a large share of its time
+ * with threads asleep waiting for each other (a thread of the team was
+ * descheduled: more runnable threads than cores), the next backoff_left
+ * calls run on the caller's thread alone; the back-off doubles while
+ * stalls persist (up to FR_BACKOFF_MAX calls) and resets after a clean
+ * team call.  Protected by busy. */
+#define FR_BACKOFF_FIRST 8
+#define FR_BACKOFF_MAX 64
+static int backoff_left, backoff_len;
+static long stat_team_calls, stat_stalled_calls, stat_backoff_calls;
+
+static void *fr_worker(void *p)
+{
+    const int tid = (int)(intptr_t)p;
+    fr_slot *slot = &slots[tid];
+    unsigned seen = 0;   /* fr_pool_grow zeroed go before starting us */
+    int (*applied)(int) = NULL;
+    for (;;) {
+        unsigned g = atomic_load_explicit(&slot->go, memory_order_acquire);
+        if (g == seen) {
+            long until = fr_now_ns() + FR_IDLE_SPIN_NS;
+            for (int i = 0; g == seen; i++) {
+                fr_pause();
+                g = atomic_load_explicit(&slot->go, memory_order_acquire);
+                if ((i & 63) == 63 && fr_now_ns() > until)
+                    break;
+            }
+        }
+        if (g == seen) {
+            pthread_mutex_lock(&sleep_mx);
+            atomic_fetch_add(&sleepers, 1);
+            while ((g = atomic_load_explicit(&slot->go, memory_order_acquire)) == seen)
+                pthread_cond_wait(&sleep_cv, &sleep_mx);
+            atomic_fetch_sub(&sleepers, 1);
+            pthread_mutex_unlock(&sleep_mx);
+        }
+        seen = g;
+        int (*fn)(int) = blas_threads_fn;
+        if (fn != applied && fn != NULL) {
+            fn(1);
+            applied = fn;
+        }
+        job_fn(job_arg, tid, job_n);
+        if (atomic_fetch_sub(&pending, 1) == 1)
+            fr_wake(&pending, &pending_sleepers);
+    }
+    return NULL;
+}
+
+/* In a forked child only the forking thread exists: forget the workers. */
+static void fr_pool_atfork_child(void)
+{
+    pthread_mutex_init(&busy, NULL);
+    pthread_mutex_init(&sleep_mx, NULL);
+    pthread_cond_init(&sleep_cv, NULL);
+    atomic_store(&sleepers, 0);
+    atomic_store(&pending, 0);
+    atomic_store(&pending_sleepers, 0);
+    nworkers = 0;
+    backoff_left = backoff_len = 0;
+}
+
+/* Start workers up to tid want - 1; returns the team size available. */
+static int fr_pool_grow(int want)
+{
+    if (!atfork_registered) {
+        if (pthread_atfork(NULL, NULL, fr_pool_atfork_child) != 0)
+            return 1;
+        atfork_registered = 1;
+    }
+    while (nworkers < want - 1) {
+        pthread_t th;
+        pthread_attr_t attr;
+        if (pthread_attr_init(&attr) != 0)
+            break;
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        atomic_store(&slots[nworkers + 1].go, 0);
+        int rc = pthread_create(&th, &attr, fr_worker, (void *)(intptr_t)(nworkers + 1));
+        pthread_attr_destroy(&attr);
+        if (rc != 0)
+            break;
+        nworkers++;
+    }
+    return nworkers + 1 < want ? nworkers + 1 : want;
+}
+
+void fr_pool_run(int nthreads, fr_job_fn job, void *arg)
+{
+    if (nthreads > FR_MAX_THREADS)
+        nthreads = FR_MAX_THREADS;
+    if (nthreads <= 1 || pthread_mutex_trylock(&busy) != 0) {
+        job(arg, 0, 1);
+        return;
+    }
+    const int n = backoff_left > 0 ? 1 : fr_pool_grow(nthreads);
+    if (n <= 1) {
+        if (backoff_left > 0) {
+            backoff_left--;
+            stat_backoff_calls++;
+        }
+        pthread_mutex_unlock(&busy);
+        job(arg, 0, 1);
+        return;
+    }
+    const long t0 = fr_now_ns(), w0 = atomic_load(&fr_waited_ns);
+    job_fn = job;
+    job_arg = arg;
+    job_n = n;
+    atomic_store_explicit(&pending, n - 1, memory_order_relaxed);
+    /* under sleep_mx, so that a worker going to sleep cannot miss its go */
+    pthread_mutex_lock(&sleep_mx);
+    for (int t = 1; t < n; t++)
+        atomic_fetch_add_explicit(&slots[t].go, 1, memory_order_release);
+    if (atomic_load(&sleepers) > 0)
+        pthread_cond_broadcast(&sleep_cv);
+    pthread_mutex_unlock(&sleep_mx);
+    job(arg, 0, n);
+    int left;
+    while ((left = atomic_load(&pending)) > 0)
+        fr_wait_while(&pending, left, &pending_sleepers);
+    const long waited = atomic_load(&fr_waited_ns) - w0, wall = fr_now_ns() - t0;
+    stat_team_calls++;
+    if (waited > 100000L && 4 * waited > wall) {   /* > 25% and > 100 us asleep */
+        stat_stalled_calls++;
+        backoff_len = backoff_len ? 2 * backoff_len : FR_BACKOFF_FIRST;
+        if (backoff_len > FR_BACKOFF_MAX)
+            backoff_len = FR_BACKOFF_MAX;
+        backoff_left = backoff_len;
+    } else {
+        backoff_len = 0;
+    }
+    pthread_mutex_unlock(&busy);
+}
+
+void fr_pool_stats(long *team_calls, long *stalled_calls, long *backoff_calls)
+{
+    pthread_mutex_lock(&busy);
+    *team_calls = stat_team_calls;
+    *stalled_calls = stat_stalled_calls;
+    *backoff_calls = stat_backoff_calls;
+    pthread_mutex_unlock(&busy);
+}
+
+void fr_pool_set_blas_threads_fn(int (*fn)(int))
+{
+    blas_threads_fn = fn;
+}
+
+int fr_pool_threads_available(void)
+{
+    return 1;
+}
+
+#else /* no POSIX threads: every job runs on the caller's thread */
+
+void fr_pool_stats(long *team_calls, long *stalled_calls, long *backoff_calls)
+{
+    *team_calls = *stalled_calls = *backoff_calls = 0;
+}
+
+void fr_pool_run(int nthreads, fr_job_fn job, void *arg)
+{
+    (void)nthreads;
+    job(arg, 0, 1);
+}
+
+void fr_pool_set_blas_threads_fn(int (*fn)(int))
+{
+    (void)fn;
+}
+
+int fr_pool_threads_available(void)
+{
+    return 0;
+}
+
+#endif

@@ -1,0 +1,53 @@
+/*
+ * fastrnn's thread team: a small pool of persistent worker threads that run
+ * one job at a time, plus the per-step barrier the kernels meet at.
+ *
+ * Why not OpenMP: libgomp keeps one set of workers per calling thread and
+ * lets each spin for a long time (GOMP_SPINCOUNT, milliseconds on current
+ * x86 cores) after a parallel region ends.  TensorFlow calls the kernels
+ * from several of its own threads (forward on one, backward on another), so
+ * idle spinning workers took the cores the next kernel's team needed, and
+ * fwd+bwd steps stalled for milliseconds.  This pool is one per process,
+ * spins only briefly before sleeping, and is used by one caller at a time:
+ * a concurrent caller simply runs its kernel on its own thread.
+ */
+#ifndef FR_POOL_H
+#define FR_POOL_H
+
+#include <stdatomic.h>
+
+/* A job: run by threads tid = 0 .. n-1 of a team of n (tid 0 is the
+ * caller's thread). */
+typedef void (*fr_job_fn)(void *arg, int tid, int n);
+
+/* Most threads in a team (the caller included). */
+#define FR_MAX_THREADS 64
+
+/* Run job(arg, tid, n) on a team of up to nthreads threads and return when
+ * all are done.  Runs it serially (n = 1) when nthreads <= 1, when threads
+ * are unavailable, when the pool is busy with another caller's job, or
+ * during a back-off after team calls that stalled (threads of the team
+ * descheduled for long: the cores are oversubscribed; see fr_pool.c). */
+void fr_pool_run(int nthreads, fr_job_fn job, void *arg);
+
+/* Counters since the process started: team calls, those that stalled, and
+ * calls run serially during a back-off. */
+void fr_pool_stats(long *team_calls, long *stalled_calls, long *backoff_calls);
+
+/* A function that sets the calling thread's BLAS thread count (OpenBLAS's
+ * openblas_set_num_threads_local); the pool's workers call it with 1 when
+ * they start, so BLAS calls inside a team never start BLAS threads. */
+void fr_pool_set_blas_threads_fn(int (*fn)(int));
+
+/* 1 when the pool can start threads (POSIX threads available). */
+int fr_pool_threads_available(void);
+
+/* The team's per-step meeting point: a waiting thread spins briefly, then
+ * sleeps (a futex on Linux), so that a core is never held by a thread that
+ * only waits: when the cores are oversubscribed, the thread it waits for
+ * can run there. */
+typedef struct { atomic_int count; atomic_int sense; atomic_int sleepers; } fr_barrier;
+void fr_barrier_init(fr_barrier *b);
+void fr_barrier_wait(fr_barrier *b, int n, int *local_sense);
+
+#endif /* FR_POOL_H */
