@@ -138,6 +138,11 @@ int fr_has_threads(void);
  * sets its own thread's count. */
 void fr_set_blas_threads_fn(int (*fn)(int));
 
+/* The team a kernel call with nthreads threads, B rows and H units gets:
+ * returns its size; *rows = 1 if it splits batch rows, 0 if hidden units
+ * (when the pool is free and not backing off). */
+int fr_team_plan(int nthreads, int B, int H, int *rows);
+
 /* The thread team's counters: calls run by a team, team calls that stalled
  * (threads asleep > 25% of the call: oversubscribed cores), and calls run
  * on the caller's thread alone during the back-off that follows a stall. */

@@ -5,7 +5,8 @@
  * kept.  Each has its own "go" counter: the caller bumps the counters of the
  * workers it needs, runs its own share, and waits until they are done.  An
  * idle worker spins for FR_IDLE_SPIN_NS, then sleeps on a condition
- * variable, so idle workers never hold a core for long.
+ * variable, so idle workers never hold a core for long.  Waits inside a job
+ * spin up to FR_SPIN_NS, then sleep on a futex.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE 1    /* syscall(), clock_gettime() under strict -std */
@@ -34,7 +35,7 @@ static inline void fr_pause(void)
 
 /* ------------------------------------------------- waiting, futex --- */
 
-#define FR_SPIN_NS 20000L   /* spin this long before sleeping */
+#define FR_SPIN_NS 200000L   /* spin this long before sleeping */
 
 #ifdef FR_HAVE_PTHREADS
 static long fr_now_ns(void)
@@ -141,7 +142,7 @@ void fr_barrier_wait(fr_barrier *b, int n, int *local_sense)
 
 #ifdef FR_HAVE_PTHREADS
 
-#define FR_IDLE_SPIN_NS FR_SPIN_NS   /* an idle worker spins, then sleeps */
+#define FR_IDLE_SPIN_NS 50000L   /* an idle worker spins, then sleeps */
 
 typedef struct {
     atomic_uint go;              /* bumped by the caller: run the current job */
@@ -161,15 +162,16 @@ static atomic_int pending;               /* workers still running the job */
 static atomic_int pending_sleepers;
 static int (*volatile blas_threads_fn)(int);
 static int atfork_registered;
-/* Contention back-off: when a team call spent a large share of its time
- * with threads asleep waiting for each other (a thread of the team was
- * descheduled: more runnable threads than cores), the next backoff_left
- * calls run on the caller's thread alone; the back-off doubles while
- * stalls persist (up to FR_BACKOFF_MAX calls) and resets after a clean
- * team call.  Protected by busy. */
+/* Contention back-off: when two team calls in a row spent a large share of
+ * their time with threads asleep waiting for each other (threads of the
+ * team descheduled: more runnable threads than cores), the next
+ * backoff_left calls run on the caller's thread alone; the back-off doubles
+ * while stalls persist (up to FR_BACKOFF_MAX calls) and resets after a
+ * clean team call.  A single stalled call does not count: a virtual CPU
+ * now and then takes milliseconds to wake.  Protected by busy. */
 #define FR_BACKOFF_FIRST 8
 #define FR_BACKOFF_MAX 64
-static int backoff_left, backoff_len;
+static int backoff_left, backoff_len, stall_streak;
 static long stat_team_calls, stat_stalled_calls, stat_backoff_calls;
 
 static void *fr_worker(void *p)
@@ -220,7 +222,7 @@ static void fr_pool_atfork_child(void)
     atomic_store(&pending, 0);
     atomic_store(&pending_sleepers, 0);
     nworkers = 0;
-    backoff_left = backoff_len = 0;
+    backoff_left = backoff_len = stall_streak = 0;
 }
 
 /* Start workers up to tid want - 1; returns the team size available. */
@@ -283,13 +285,16 @@ void fr_pool_run(int nthreads, fr_job_fn job, void *arg)
         fr_wait_while(&pending, left, &pending_sleepers);
     const long waited = atomic_load(&fr_waited_ns) - w0, wall = fr_now_ns() - t0;
     stat_team_calls++;
-    if (waited > 100000L && 4 * waited > wall) {   /* > 25% and > 100 us asleep */
+    if (waited > 200000L && 4 * waited > wall) {   /* > 25% and > 200 us asleep */
         stat_stalled_calls++;
-        backoff_len = backoff_len ? 2 * backoff_len : FR_BACKOFF_FIRST;
-        if (backoff_len > FR_BACKOFF_MAX)
-            backoff_len = FR_BACKOFF_MAX;
-        backoff_left = backoff_len;
+        if (++stall_streak >= 2) {
+            backoff_len = backoff_len ? 2 * backoff_len : FR_BACKOFF_FIRST;
+            if (backoff_len > FR_BACKOFF_MAX)
+                backoff_len = FR_BACKOFF_MAX;
+            backoff_left = backoff_len;
+        }
     } else {
+        stall_streak = 0;
         backoff_len = 0;
     }
     pthread_mutex_unlock(&busy);

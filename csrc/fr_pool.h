@@ -8,8 +8,10 @@
  * from several of its own threads (forward on one, backward on another), so
  * idle spinning workers took the cores the next kernel's team needed, and
  * fwd+bwd steps stalled for milliseconds.  This pool is one per process,
- * spins only briefly before sleeping, and is used by one caller at a time:
- * a concurrent caller simply runs its kernel on its own thread.
+ * its idle workers spin for 50 us before sleeping, and it is used by one
+ * caller at a time: a concurrent caller simply runs its kernel on its own
+ * thread.  When the cores are oversubscribed it falls back to serial calls
+ * for a while (see fr_pool_run).
  */
 #ifndef FR_POOL_H
 #define FR_POOL_H
@@ -42,10 +44,11 @@ void fr_pool_set_blas_threads_fn(int (*fn)(int));
 /* 1 when the pool can start threads (POSIX threads available). */
 int fr_pool_threads_available(void);
 
-/* The team's per-step meeting point: a waiting thread spins briefly, then
- * sleeps (a futex on Linux), so that a core is never held by a thread that
- * only waits: when the cores are oversubscribed, the thread it waits for
- * can run there. */
+/* The team's per-step meeting point: a waiting thread spins up to 200 us
+ * (longer than a step takes when both threads run, so that the common case
+ * never sleeps: an idle virtual CPU can take milliseconds to wake), then
+ * sleeps (a futex on Linux), so that a thread that only waits does not hold
+ * a core the thread it waits for could use. */
 typedef struct { atomic_int count; atomic_int sense; atomic_int sleepers; } fr_barrier;
 void fr_barrier_init(fr_barrier *b);
 void fr_barrier_wait(fr_barrier *b, int n, int *local_sense);

@@ -36,44 +36,54 @@ static void fr_split(int n_items, int align, int tid, int n, int *lo, int *hi)
     *hi = (int)(b < n_items ? b : n_items);
 }
 
-/* How a team splits a kernel.  With enough batch rows, each thread owns a
- * block of rows for the whole sequence: rows never interact, so the threads
- * run the time loop independently and meet only around the large GEMMs
- * (input projection, weight gradients), never per step, which keeps the
- * team fast when the cores are shared (a descheduled thread only delays
- * itself).  With few rows (batch 1), each thread owns a slice of the hidden
- * units and the team meets once per step. */
+/* How a team splits a kernel.  Each thread owns a slice of the hidden units
+ * (whole FR_CHUNKs): per step it multiplies by its own columns of U, which
+ * stay in its core's cache, and the team meets once per step.  When there
+ * are more threads than chunks of units and enough batch rows, each thread
+ * owns a block of rows instead and runs the whole time loop on its own
+ * (rows never interact): the team meets only around the large GEMMs.
+ * FASTRNN_SPLIT=units|rows forces one (for measurements). */
 #define FR_MIN_ROWS 4    /* fewest batch rows a thread owns in the row split */
 
-static int fr_split_rows(int B, int n)
+static int fr_forced_split(void)
 {
-    static int forced = -1;      /* FASTRNN_SPLIT=units|rows, for measurements */
+    static int forced = -1;      /* 0 units, 1 rows, 2 automatic */
     if (forced < 0) {
         const char *e = getenv("FASTRNN_SPLIT");
         forced = e && !strcmp(e, "units") ? 0 : e && !strcmp(e, "rows") ? 1 : 2;
     }
+    return forced;
+}
+
+static int fr_unit_chunks(int H)
+{
+    return (H + FR_CHUNK - 1) / FR_CHUNK;
+}
+
+/* Whether a team of n splits the rows (else the units). */
+static int fr_split_rows(int B, int H, int n)
+{
     if (n <= 1)
         return 0;
+    int forced = fr_forced_split();
     if (forced < 2)
         return forced && B >= n;
-    return B >= n * FR_MIN_ROWS;
+    return n > fr_unit_chunks(H) && B >= n * FR_MIN_ROWS;
 }
 
 /* Threads for a kernel: the caller's choice (fastrnn/_backend.py decides
- * when threads pay), at most one per FR_MIN_ROWS rows in the row split,
- * else at most one per FR_CHUNK hidden units. */
+ * when threads pay), at most one per chunk of units or, in the row split,
+ * one per FR_MIN_ROWS rows. */
 static int fr_team(int nthreads, int B, int H)
 {
     if (nthreads <= 1)
         return 1;
-    if (fr_split_rows(B, 2)) {
-        int most = B / FR_MIN_ROWS;
-        return nthreads < most ? nthreads : most;
-    }
-    int most = (H + FR_CHUNK - 1) / FR_CHUNK;
-    if (nthreads > most)
-        nthreads = most;
-    return nthreads < 1 ? 1 : nthreads;
+    if (fr_split_rows(B, H, nthreads))
+        return nthreads;
+    int most = fr_unit_chunks(H);
+    if (fr_forced_split() == 1)
+        most = B;
+    return nthreads < most ? nthreads : most;
 }
 
 /* The gate passes' streams never overlap (distinct buffers, or distinct gate
@@ -172,6 +182,13 @@ void fr_set_blas_threads_fn(int (*fn)(int))
 int fr_has_threads(void)
 {
     return fr_pool_threads_available();
+}
+
+int fr_team_plan(int nthreads, int B, int H, int *rows)
+{
+    int n = fr_team(nthreads, B, H);
+    *rows = fr_split_rows(B, H, n);
+    return n;
 }
 
 void fr_team_stats(long *team_calls, long *stalled_calls, long *backoff_calls)

@@ -188,7 +188,7 @@ static void FN(lstm_forward_job)(void *arg, int tid, int n)
     FN(lstm_fwd_args) *a = arg;
     const int T = a->T, B = a->B, H = a->H, training = a->training;
     const size_t BH = (size_t)B * H, BG = (size_t)B * 4 * H;
-    const int rows = fr_split_rows(B, n);
+    const int rows = fr_split_rows(B, H, n);
     int sense = 0;
     int r0, r1, b0 = 0, b1 = B, j0 = 0, j1 = H;
     fr_split(T * B, 1, tid, n, &r0, &r1);
@@ -310,7 +310,7 @@ static void FN(lstm_backward_job)(void *arg, int tid, int n)
     FN(lstm_bwd_args) *a = arg;
     const int T = a->T, Tc = a->Tc, B = a->B, H = a->H;
     const size_t BH = (size_t)B * H, BG = (size_t)B * 4 * H, ld_out = (size_t)T * H;
-    const int rows = fr_split_rows(B, n);
+    const int rows = fr_split_rows(B, H, n);
     int sense = 0;
     int b0 = 0, b1 = B, j0 = 0, j1 = H;
     if (rows)
@@ -445,7 +445,7 @@ static void FN(rnn_forward_job)(void *arg, int tid, int n)
     FN(rnn_fwd_args) *a = arg;
     const int T = a->T, B = a->B, H = a->H;
     const size_t BH = (size_t)B * H;
-    const int rows = fr_split_rows(B, n);
+    const int rows = fr_split_rows(B, H, n);
     int sense = 0;
     int r0, r1, b0 = 0, b1 = B, j0 = 0, j1 = H;
     fr_split(T * B, 1, tid, n, &r0, &r1);
@@ -499,7 +499,7 @@ static void FN(rnn_backward_job)(void *arg, int tid, int n)
     FN(rnn_bwd_args) *a = arg;
     const int T = a->T, Tc = a->Tc, B = a->B, H = a->H;
     const size_t BH = (size_t)B * H, ld_out = (size_t)T * H;
-    const int rows = fr_split_rows(B, n);
+    const int rows = fr_split_rows(B, H, n);
     int sense = 0;
     int b0 = 0, b1 = B, j0 = 0, j1 = H;
     if (rows)

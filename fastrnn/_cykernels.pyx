@@ -58,6 +58,7 @@ cdef extern from "fastrnn.h" nogil:
     int fr_has_threads()
     void fr_set_blas_threads_fn(int (*fn)(int))
     void fr_team_stats(long *team_calls, long *stalled_calls, long *backoff_calls)
+    int fr_team_plan(int nthreads, int B, int H, int *rows)
 
 
 cdef fr_sblas _SBLAS
@@ -73,6 +74,14 @@ def build_info():
     (Its BLAS is SciPy's, through scipy.linalg.cython_blas.)"""
     return {"compiler": fr_compiler().decode(),
             "threads": "own team (POSIX threads)" if fr_has_threads() else "no"}
+
+
+def team_plan(int nthreads, int B, int H):
+    """(threads, split) a kernel call gets for nthreads, B rows, H units:
+    split is "rows" or "units" (see csrc/rnn_kernels.c)."""
+    cdef int rows = 0
+    cdef int n = fr_team_plan(nthreads, B, H, &rows)
+    return n, ("rows" if rows else "units")
 
 
 def team_stats():

@@ -294,12 +294,16 @@ def sgemm_gflops(n=1024, repeats=5):
     return 2 * n ** 3 / min(times) / 1e9
 
 
-def time_alternating(runners, repeats, warmup=2):
+def time_alternating(runners, repeats, warmup=2, settle=1):
     """Time ``runners`` (name -> callable) side by side.
 
     Each runs ``warmup`` times (tracing, JIT compilation, first-touch), then
-    ``repeats`` rounds call every runner once, the order rotating by one each
-    round.  Returns name -> list of seconds.
+    ``repeats`` rounds call every runner in turn, the order rotating by one
+    each round.  In a round, each runner first runs ``settle`` untimed
+    times, then once timed: a library's idle threads keep spinning for a
+    while after its call (OpenMP's, OpenBLAS's, TensorFlow's), and the
+    untimed call takes that tail instead of the next contender's timed run.
+    Returns name -> list of seconds.
     """
     names = list(runners)
     for name in names:
@@ -309,6 +313,8 @@ def time_alternating(runners, repeats, warmup=2):
     for r in range(repeats if names else 0):
         k = r % len(names)
         for name in names[k:] + names[:k]:
+            for _ in range(settle):
+                runners[name]()
             t0 = time.perf_counter()
             runners[name]()
             times[name].append(time.perf_counter() - t0)
@@ -417,7 +423,10 @@ def _set_threads(n, keras=True):
 
 
 def _contenders(args):
-    backends = args.backend or list(fastrnn.available_backends())
+    # The NumPy reference is not a speed contender (and its threaded BLAS's
+    # idle threads would spin into the others' runs): only when asked for.
+    backends = args.backend or [b for b in fastrnn.available_backends()
+                                if b != "numpy"]
     names = [] if args.no_keras else ["keras", "fastrnn.keras"]
     names += [f"ops[{b}]" for b in dict.fromkeys(backends)]
     if not args.no_torch:
@@ -650,7 +659,8 @@ def build_parser():
                    help="timed runs per contender (default 15, 5 with --quick)")
     p.add_argument("--backend", action="append", choices=_backend.BACKENDS,
                    help="fastrnn.ops backend to time (repeatable; default: every "
-                        "available one).  The fastrnn.keras layers use FASTRNN_BACKEND/auto.")
+                        "available compiled one).  The fastrnn.keras layers use "
+                        "FASTRNN_BACKEND/auto.")
     p.add_argument("--threads", type=int, default=0, metavar="N",
                    help="threads for fastrnn, TensorFlow and PyTorch (default: each "
                         "library's own default)")

@@ -33,11 +33,13 @@ def threads(request, monkeypatch):
 @pytest.mark.parametrize("mask", [None, "random", "left_padded", "empty_rows"])
 @pytest.mark.parametrize("kind,activation", [("lstm", "tanh"), ("rnn", "tanh"),
                                              ("rnn", "relu")])
-@pytest.mark.parametrize("B", [4, 13], ids=["B4", "B13"])   # 3 threads: units, rows split
+@pytest.mark.parametrize("B", [4, 13], ids=["B4", "B13"])
 def test_chunked_backward_matches_reference(backend, dtype, kind, activation,
                                             mask, go_backwards, threads, B,
                                             small_chunks, rng, kernels):
-    p = kernels.make_problem(rng, kind, B, 10, 3, 40, dtype,
+    # H = 20 (2 chunks of units): 3 threads split the units at B = 4 and
+    # the batch rows at B = 13 (see test_ops_parallel's plan test)
+    p = kernels.make_problem(rng, kind, B, 10, 3, 20, dtype,
                              activation=activation, mask=mask,
                              go_backwards=go_backwards)
     kernels.assert_results_close(kernels.run_ops(p, backend),

@@ -57,3 +57,23 @@ def test_threaded_kernels_match_reference(threaded, backend, threads, H, kind,
 
     for got, want in zip(run(backend), run("numpy")):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.skipif("cython" not in fastrnn.available_backends(),
+                    reason="the cython backend is not built")
+@pytest.mark.parametrize("threads, B, H, plan", [
+    (1, 64, 256, (1, "units")),     # one thread: serial
+    (2, 1, 256, (2, "units")),      # batch 1: units
+    (2, 64, 256, (2, "units")),     # units whenever there are enough
+    (8, 3, 40, (3, "units")),       # 3 chunks of 16 units, too few rows
+    (2, 13, 1, (2, "rows")),        # 1 chunk of units, 13 rows
+    (3, 13, 17, (3, "rows")),       # 2 chunks, 3 threads, >= 4 rows each
+    (3, 13, 20, (3, "rows")),       # test_ops_chunks' B = 13 case
+    (3, 4, 20, (2, "units")),       # test_ops_chunks' B = 4 case
+    (8, 13, 1, (1, "units")),       # not enough rows for 8, one chunk
+])
+def test_team_plan(threads, B, H, plan, monkeypatch):
+    """Which split the tests above exercise (and the rule itself)."""
+    monkeypatch.delenv("FASTRNN_SPLIT", raising=False)
+    from fastrnn import _cykernels
+    assert _cykernels.team_plan(threads, B, H) == plan

@@ -106,15 +106,15 @@ def _child(conn, run_ops, p, backend):
 
 
 @pytest.mark.parametrize("backend", COMPILED)
-@pytest.mark.parametrize("B", [4, 8], ids=["units-split", "rows-split"])
-def test_threads_work_in_a_forked_child(backend, B, rng, kernels, monkeypatch):
+@pytest.mark.parametrize("B, H", [(4, 48), (8, 16)], ids=["units-split", "rows-split"])
+def test_threads_work_in_a_forked_child(backend, B, H, rng, kernels, monkeypatch):
     """After the parent has started its kernel threads, a fork()ed child
     (multiprocessing's default on Linux) gets working threads of its own."""
     import multiprocessing as mp
     if "fork" not in mp.get_all_start_methods():
         pytest.skip("no fork() on this platform")
     _team_everywhere(monkeypatch)
-    p = kernels.make_problem(rng, "lstm", B, 12, 5, 48, np.float64)
+    p = kernels.make_problem(rng, "lstm", B, 12, 5, H, np.float64)
     parent = kernels.run_ops(p, backend)           # threads now exist
     ctx = mp.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
