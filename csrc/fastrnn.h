@@ -55,6 +55,8 @@ enum { FR_ACT_TANH = 0, FR_ACT_RELU = 1, FR_ACT_LINEAR = 2 };
  *          cs[(t+1) % 2] (inference).
  *   gates  (T, B, 4H) scratch; when training, holds on exit the activated
  *          gates i, f, g, o that lstm_backward needs.
+ *   work   (4*H*H + 4*H) scratch: at batch 1, the threads' packed columns
+ *          of U and one step's h U.
  *   nthreads  threads of the team (fr_pool.h) that split the hidden units;
  *          1 runs on the caller's thread only.
  */
@@ -62,12 +64,12 @@ int fr_lstm_forward_f32(const fr_sblas *blas, int nthreads, int training,
                         int T, int B, int I, int H,
                         const float *x, const float *W, const float *U,
                         const float *bias, const unsigned char *mask,
-                        float *hs, float *cs, float *gates);
+                        float *hs, float *cs, float *gates, float *work);
 int fr_lstm_forward_f64(const fr_dblas *blas, int nthreads, int training,
                         int T, int B, int I, int H,
                         const double *x, const double *W, const double *U,
                         const double *bias, const unsigned char *mask,
-                        double *hs, double *cs, double *gates);
+                        double *hs, double *cs, double *gates, double *work);
 
 /*
  * LSTM backward (BPTT), from the forward's saved hs, cs (T+1, B, H) and

@@ -50,52 +50,68 @@ static void FN(gemm_rm)(const BLAS_T *blas, int ta, int tb, int M, int N, int K,
 
 /* ------------------------------------------------------------- LSTM --- */
 
-/* One step's gate pass over all B rows, for hidden units [j0, j1).  z (B, 4H)
- * holds x W + h U for the step; writes h and c of the next step, and stores
- * the activated gates i, f, g, o back into z (kept for backward). */
+/* One step's gate pass over all B rows, for hidden units [j0, j1).  z
+ * (B, 4H) holds the step's pre-activations x W + h U, or only x W when rec
+ * is given: then rec (B, ldr) holds h U for these units, gate block q of
+ * row b at rec[b * ldr + q * (j1 - j0)].  Writes h and c of the next step,
+ * and stores the activated gates i, f, g, o back into z (kept for
+ * backward). */
+#define FR_LSTM_GATES(RI, RF, RG, RO)                                   \
+    FR_IVDEP                                                            \
+    for (int j = 0; j < w; j++) {                                       \
+        REAL i = SIGMOID(zi[j] + RI + bi[j]);                           \
+        REAL f = SIGMOID(zf[j] + RF + bf[j]);                           \
+        REAL g = TANH(zg[j] + RG + bg[j]);                              \
+        REAL o = SIGMOID(zo[j] + RO + bo[j]);                           \
+        REAL c = f * cp[j] + i * g;                                     \
+        cn[j] = c;                                                      \
+        hn[j] = o * TANH(c);                                            \
+        zi[j] = i;                                                      \
+        zf[j] = f;                                                      \
+        zg[j] = g;                                                      \
+        zo[j] = o;                                                      \
+    }
+
 FR_VECTORIZE
 static void FN(lstm_cell)(int B, int H, int j0, int j1,
                           const REAL *restrict bias, const unsigned char *mask,
-                          REAL *restrict z, const REAL *restrict hprev,
+                          REAL *restrict z, const REAL *restrict rec, size_t ldr,
+                          const REAL *restrict hprev,
                           const REAL *restrict cprev, REAL *restrict hnext,
                           REAL *restrict cnext)
 {
+    const int w = j1 - j0;
     for (int b = 0; b < B; b++) {
-        REAL *restrict zr = z + (size_t)b * 4 * H;
-        const REAL *restrict hp = hprev + (size_t)b * H;
-        const REAL *restrict cp = cprev + (size_t)b * H;
-        REAL *restrict hn = hnext + (size_t)b * H;
-        REAL *restrict cn = cnext + (size_t)b * H;
+        REAL *restrict zr = z + (size_t)b * 4 * H + j0;
+        const REAL *restrict hp = hprev + (size_t)b * H + j0;
+        const REAL *restrict cp = cprev + (size_t)b * H + j0;
+        REAL *restrict hn = hnext + (size_t)b * H + j0;
+        REAL *restrict cn = cnext + (size_t)b * H + j0;
         if (mask && !mask[b]) {
             FR_IVDEP
-            for (int j = j0; j < j1; j++) {
+            for (int j = 0; j < w; j++) {
                 hn[j] = hp[j];
                 cn[j] = cp[j];
             }
             continue;
         }
         /* one restrict pointer per gate block, so the compiler knows the
-         * four streams of z never overlap */
+         * streams never overlap */
         REAL *restrict zi = zr, *restrict zf = zr + H;
         REAL *restrict zg = zr + 2 * H, *restrict zo = zr + 3 * H;
-        const REAL *restrict bi = bias, *restrict bf = bias + H;
-        const REAL *restrict bg = bias + 2 * H, *restrict bo = bias + 3 * H;
-        FR_IVDEP
-        for (int j = j0; j < j1; j++) {
-            REAL i = SIGMOID(zi[j] + bi[j]);
-            REAL f = SIGMOID(zf[j] + bf[j]);
-            REAL g = TANH(zg[j] + bg[j]);
-            REAL o = SIGMOID(zo[j] + bo[j]);
-            REAL c = f * cp[j] + i * g;
-            cn[j] = c;
-            hn[j] = o * TANH(c);
-            zi[j] = i;
-            zf[j] = f;
-            zg[j] = g;
-            zo[j] = o;
+        const REAL *restrict bi = bias + j0, *restrict bf = bias + H + j0;
+        const REAL *restrict bg = bias + 2 * H + j0, *restrict bo = bias + 3 * H + j0;
+        if (rec) {
+            const REAL *restrict rr = rec + (size_t)b * ldr;
+            const REAL *restrict ri = rr, *restrict rf = rr + w;
+            const REAL *restrict rg = rr + 2 * w, *restrict ro = rr + 3 * w;
+            FR_LSTM_GATES(ri[j], rf[j], rg[j], ro[j])
+        } else {
+            FR_LSTM_GATES(0, 0, 0, 0)
         }
     }
 }
+#undef FR_LSTM_GATES
 
 /* One step's backward gate pass, units [j0, j1).  dh already includes the
  * step's output gradient; on exit dc holds the gradient w.r.t. c_{t-1} and
@@ -179,7 +195,7 @@ typedef struct {
     int training, T, B, I, H;
     const REAL *x, *W, *U, *bias;
     const unsigned char *mask;
-    REAL *hs, *cs, *gates;
+    REAL *hs, *cs, *gates, *work;
     fr_barrier bar;
 } FN(lstm_fwd_args);
 
@@ -197,20 +213,39 @@ static void FN(lstm_forward_job)(void *arg, int tid, int n)
         fr_split(B, 1, tid, n, &b0, &b1);
     else
         fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
-    fr_barrier_wait(&a->bar, n, &sense);
     /* this thread's rows [b0, b1) and units [j0, j1) */
-    const int Bk = b1 - b0;
+    const int Bk = b1 - b0, w = j1 - j0;
     const size_t oh = (size_t)b0 * H, og = (size_t)b0 * 4 * H;
+    /* At batch 1 with several threads, each step is a GEMV per thread:
+     * this thread's columns of U are packed once, gate blocks side by side
+     * (H, 4w), so that the step is one GEMV (not one per gate block) on a
+     * contiguous block that stays in this core's cache, into rec (4w).
+     * Otherwise the step's GEMMs add h U into z in place (one for the
+     * whole layer, or one per gate block). */
+    const int packed = Bk == 1 && w < H && w > 0;
+    REAL *Up = a->work + (size_t)4 * H * j0;
+    REAL *rec = a->work + (size_t)4 * H * H + (size_t)4 * j0;
+    if (packed)
+        for (int k = 0; k < H; k++)
+            for (int q = 0; q < 4; q++)
+                memcpy(Up + (size_t)k * 4 * w + (size_t)q * w,
+                       a->U + (size_t)k * 4 * H + (size_t)q * H + j0,
+                       (size_t)w * sizeof(REAL));
+    fr_barrier_wait(&a->bar, n, &sense);
     for (int t = 0; t < T; t++) {
         REAL *z = a->gates + t * BG + og;
         const REAL *hp = a->hs + t * BH + oh;
         const REAL *cp = a->cs + (size_t)(training ? t : (t & 1)) * BH + oh;
         REAL *cn = a->cs + (size_t)(training ? t + 1 : ((t + 1) & 1)) * BH + oh;
         const unsigned char *m = a->mask ? a->mask + (size_t)t * B + b0 : NULL;
-        if (j1 > j0 && Bk > 0) {
-            FN(recurrent_projection)(a->blas, 4, Bk, H, j0, j1, hp, a->U, z);
-            FN(lstm_cell)(Bk, H, j0, j1, a->bias, m, z, hp, cp,
-                          a->hs + (t + 1) * BH + oh, cn);
+        if (w > 0 && Bk > 0) {
+            if (packed)
+                FN(gemm_rm)(a->blas, 0, 0, 1, 4 * w, H, 1, hp, H, Up, 4 * w, 0,
+                            rec, 4 * w);
+            else
+                FN(recurrent_projection)(a->blas, 4, Bk, H, j0, j1, hp, a->U, z);
+            FN(lstm_cell)(Bk, H, j0, j1, a->bias, m, z, packed ? rec : NULL,
+                          (size_t)4 * w, hp, cp, a->hs + (t + 1) * BH + oh, cn);
         }
         if (!rows)
             fr_barrier_wait(&a->bar, n, &sense);
@@ -221,12 +256,12 @@ int FN(fr_lstm_forward)(const BLAS_T *blas, int nthreads, int training, int T, i
                         int I, int H, const REAL *x, const REAL *W,
                         const REAL *U, const REAL *bias,
                         const unsigned char *mask, REAL *hs, REAL *cs,
-                        REAL *gates)
+                        REAL *gates, REAL *work)
 {
     if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 4))
         return 1;
     FN(lstm_fwd_args) a = {blas, training, T, B, I, H, x, W, U, bias, mask,
-                           hs, cs, gates};
+                           hs, cs, gates, work};
     fr_barrier_init(&a.bar);
     fr_pool_run(fr_team(nthreads, B, H), FN(lstm_forward_job), &a);
     return 0;

@@ -26,10 +26,10 @@ cdef extern from "fastrnn.h" nogil:
         fr_dgemv_fn gemv
     int fr_lstm_forward_f32(const fr_sblas*, int, int, int, int, int, int,
                             const float*, const float*, const float*, const float*,
-                            const unsigned char*, float*, float*, float*)
+                            const unsigned char*, float*, float*, float*, float*)
     int fr_lstm_forward_f64(const fr_dblas*, int, int, int, int, int, int,
                             const double*, const double*, const double*, const double*,
-                            const unsigned char*, double*, double*, double*)
+                            const unsigned char*, double*, double*, double*, double*)
     int fr_lstm_backward_f32(const fr_sblas*, int, int, int, int, int, int,
                              const float*, const float*, const float*,
                              const unsigned char*, const float*, const float*,
@@ -116,7 +116,7 @@ def lstm_forward(const floating[:, :, ::1] x, const floating[:, ::1] W,
                  const floating[:, ::1] U, const floating[::1] bias,
                  const unsigned char[:, ::1] mask, floating[:, :, ::1] hs,
                  floating[:, :, ::1] cs, floating[:, :, ::1] gates,
-                 bint training, int nthreads):
+                 floating[::1] work, bint training, int nthreads):
     cdef Py_ssize_t T = x.shape[0], B = x.shape[1], I = x.shape[2], H = U.shape[0]
     _expect("W", (W.shape[0], W.shape[1]), (I, 4 * H))
     _expect("U", (U.shape[0], U.shape[1]), (H, 4 * H))
@@ -124,8 +124,10 @@ def lstm_forward(const floating[:, :, ::1] x, const floating[:, ::1] W,
     _expect("hs", (hs.shape[0], hs.shape[1], hs.shape[2]), (T + 1, B, H))
     _expect("cs", (cs.shape[0], cs.shape[1], cs.shape[2]), (T + 1 if training else 2, B, H))
     _expect("gates", (gates.shape[0], gates.shape[1], gates.shape[2]), (T, B, 4 * H))
+    _expect("work", (work.shape[0],), (4 * H * H + 4 * H if B == 1 else 0,))
     if T < 1 or B < 1 or H < 1:
         raise ValueError("T, B and H must be at least 1")
+    cdef floating* pwork = &work[0] if work.shape[0] > 0 else NULL
     cdef const unsigned char* m = _mask_ptr(mask, T, B)
     cdef const floating* px = &x[0, 0, 0] if I > 0 else NULL
     cdef const floating* pW = &W[0, 0] if I > 0 else NULL
@@ -134,11 +136,13 @@ def lstm_forward(const floating[:, :, ::1] x, const floating[:, ::1] W,
         if floating is float:
             rc = fr_lstm_forward_f32(&_SBLAS, nthreads, training, T, B, I, H,
                                      px, pW, &U[0, 0], &bias[0], m,
-                                     &hs[0, 0, 0], &cs[0, 0, 0], &gates[0, 0, 0])
+                                     &hs[0, 0, 0], &cs[0, 0, 0], &gates[0, 0, 0],
+                                     pwork)
         else:
             rc = fr_lstm_forward_f64(&_DBLAS, nthreads, training, T, B, I, H,
                                      px, pW, &U[0, 0], &bias[0], m,
-                                     &hs[0, 0, 0], &cs[0, 0, 0], &gates[0, 0, 0])
+                                     &hs[0, 0, 0], &cs[0, 0, 0], &gates[0, 0, 0],
+                                     pwork)
     if rc:
         raise ValueError("fastrnn: lstm_forward rejected its sizes")
 

@@ -447,12 +447,14 @@ def _lstm_grad_steps(x_tm, W, U, mask_tm, hs, cs, gates, d_out, dh, dc, dx_tm,
         _weight_grads(x_tm, W, hs, dz, t0, t1, dx_tm, dW, dU, db)
 
 
-def lstm_forward(x_tm, W, U, bias, mask_tm, hs, cs, gates, training, nthreads):
+def lstm_forward(x_tm, W, U, bias, mask_tm, hs, cs, gates, work, training,
+                 nthreads):
     """LSTM forward.  hs (T+1, B, H) and cs ((T+1 if training else 2), B, H)
     hold h0, c0 at index 0 on entry; on exit hs[t+1] is h after step t and the
     c after step t is at cs[t+1] (training) or cs[(t+1) % 2].  gates
     (T, B, 4H): when training, on exit the activated gates i, f, g, o of
-    taken rows."""
+    taken rows.  work (the cython kernel's scratch for packed weights) is
+    not used: each thread's row block multiplies by U in place."""
     blocks = _row_blocks(x_tm.shape[1], nthreads)
     if len(blocks) == 1:
         _input_gemm(x_tm, W, gates)
