@@ -55,8 +55,9 @@ enum { FR_ACT_TANH = 0, FR_ACT_RELU = 1, FR_ACT_LINEAR = 2 };
  *          cs[(t+1) % 2] (inference).
  *   gates  (T, B, 4H) scratch; when training, holds on exit the activated
  *          gates i, f, g, o that lstm_backward needs.
- *   work   (4*H*H + 4*H) scratch: at batch 1, the threads' packed columns
- *          of U and one step's h U.
+ *   work   (4*H*H + 4*H) scratch, or NULL: at batch 1 with several threads,
+ *          the threads' packed columns of U and one step's h U (with NULL,
+ *          one GEMV per gate block instead).
  *   nthreads  threads of the team (fr_pool.h) that split the hidden units;
  *          1 runs on the caller's thread only.
  */

@@ -222,7 +222,7 @@ static void FN(lstm_forward_job)(void *arg, int tid, int n)
      * contiguous block that stays in this core's cache, into rec (4w).
      * Otherwise the step's GEMMs add h U into z in place (one for the
      * whole layer, or one per gate block). */
-    const int packed = Bk == 1 && w < H && w > 0;
+    const int packed = Bk == 1 && w < H && w > 0 && a->work != NULL;
     REAL *Up = a->work + (size_t)4 * H * j0;
     REAL *rec = a->work + (size_t)4 * H * H + (size_t)4 * j0;
     if (packed)

@@ -124,7 +124,8 @@ def lstm_forward(const floating[:, :, ::1] x, const floating[:, ::1] W,
     _expect("hs", (hs.shape[0], hs.shape[1], hs.shape[2]), (T + 1, B, H))
     _expect("cs", (cs.shape[0], cs.shape[1], cs.shape[2]), (T + 1 if training else 2, B, H))
     _expect("gates", (gates.shape[0], gates.shape[1], gates.shape[2]), (T, B, 4 * H))
-    _expect("work", (work.shape[0],), (4 * H * H + 4 * H if B == 1 else 0,))
+    if work.shape[0] != 0:
+        _expect("work", (work.shape[0],), (4 * H * H + 4 * H,))
     if T < 1 or B < 1 or H < 1:
         raise ValueError("T, B and H must be at least 1")
     cdef floating* pwork = &work[0] if work.shape[0] > 0 else NULL

@@ -141,8 +141,9 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
     cs = _aligned_empty((T + 1 if training else 2, B, H), dt)
     cs[0] = c0
     gates = _aligned_empty((T, B, 4 * H), dt)
-    work = _aligned_empty((4 * H * (H + 1) if B == 1 else 0,), dt)
     threads, blas = _backend.thread_plan(name, B, 4, H)
+    # the threads' packed weights at batch 1 (see csrc/fastrnn.h)
+    work = _aligned_empty((4 * H * (H + 1) if B == 1 and threads > 1 else 0,), dt)
     with blas:
         _backend.module(name).lstm_forward(
             x_tm, np.ascontiguousarray(W), np.ascontiguousarray(U),

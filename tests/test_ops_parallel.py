@@ -82,3 +82,34 @@ def test_team_plan(threads, B, H, plan, monkeypatch):
     """Which split the tests above exercise (and the rule itself)."""
     from fastrnn import _cykernels
     assert _cykernels.team_plan(threads, B, H) == plan
+
+
+@pytest.mark.skipif("cython" not in fastrnn.available_backends(),
+                    reason="the cython backend is not built")
+@pytest.mark.parametrize("training", [False, True])
+def test_batch1_team_without_packing_scratch_gives_the_same(training):
+    """The C LSTM forward at batch 1 with a team: with the work scratch the
+    threads pack their columns of U (one GEMV per step), without it they
+    run one GEMV per gate block; both must give the same numbers."""
+    from fastrnn import _cykernels
+    rng = np.random.default_rng(5)
+    T, B, I, H = 7, 1, 5, 40
+    x = rng.standard_normal((T, B, I))
+    W = rng.standard_normal((I, 4 * H)) / 3
+    U = rng.standard_normal((H, 4 * H)) / 7
+    b = rng.standard_normal(4 * H) / 5
+    runs = []
+    for work in (np.empty(4 * H * (H + 1)), np.empty(0)):
+        hs = np.zeros((T + 1, B, H))
+        cs = np.zeros((T + 1 if training else 2, B, H))
+        gates = np.empty((T, B, 4 * H))
+        _cykernels.lstm_forward(x, W, U, b, np.zeros((0, 0), np.uint8), hs, cs,
+                                gates, work, training, 2)
+        runs.append((hs, cs, gates if training else None))
+    for got, want in zip(runs[0], runs[1]):
+        if want is not None:
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13)
+    with pytest.raises(ValueError, match="work must have shape"):
+        _cykernels.lstm_forward(x, W, U, b, np.zeros((0, 0), np.uint8),
+                                np.zeros((T + 1, B, H)), np.zeros((2, B, H)),
+                                np.empty((T, B, 4 * H)), np.empty(3), False, 2)
