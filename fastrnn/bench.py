@@ -339,17 +339,29 @@ def _memory_child(argv):
     step = build_runner(name, case, "fwd+bwd")
     step()
     step()
-    gc.collect()
+    from . import _buffers
+
+    def fresh():
+        # fastrnn keeps its large buffers for reuse between calls; let them
+        # go, so that the measured step allocates its whole working set, as
+        # it would without that pool (what the pool keeps between steps is
+        # reported separately)
+        _buffers.pool.release()
+        gc.collect()
+    fresh()
     with open("/proc/self/clear_refs", "w") as f:    # resets VmHWM to VmRSS
         f.write("5")
     before = _vm_kib("VmRSS")
     step()
     rss = (_vm_kib("VmHWM") - before) * 1024
+    held = _buffers.pool.held_bytes()
+    fresh()
     tracemalloc.start()
     step()
     traced = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    print(json.dumps({"peak_extra_bytes": rss, "traced_extra_bytes": traced}))
+    print(json.dumps({"peak_extra_bytes": rss, "traced_extra_bytes": traced,
+                      "pool_bytes": held}))
 
 
 def measure_memory(name, case, threads=0, timeout=600):
@@ -360,9 +372,12 @@ def measure_memory(name, case, threads=0, timeout=600):
     * ``peak_extra_bytes``: growth of the peak resident set over one step;
     * ``traced_extra_bytes``: tracemalloc's peak over the next step (NumPy
       buffers and Python objects only: a cross-check for NumPy-side memory);
+    * ``pool_bytes``: what fastrnn's buffer pool keeps between steps (0 for
+      the other contenders).  Both steps start with the pool emptied, so the
+      peaks count fastrnn's whole working set;
     * ``error``: None, or why there are no numbers (which are then None).
     """
-    out = {"peak_extra_bytes": None, "traced_extra_bytes": None}
+    out = {"peak_extra_bytes": None, "traced_extra_bytes": None, "pool_bytes": None}
     if not os.path.exists("/proc/self/clear_refs"):
         return dict(out, error="needs Linux's /proc/self/clear_refs")
     root = os.path.dirname(os.path.dirname(os.path.abspath(fastrnn.__file__)))
@@ -571,13 +586,15 @@ def format_report(report):
         lines.append("")
     if report["memory"]:
         lines.append("Peak extra resident memory of one training step (fwd+bwd), MiB "
-                     "(traced: NumPy/Python allocations, tracemalloc):")
+                     "(traced: NumPy/Python allocations, tracemalloc; kept: "
+                     "what fastrnn's buffer pool keeps for the next step):")
         for m in report["memory"]:
             if m["error"] is not None:
                 val = f"n/a ({m['error']})"
             else:
                 val = (f"{m['peak_extra_bytes'] / 2 ** 20:8.1f}   traced "
-                       f"{m['traced_extra_bytes'] / 2 ** 20:6.1f}")
+                       f"{m['traced_extra_bytes'] / 2 ** 20:6.1f}   kept "
+                       f"{m['pool_bytes'] / 2 ** 20:6.1f}")
             lines.append(f"  {m['case']:<22}{m['contender']:<15}{val}")
         lines.append("")
     summary = _speedup_summary(report)

@@ -75,13 +75,9 @@ def _seen(mask_tm):
 
 
 def _aligned_empty(shape, dt):
-    """An uninitialised array whose data starts on a 64-byte boundary, from
-    the buffer pool (fastrnn._buffers: reused memory, no page faults).
-
-    The forward's saved arrays go to TensorFlow as tensors (fastrnn.keras);
-    TensorFlow wraps 64-byte-aligned NumPy memory without copying it, which
-    keeps a training step's peak memory below the stock layer's.
-    """
+    """An uninitialised array whose data starts on a 64-byte boundary (SIMD
+    loads, and TensorFlow's own alignment), from the buffer pool
+    (fastrnn._buffers: reused memory, no page faults)."""
     return _pool.empty(shape, dt)
 
 

@@ -119,7 +119,7 @@ def test_quick_json_report_with_keras_and_memory(tmp_path, capsys):
     assert sorted(memory) == ["fastrnn.keras", "keras"]
     for m in memory.values():
         assert m["case"] == "lstm-2x4x3x5" and m["error"] is None
-        for key in ("peak_extra_bytes", "traced_extra_bytes"):
+        for key in ("peak_extra_bytes", "traced_extra_bytes", "pool_bytes"):
             assert isinstance(m[key], int) and m[key] >= 0
     out = capsys.readouterr().out
     assert "NumPy sgemm 1024^3 peak" in out

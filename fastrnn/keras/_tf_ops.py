@@ -9,9 +9,11 @@ The forward pass's workspace travels to the backward pass as tensors, so
 TensorFlow owns its lifetime: nothing is kept in a Python registry, nothing
 leaks when no gradient is taken, and concurrent calls (threads, replicas of
 a ``tf.distribute`` strategy) share no state.  Its big arrays (states,
-gates, mask) are extra outputs of the forward op, which TensorFlow wraps
-without copying when they are 64-byte aligned (and copies once otherwise);
-the backward op gets them back as NumPy views of the same memory.  The rest
+gates, mask) are extra outputs of the forward op; the backward op gets them
+back as NumPy views of the tensors' memory.  (``tf.numpy_function`` copies
+each result into a tensor once.  Handing results over without a copy,
+through ``tf.py_function`` and DLPack, was measured: slower per step here,
+and no lower in peak memory, so it is not used.)  The rest
 (backend, shape, flags) travels as a small pickled
 :class:`fastrnn.ops.Workspace` with those arrays left out.  The numpy
 backend's workspace (also used for empty shapes) is pickled whole: it is a
