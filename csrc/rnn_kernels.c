@@ -41,9 +41,14 @@ static void fr_split(int n_items, int align, int tid, int n, int *lo, int *hi)
  * stay in its core's cache, and the team meets once per step.  When there
  * are more threads than chunks of units and enough batch rows, each thread
  * owns a block of rows instead and runs the whole time loop on its own
- * (rows never interact): the team meets only around the large GEMMs.
+ * (rows never interact): the team meets only around the large GEMMs.  The
+ * rows are split too for small layers (H <= FR_SMALL_H), where a step is
+ * too little work per thread to be worth a meeting.
  * FASTRNN_SPLIT=units|rows forces one (for measurements). */
 #define FR_MIN_ROWS 4    /* fewest batch rows a thread owns in the row split */
+#define FR_SMALL_H 64    /* up to this many units, every thread can keep all of U
+                          * in cache, and the row split measured as fast or
+                          * faster (and meets its team less often) */
 
 static int fr_forced_split(void)
 {
@@ -68,7 +73,7 @@ static int fr_split_rows(int B, int H, int n)
     int forced = fr_forced_split();
     if (forced < 2)
         return forced && B >= n;
-    return n > fr_unit_chunks(H) && B >= n * FR_MIN_ROWS;
+    return (n > fr_unit_chunks(H) || H <= FR_SMALL_H) && B >= n * FR_MIN_ROWS;
 }
 
 /* Threads for a kernel: the caller's choice (fastrnn/_backend.py decides

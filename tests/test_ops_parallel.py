@@ -77,6 +77,9 @@ def test_threaded_kernels_match_reference(threaded, backend, threads, H, kind,
     (3, 13, 20, (3, "rows")),       # test_ops_chunks' B = 13 case
     (3, 4, 20, (2, "units")),       # test_ops_chunks' B = 4 case
     (8, 13, 1, (1, "units")),       # not enough rows for 8, one chunk
+    (2, 128, 64, (2, "rows")),      # small layer, many rows
+    (2, 128, 65, (2, "units")),     # past FR_SMALL_H
+    (2, 7, 64, (2, "units")),       # small layer, too few rows
 ])
 def test_team_plan(threads, B, H, plan, monkeypatch):
     """Which split the tests above exercise (and the rule itself)."""
