@@ -147,7 +147,7 @@ void fr_set_blas_threads_fn(int (*fn)(int));
 int fr_team_plan(int nthreads, int B, int H, int *rows);
 
 /* The thread team's counters: calls run by a team, team calls that stalled
- * (threads asleep > 25% of the call: oversubscribed cores), and calls run
+ * (threads asleep > 1/3 of the call: oversubscribed cores), and calls run
  * on the caller's thread alone during the back-off that follows a stall. */
 void fr_team_stats(long *team_calls, long *stalled_calls, long *backoff_calls);
 

@@ -162,14 +162,16 @@ static atomic_int pending;               /* workers still running the job */
 static atomic_int pending_sleepers;
 static int (*volatile blas_threads_fn)(int);
 static int atfork_registered;
-/* Contention back-off: when two team calls in a row spent a large share of
- * their time with threads asleep waiting for each other (threads of the
- * team descheduled: more runnable threads than cores), the next
- * backoff_left calls run on the caller's thread alone; the back-off doubles
- * while stalls persist (up to FR_BACKOFF_MAX calls) and resets after a
- * clean team call.  A single stalled call does not count: a virtual CPU
- * now and then takes milliseconds to wake.  Protected by busy. */
-#define FR_BACKOFF_FIRST 8
+/* Contention back-off: when FR_STALL_STREAK team calls in a row spent a
+ * large share of their time with threads asleep waiting for each other
+ * (threads of the team descheduled: more runnable threads than cores), the
+ * next backoff_left calls run on the caller's thread alone; the back-off
+ * doubles while stalls persist (up to FR_BACKOFF_MAX calls) and resets
+ * after a clean team call.  Isolated stalls do not count: on a virtual
+ * machine a CPU now and then takes milliseconds to wake.  Protected by
+ * busy. */
+#define FR_STALL_STREAK 3
+#define FR_BACKOFF_FIRST 4
 #define FR_BACKOFF_MAX 64
 static int backoff_left, backoff_len, stall_streak;
 static long stat_team_calls, stat_stalled_calls, stat_backoff_calls;
@@ -285,9 +287,9 @@ void fr_pool_run(int nthreads, fr_job_fn job, void *arg)
         fr_wait_while(&pending, left, &pending_sleepers);
     const long waited = atomic_load(&fr_waited_ns) - w0, wall = fr_now_ns() - t0;
     stat_team_calls++;
-    if (waited > 200000L && 4 * waited > wall) {   /* > 25% and > 200 us asleep */
+    if (waited > 200000L && 3 * waited > wall) {   /* > 1/3 and > 200 us asleep */
         stat_stalled_calls++;
-        if (++stall_streak >= 2) {
+        if (++stall_streak >= FR_STALL_STREAK) {
             backoff_len = backoff_len ? 2 * backoff_len : FR_BACKOFF_FIRST;
             if (backoff_len > FR_BACKOFF_MAX)
                 backoff_len = FR_BACKOFF_MAX;

@@ -20,6 +20,7 @@ The grid, the contenders and the runners are importable: the pytest-benchmark
 suite in bench/ uses them too.
 """
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -294,6 +295,22 @@ def sgemm_gflops(n=1024, repeats=5):
     return 2 * n ** 3 / min(times) / 1e9
 
 
+def _one_blas_thread():
+    """Context: NumPy's (and SciPy's) BLAS on one thread, where threadpoolctl
+    is installed."""
+    try:
+        from threadpoolctl import threadpool_limits
+        return threadpool_limits(1, user_api="blas")
+    except ImportError:
+        return contextlib.nullcontext()
+
+
+def _let_blas_threads_idle(seconds=0.3):
+    """After a threaded NumPy product, OpenBLAS's workers busy-wait for about
+    0.1 s before sleeping; wait that out before timing anything."""
+    time.sleep(seconds)
+
+
 def time_alternating(runners, repeats, warmup=2, settle=1):
     """Time ``runners`` (name -> callable) side by side.
 
@@ -479,6 +496,7 @@ def run(cases, contenders, repeats, memory=True, threads=0, progress=True):
     (the structure written by ``--json``)."""
     load = [os.getloadavg()[0]]
     peaks = [sgemm_gflops()]
+    _let_blas_threads_idle()
     report = {"fastrnn": fastrnn.__version__, "machine": platform.machine(),
               "cpus": os.cpu_count(), "fastrnn_threads": fastrnn.get_num_threads(),
               "available_backends": list(fastrnn.available_backends()),
@@ -489,7 +507,8 @@ def run(cases, contenders, repeats, memory=True, threads=0, progress=True):
     bar = Progress(len(cases) * (len(PASSES) + len(mem_names)), progress)
     for case in cases:
         data = make_data(case)
-        reference = np.asarray(build_runner("ops[numpy]", case, "fwd", data)())
+        with _one_blas_thread():   # no BLAS threads left spinning into the timings
+            reference = np.asarray(build_runner("ops[numpy]", case, "fwd", data)())
         for pass_ in PASSES:
             bar.step(group_name(case, pass_))
             report["groups"].append(_measure_group(case, pass_, contenders, data,
