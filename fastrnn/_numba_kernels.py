@@ -193,40 +193,6 @@ def _input_gemm(x_tm, W, out):
 
 
 @njit(inline="always", **_JIT)
-def _dot_into(a, b, out, first):
-    """out = a @ b when first, else out += a @ b."""
-    if first:
-        np.dot(a, b, out)
-    else:
-        out += np.dot(a, b)
-
-
-@njit(**_JIT)
-def _weight_grads(x_tm, W, hs, dz, t0, t1, dx_tm, dW, dU, db):
-    """The weight gradients of the chunk of steps [t0, t1), whose
-    pre-activation gradients are dz[:t1 - t0] (dz: (Tc, B, G*H)):
-    dx_tm[t0:t1] = dz @ W.T; dW += x^T dz, dU += hs[t0:t1]^T dz and
-    db += column sums of dz over the chunk's rows (set on the first chunk,
-    t1 = T)."""
-    T, B, I = x_tm.shape
-    H = hs.shape[2]
-    G_H = dz.shape[2]
-    R = (t1 - t0) * B
-    first = t1 == T
-    dz2 = dz[:t1 - t0].reshape(R, G_H)
-    if I > 0:
-        x2 = x_tm[t0:t1].reshape(R, I)
-        np.dot(dz2, W.T, dx_tm[t0:t1].reshape(R, I))
-        _dot_into(x2.T, dz2, dW, first)
-    _dot_into(hs[t0:t1].reshape(R, H).T, dz2, dU, first)
-    if first:
-        db[:] = 0
-    for r in range(R):
-        for k in range(G_H):
-            db[k] += dz2[r, k]
-
-
-@njit(inline="always", **_JIT)
 def _recurrent(a, M, out):
     """out (B, N) = a (B, K) @ M (K, N); one row by GEMV (GEMM would pack M
     on every step)."""
@@ -248,9 +214,12 @@ def _gemm_rows(a, b, out, r0, r1):
 @njit(**_JIT)
 def _weight_grads_part(x_tm, W, hs, dz, t0, t1, c0, c1, r0, r1, dx_tm, dW,
                        dU, db):
-    """One thread's share of ``_weight_grads``: rows [r0, r1) of the chunk's
-    dx (rows of the flattened (t, b) chunk) and columns [c0, c1) of dW, dU
-    and db."""
+    """Rows [r0, r1) of the chunk's dx (rows of the flattened (t, b) chunk)
+    and columns [c0, c1) of dW, dU and db, for the chunk of steps [t0, t1)
+    whose pre-activation gradients are dz[:t1 - t0] (dz: (Tc, B, G*H)):
+    dx_tm[t0:t1] = dz @ W.T; dW += x^T dz, dU += hs[t0:t1]^T dz and
+    db += column sums of dz over the chunk's rows (set on the first chunk,
+    t1 = T)."""
     T, B, I = x_tm.shape
     H = hs.shape[2]
     G_H = dz.shape[2]
@@ -261,7 +230,9 @@ def _weight_grads_part(x_tm, W, hs, dz, t0, t1, c0, c1, r0, r1, dx_tm, dW,
         np.dot(dz2[r0:r1], W.T, dx_tm[t0:t1].reshape(R, I)[r0:r1])
     if c1 <= c0:
         return
-    dzc = np.ascontiguousarray(dz2[:, c0:c1])
+    # a block of columns is copied for BLAS (R*(c1-c0) values, for products
+    # of (I+H)*R*(c1-c0) multiply-adds)
+    dzc = dz2 if c0 == 0 and c1 == G_H else np.ascontiguousarray(dz2[:, c0:c1])
     if I > 0:
         part = np.dot(x_tm[t0:t1].reshape(R, I).T, dzc)
         if first:
@@ -277,6 +248,13 @@ def _weight_grads_part(x_tm, W, hs, dz, t0, t1, c0, c1, r0, r1, dx_tm, dW,
     for r in range(R):
         for k in range(c1 - c0):
             db[c0 + k] += dzc[r, k]
+
+
+@njit(**_JIT)
+def _weight_grads(x_tm, W, hs, dz, t0, t1, dx_tm, dW, dU, db):
+    """All of ``_weight_grads_part``'s rows and columns (one thread)."""
+    _weight_grads_part(x_tm, W, hs, dz, t0, t1, 0, dz.shape[2], 0,
+                       (t1 - t0) * x_tm.shape[1], dx_tm, dW, dU, db)
 
 
 @njit(inline="always", **_JIT)
