@@ -6,6 +6,7 @@ linked.  The kernels' threads are their own small POSIX-threads team
 Set ``FASTRNN_CYTHON_DEBUG=1`` to compile with bounds checks and without
 optimisation.
 """
+import glob
 import os
 import sys
 
@@ -36,7 +37,8 @@ def extensions():
     else:
         cflags = ["-O0", "-g"] if DEBUG else ["-O3", "-fno-math-errno"]
         cflags, ldflags = cflags + ["-pthread"], ["-pthread"]
-    exts = [Extension(name, sources, include_dirs=["csrc"],
+    headers = sorted(glob.glob(os.path.join("csrc", "*.h")))   # rebuild when they change
+    exts = [Extension(name, sources, include_dirs=["csrc"], depends=headers,
                       extra_compile_args=cflags, extra_link_args=ldflags)
             for name, sources in EXTENSIONS.items()]
     return cythonize(exts, compiler_directives=CYTHON_DIRECTIVES)

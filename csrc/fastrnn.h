@@ -24,6 +24,8 @@
 #ifndef FASTRNN_H
 #define FASTRNN_H
 
+#include <stddef.h>
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -55,9 +57,10 @@ enum { FR_ACT_TANH = 0, FR_ACT_RELU = 1, FR_ACT_LINEAR = 2 };
  *          cs[(t+1) % 2] (inference).
  *   gates  (T, B, 4H) scratch; when training, holds on exit the activated
  *          gates i, f, g, o that lstm_backward needs.
- *   work   (4*H*H + 4*H) scratch, or NULL: at batch 1 with several threads,
- *          the threads' packed columns of U and one step's h U (with NULL,
- *          one GEMV per gate block instead).
+ *   work   fr_lstm_forward_work(B, H, nthreads) scratch, or NULL: the
+ *          threads' packed copies of their columns of U and one step's h U
+ *          (float32, or batch 1 with several threads).  With NULL, BLAS
+ *          multiplies by U as it is (slower).
  *   nthreads  threads of the team (fr_pool.h) that split the hidden units;
  *          1 runs on the caller's thread only.
  */
@@ -134,6 +137,9 @@ int fr_rnn_backward_f64(const fr_dblas *blas, int nthreads, int act, int T, int 
  * team of threads (POSIX threads), 0 if they always run on the caller's. */
 const char *fr_compiler(void);
 int fr_has_threads(void);
+
+/* The length of fr_lstm_forward's work buffer, in elements. */
+size_t fr_lstm_forward_work(int B, int H, int nthreads);
 
 /* Give the kernels' worker threads a function that sets the calling thread's
  * BLAS thread count (OpenBLAS's openblas_set_num_threads_local): each worker

@@ -26,6 +26,7 @@
 
 /* --- threading: each kernel is one job for the team of fr_pool.h --- */
 #define FR_CHUNK 16    /* unit slices are multiples of one AVX-512 vector */
+#define FR_NR_ALL 32   /* padding per thread in the forward's work buffer */
 
 /* Part tid of n of [0, n_items), cut at multiples of align. */
 static void fr_split(int n_items, int align, int tid, int n, int *lo, int *hi)
@@ -147,6 +148,94 @@ static inline double fr_sigmoid(double x)
     return 1.0 / (1.0 + exp(-x));
 }
 
+
+/* ---------------------------------------------- float32 packed GEMM --- */
+/* The LSTM forward's per-step product h U for a thread's units, on weights
+ * packed once per call: OpenBLAS packs its operand again on every call,
+ * which for one step's small product (B rows) is as much memory traffic as
+ * the product itself, and more than a core's L2 holds for large H.  U's
+ * columns are packed in panels of FR_NR, each K x FR_NR contiguous (so one
+ * step streams each panel once, from L2 where it fits), and a register-
+ * blocked kernel of FR_MR rows x FR_NR columns multiplies them.  GCC vector
+ * types: 16 floats, compiled for AVX-512, AVX2 and baseline x86-64. */
+typedef float fr_v16 __attribute__((vector_size(64)));
+#define FR_NR FR_NR_ALL   /* panel width: two vectors */
+#define FR_MR 8     /* rows per register block: 16 accumulators */
+
+static int fr_panels(int n)
+{
+    return (n + FR_NR - 1) / FR_NR;
+}
+
+/* Pack the gate blocks' columns [j0, j0 + w) of U (K x 4H, row-major) as
+ * the n = 4w columns q*w + u (gate q, unit j0 + u), in panels; padding
+ * columns are zero. */
+static void fr_pack_panels(int K, int H, int j0, int w, const float *U,
+                           float *panels)
+{
+    const int n = 4 * w, np = fr_panels(n);
+    for (int p = 0; p < np; p++)
+        for (int k = 0; k < K; k++)
+            for (int c = n - p * FR_NR; c < FR_NR; c++)
+                if (c >= 0)
+                    panels[((size_t)p * K + k) * FR_NR + c] = 0;
+    for (int k = 0; k < K; k++)
+        for (int q = 0; q < 4; q++) {
+            const float *src = U + (size_t)k * 4 * H + (size_t)q * H + j0;
+            for (int u = 0; u < w; u++) {
+                int j = q * w + u;
+                panels[((size_t)(j / FR_NR) * K + k) * FR_NR + j % FR_NR] = src[u];
+            }
+        }
+}
+
+/* C (M x FR_NR*np, row stride ldc) = A (M x K, row stride lda) * panels. */
+FR_VECTORIZE
+static void fr_sgemm_panels(int M, int K, int np, const float *restrict A, int lda,
+                            const float *restrict panels, float *restrict C, int ldc)
+{
+    for (int p = 0; p < np; p++) {
+        const float *B = panels + (size_t)p * K * FR_NR;
+        float *Cp = C + (size_t)p * FR_NR;
+        int r0 = 0;
+        for (; r0 + FR_MR <= M; r0 += FR_MR) {
+            fr_v16 c0[FR_MR], c1[FR_MR];
+            for (int r = 0; r < FR_MR; r++)
+                c0[r] = c1[r] = (fr_v16){0};
+            const float *a = A + (size_t)r0 * lda;
+            for (int k = 0; k < K; k++) {
+                fr_v16 b0, b1;
+                memcpy(&b0, B + (size_t)k * FR_NR, sizeof b0);
+                memcpy(&b1, B + (size_t)k * FR_NR + 16, sizeof b1);
+#pragma GCC unroll 8
+                for (int r = 0; r < FR_MR; r++) {
+                    float av = a[(size_t)r * lda + k];
+                    c0[r] += av * b0;
+                    c1[r] += av * b1;
+                }
+            }
+            for (int r = 0; r < FR_MR; r++) {
+                memcpy(Cp + (size_t)(r0 + r) * ldc, &c0[r], sizeof c0[r]);
+                memcpy(Cp + (size_t)(r0 + r) * ldc + 16, &c1[r], sizeof c1[r]);
+            }
+        }
+        for (; r0 < M; r0++) {      /* the last M % FR_MR rows */
+            fr_v16 c0 = {0}, c1 = {0};
+            const float *a = A + (size_t)r0 * lda;
+            for (int k = 0; k < K; k++) {
+                fr_v16 b0, b1;
+                memcpy(&b0, B + (size_t)k * FR_NR, sizeof b0);
+                memcpy(&b1, B + (size_t)k * FR_NR + 16, sizeof b1);
+                c0 += a[k] * b0;
+                c1 += a[k] * b1;
+            }
+            memcpy(Cp + (size_t)r0 * ldc, &c0, sizeof c0);
+            memcpy(Cp + (size_t)r0 * ldc + 16, &c1, sizeof c1);
+        }
+    }
+}
+
+#define FR_F32 1
 #define REAL float
 #define SUF f32
 #define BLAS_T fr_sblas
@@ -159,6 +248,7 @@ static inline double fr_sigmoid(double x)
 #undef SIGMOID
 #undef TANH
 
+#undef FR_F32
 #define REAL double
 #define SUF f64
 #define BLAS_T fr_dblas
@@ -177,6 +267,15 @@ const char *fr_compiler(void)
 #else
     return "unknown";
 #endif
+}
+
+size_t fr_lstm_forward_work(int B, int H, int nthreads)
+{
+    if (B < 1 || H < 1)
+        return 0;
+    if (nthreads < 1)
+        nthreads = 1;
+    return ((size_t)4 * H + (size_t)FR_NR_ALL * nthreads) * ((size_t)H + B);
 }
 
 void fr_set_blas_threads_fn(int (*fn)(int))

@@ -196,6 +196,7 @@ typedef struct {
     const REAL *x, *W, *U, *bias;
     const unsigned char *mask;
     REAL *hs, *cs, *gates, *work;
+    int nthreads;
     fr_barrier bar;
 } FN(lstm_fwd_args);
 
@@ -216,22 +217,50 @@ static void FN(lstm_forward_job)(void *arg, int tid, int n)
     /* this thread's rows [b0, b1) and units [j0, j1) */
     const int Bk = b1 - b0, w = j1 - j0;
     const size_t oh = (size_t)b0 * H, og = (size_t)b0 * 4 * H;
-    /* At batch 1 with several threads, each step is a GEMV per thread:
-     * this thread's columns of U are packed once, gate blocks side by side
-     * (H, 4w), so that the step is one GEMV (not one per gate block) on a
-     * contiguous block that stays in this core's cache, into rec (4w).
-     * Otherwise the step's GEMMs add h U into z in place (one for the
-     * whole layer, or one per gate block). */
-    const int packed = Bk == 1 && w < H && w > 0 && a->work != NULL;
-    REAL *Up = a->work + (size_t)4 * H * j0;
-    REAL *rec = a->work + (size_t)4 * H * H + (size_t)4 * j0;
-    if (packed)
+    /* The step's h U for this thread's units and rows, by the fastest means:
+     * - float32, two rows or more: this thread's columns of U packed once
+     *   in panels (fr_sgemm_panels; rows split: one copy, packed by thread
+     *   0, shared), one product per step into rec;
+     * - batch 1 with several threads: its columns of U packed once, gate
+     *   blocks side by side (H, 4w), one GEMV per step into rec (not one per
+     *   gate block), on a block that stays in this core's cache;
+     * - otherwise BLAS adds h U into z in place (one GEMM for the whole
+     *   layer, or one per gate block).
+     * work (see fr_lstm_forward_work) holds the packed weights, then rec. */
+    const int n_max = a->nthreads;
+    const size_t wbase = ((size_t)4 * H + (size_t)FR_NR_ALL * n_max) * H;
+    int mode = 0;                                     /* 0 BLAS, 1 GEMV, 2 panels */
+    if (a->work && w > 0 && Bk > 0) {
+#ifdef FR_F32
+        if (Bk > 1)
+            mode = 2;
+        else
+#endif
+        if (Bk == 1 && w < H)
+            mode = 1;
+    }
+    const size_t slot = (size_t)4 * j0 + (size_t)FR_NR_ALL * tid;   /* units split */
+    REAL *Up = a->work ? a->work + (rows ? 0 : slot * H) : NULL;
+    REAL *rec = NULL;
+    int ldr = 4 * w;
+#ifdef FR_F32
+    const int np = fr_panels(4 * w);
+    if (mode == 2) {
+        ldr = np * FR_NR;
+        rec = a->work + wbase + (rows ? (size_t)b0 * ldr : (size_t)B * slot);
+        if (!rows || tid == 0)
+            fr_pack_panels(H, H, j0, w, a->U, Up);
+    }
+#endif
+    if (mode == 1) {
+        rec = a->work + wbase + slot;
         for (int k = 0; k < H; k++)
             for (int q = 0; q < 4; q++)
                 memcpy(Up + (size_t)k * 4 * w + (size_t)q * w,
                        a->U + (size_t)k * 4 * H + (size_t)q * H + j0,
                        (size_t)w * sizeof(REAL));
-    fr_barrier_wait(&a->bar, n, &sense);
+    }
+    fr_barrier_wait(&a->bar, n, &sense);   /* input projection and packing done */
     for (int t = 0; t < T; t++) {
         REAL *z = a->gates + t * BG + og;
         const REAL *hp = a->hs + t * BH + oh;
@@ -239,13 +268,18 @@ static void FN(lstm_forward_job)(void *arg, int tid, int n)
         REAL *cn = a->cs + (size_t)(training ? t + 1 : ((t + 1) & 1)) * BH + oh;
         const unsigned char *m = a->mask ? a->mask + (size_t)t * B + b0 : NULL;
         if (w > 0 && Bk > 0) {
-            if (packed)
+#ifdef FR_F32
+            if (mode == 2)
+                fr_sgemm_panels(Bk, H, np, hp, H, Up, rec, ldr);
+            else
+#endif
+            if (mode == 1)
                 FN(gemm_rm)(a->blas, 0, 0, 1, 4 * w, H, 1, hp, H, Up, 4 * w, 0,
                             rec, 4 * w);
             else
                 FN(recurrent_projection)(a->blas, 4, Bk, H, j0, j1, hp, a->U, z);
-            FN(lstm_cell)(Bk, H, j0, j1, a->bias, m, z, packed ? rec : NULL,
-                          (size_t)4 * w, hp, cp, a->hs + (t + 1) * BH + oh, cn);
+            FN(lstm_cell)(Bk, H, j0, j1, a->bias, m, z, rec, (size_t)ldr, hp, cp,
+                          a->hs + (t + 1) * BH + oh, cn);
         }
         if (!rows)
             fr_barrier_wait(&a->bar, n, &sense);
@@ -261,7 +295,7 @@ int FN(fr_lstm_forward)(const BLAS_T *blas, int nthreads, int training, int T, i
     if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 4))
         return 1;
     FN(lstm_fwd_args) a = {blas, training, T, B, I, H, x, W, U, bias, mask,
-                           hs, cs, gates, work};
+                           hs, cs, gates, work, nthreads < 1 ? 1 : nthreads};
     fr_barrier_init(&a.bar);
     fr_pool_run(fr_team(nthreads, B, H), FN(lstm_forward_job), &a);
     return 0;

@@ -59,6 +59,7 @@ cdef extern from "fastrnn.h" nogil:
     void fr_set_blas_threads_fn(int (*fn)(int))
     void fr_team_stats(long *team_calls, long *stalled_calls, long *backoff_calls)
     int fr_team_plan(int nthreads, int B, int H, int *rows)
+    size_t fr_lstm_forward_work(int B, int H, int nthreads)
 
 
 cdef fr_sblas _SBLAS
@@ -74,6 +75,12 @@ def build_info():
     (Its BLAS is SciPy's, through scipy.linalg.cython_blas.)"""
     return {"compiler": fr_compiler().decode(),
             "threads": "own team (POSIX threads)" if fr_has_threads() else "no"}
+
+
+def lstm_forward_work_len(int B, int H, int nthreads):
+    """Elements of the scratch lstm_forward takes for B rows, H units and
+    nthreads threads (its packed weights; see csrc/fastrnn.h)."""
+    return fr_lstm_forward_work(B, H, nthreads)
 
 
 def team_plan(int nthreads, int B, int H):
@@ -124,8 +131,10 @@ def lstm_forward(const floating[:, :, ::1] x, const floating[:, ::1] W,
     _expect("hs", (hs.shape[0], hs.shape[1], hs.shape[2]), (T + 1, B, H))
     _expect("cs", (cs.shape[0], cs.shape[1], cs.shape[2]), (T + 1 if training else 2, B, H))
     _expect("gates", (gates.shape[0], gates.shape[1], gates.shape[2]), (T, B, 4 * H))
-    if work.shape[0] != 0:
-        _expect("work", (work.shape[0],), (4 * H * H + 4 * H,))
+    cdef size_t need = fr_lstm_forward_work(B, H, nthreads)
+    if work.shape[0] != 0 and <size_t>work.shape[0] < need:
+        raise ValueError(f"work must have at least {need} elements "
+                         f"(lstm_forward_work_len), got {work.shape[0]}")
     if T < 1 or B < 1 or H < 1:
         raise ValueError("T, B and H must be at least 1")
     cdef floating* pwork = &work[0] if work.shape[0] > 0 else NULL

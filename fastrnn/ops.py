@@ -138,8 +138,10 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
     cs[0] = c0
     gates = _aligned_empty((T, B, 4 * H), dt)
     threads, blas = _backend.thread_plan(name, B, 4, H)
-    # the threads' packed weights at batch 1 (see csrc/fastrnn.h)
-    work = _aligned_empty((4 * H * (H + 1) if B == 1 and threads > 1 else 0,), dt)
+    # the kernel's packed copy of the weights (the cython backend's; see
+    # csrc/fastrnn.h)
+    work_len = getattr(_backend.module(name), "lstm_forward_work_len", None)
+    work = _aligned_empty((work_len(B, H, threads) if work_len else 0,), dt)
     with blas:
         _backend.module(name).lstm_forward(
             x_tm, np.ascontiguousarray(W), np.ascontiguousarray(U),

@@ -89,30 +89,52 @@ def test_team_plan(threads, B, H, plan, monkeypatch):
 
 @pytest.mark.skipif("cython" not in fastrnn.available_backends(),
                     reason="the cython backend is not built")
-@pytest.mark.parametrize("training", [False, True])
-def test_batch1_team_without_packing_scratch_gives_the_same(training):
-    """The C LSTM forward at batch 1 with a team: with the work scratch the
-    threads pack their columns of U (one GEMV per step), without it they
-    run one GEMV per gate block; both must give the same numbers."""
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("B, H", [(1, 40), (3, 40), (13, 40), (9, 67), (20, 16), (17, 1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_forward_with_packed_weights_matches_plain_blas(training, threads, B, H,
+                                                        dtype):
+    """The C LSTM forward with its work scratch (float32: the threads' U
+    packed in panels for the register-blocked product; batch 1 with
+    threads: one GEMV per step on packed columns) against the same call
+    without it (BLAS on U as it is)."""
     from fastrnn import _cykernels
-    rng = np.random.default_rng(5)
-    T, B, I, H = 7, 1, 5, 40
-    x = rng.standard_normal((T, B, I))
-    W = rng.standard_normal((I, 4 * H)) / 3
-    U = rng.standard_normal((H, 4 * H)) / 7
-    b = rng.standard_normal(4 * H) / 5
+    rng = np.random.default_rng(B * 100 + H + threads)
+    T, I = 7, 5
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    W = (rng.standard_normal((I, 4 * H)) / 3).astype(dtype)
+    U = (rng.standard_normal((H, 4 * H)) / 7).astype(dtype)
+    b = (rng.standard_normal(4 * H) / 5).astype(dtype)
+    mask = (rng.random((T, B)) > 0.2).astype(np.uint8)
     runs = []
-    for work in (np.empty(4 * H * (H + 1)), np.empty(0)):
-        hs = np.zeros((T + 1, B, H))
-        cs = np.zeros((T + 1 if training else 2, B, H))
-        gates = np.empty((T, B, 4 * H))
-        _cykernels.lstm_forward(x, W, U, b, np.zeros((0, 0), np.uint8), hs, cs,
-                                gates, work, training, 2)
+    for work in (np.empty(_cykernels.lstm_forward_work_len(B, H, threads), dtype),
+                 np.empty(0, dtype)):
+        hs = np.zeros((T + 1, B, H), dtype)
+        hs[0] = rng.standard_normal((B, H)) if not runs else runs[0][0][0]
+        cs = np.zeros((T + 1 if training else 2, B, H), dtype)
+        gates = np.empty((T, B, 4 * H), dtype)
+        _cykernels.lstm_forward(x, W, U, b, mask, hs, cs, gates, work, training,
+                                threads)
         runs.append((hs, cs, gates if training else None))
-    for got, want in zip(runs[0], runs[1]):
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-13)
+    taken = mask.astype(bool)       # masked rows' gates are scratch, not output
+    for k, (got, want) in enumerate(zip(runs[0], runs[1])):
         if want is not None:
-            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13)
-    with pytest.raises(ValueError, match="work must have shape"):
-        _cykernels.lstm_forward(x, W, U, b, np.zeros((0, 0), np.uint8),
-                                np.zeros((T + 1, B, H)), np.zeros((2, B, H)),
-                                np.empty((T, B, 4 * H)), np.empty(3), False, 2)
+            np.testing.assert_allclose(got[taken] if k == 2 else got,
+                                       want[taken] if k == 2 else want, **tol)
+
+
+@pytest.mark.skipif("cython" not in fastrnn.available_backends(),
+                    reason="the cython backend is not built")
+def test_forward_rejects_a_short_work_buffer():
+    from fastrnn import _cykernels
+    T, B, I, H = 3, 2, 4, 8
+    need = _cykernels.lstm_forward_work_len(B, H, 2)
+    assert need == (4 * H + 32 * 2) * (H + B)
+    with pytest.raises(ValueError, match=f"work must have at least {need} elements"):
+        _cykernels.lstm_forward(np.zeros((T, B, I)), np.zeros((I, 4 * H)),
+                                np.zeros((H, 4 * H)), np.zeros(4 * H),
+                                np.zeros((0, 0), np.uint8), np.zeros((T + 1, B, H)),
+                                np.zeros((2, B, H)), np.empty((T, B, 4 * H)),
+                                np.empty(need - 1), False, 2)
