@@ -89,19 +89,21 @@ int fr_lstm_forward_f64(const fr_dblas *blas, int nthreads, int training,
  *   dx (T, B, I), dW (I, 4H), dU (H, 4H), db (4H)   outputs
  *   dz     (Tc, B, 4H) scratch: one chunk's pre-activation gradients
  *   work   (B, H)      scratch
+ *   pack   fr_lstm_backward_work(B, H, nthreads) scratch, or NULL: float32,
+ *          the threads' packed (transposed) rows of U for dz U^T
  */
 int fr_lstm_backward_f32(const fr_sblas *blas, int nthreads, int T, int Tc, int B, int I,
                          int H, const float *x, const float *W, const float *U,
                          const unsigned char *mask, const float *hs,
                          const float *cs, const float *gates, const float *d_out,
                          float *dh, float *dc, float *dx, float *dW, float *dU,
-                         float *db, float *dz, float *work);
+                         float *db, float *dz, float *work, float *pack);
 int fr_lstm_backward_f64(const fr_dblas *blas, int nthreads, int T, int Tc, int B, int I,
                          int H, const double *x, const double *W, const double *U,
                          const unsigned char *mask, const double *hs,
                          const double *cs, const double *gates, const double *d_out,
                          double *dh, double *dc, double *dx, double *dW, double *dU,
-                         double *db, double *dz, double *work);
+                         double *db, double *dz, double *work, double *pack);
 
 /*
  * Simple RNN forward: hs[t+1] = act(x[t] W + hs[t] U + bias).
@@ -138,8 +140,10 @@ int fr_rnn_backward_f64(const fr_dblas *blas, int nthreads, int act, int T, int 
 const char *fr_compiler(void);
 int fr_has_threads(void);
 
-/* The length of fr_lstm_forward's work buffer, in elements. */
+/* The lengths of fr_lstm_forward's work and fr_lstm_backward's pack
+ * buffers, in elements. */
 size_t fr_lstm_forward_work(int B, int H, int nthreads);
+size_t fr_lstm_backward_work(int B, int H, int nthreads);
 
 /* Give the kernels' worker threads a function that sets the calling thread's
  * BLAS thread count (OpenBLAS's openblas_set_num_threads_local): each worker

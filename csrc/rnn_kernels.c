@@ -189,6 +189,25 @@ static void fr_pack_panels(int K, int H, int j0, int w, const float *U,
         }
 }
 
+/* Pack the transpose of U's rows [j0, j0 + w) (U: w rows of K, row-major,
+ * from row j0) as the K x w matrix of columns u = U[j0 + u, :], in panels;
+ * padding columns are zero.  (The backward pass's product dz U^T.) */
+static void fr_pack_t_panels(int K, int j0, int w, const float *U, float *panels)
+{
+    const int np = fr_panels(w);
+    for (int p = 0; p < np; p++)
+        for (int k = 0; k < K; k++)
+            for (int c = w - p * FR_NR; c < FR_NR; c++)
+                if (c >= 0)
+                    panels[((size_t)p * K + k) * FR_NR + c] = 0;
+    for (int u = 0; u < w; u++) {
+        const float *row = U + (size_t)(j0 + u) * K;
+        float *dst = panels + (size_t)(u / FR_NR) * K * FR_NR + u % FR_NR;
+        for (int k = 0; k < K; k++)
+            dst[(size_t)k * FR_NR] = row[k];
+    }
+}
+
 /* C (M x FR_NR*np, row stride ldc) = A (M x K, row stride lda) * panels. */
 FR_VECTORIZE
 static void fr_sgemm_panels(int M, int K, int np, const float *restrict A, int lda,
@@ -267,6 +286,15 @@ const char *fr_compiler(void)
 #else
     return "unknown";
 #endif
+}
+
+size_t fr_lstm_backward_work(int B, int H, int nthreads)
+{
+    if (B < 1 || H < 1)
+        return 0;
+    if (nthreads < 1)
+        nthreads = 1;
+    return ((size_t)H + (size_t)FR_NR_ALL * nthreads) * ((size_t)4 * H + B);
 }
 
 size_t fr_lstm_forward_work(int B, int H, int nthreads)

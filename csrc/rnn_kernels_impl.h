@@ -370,7 +370,8 @@ typedef struct {
     const REAL *x, *W, *U;
     const unsigned char *mask;
     const REAL *hs, *cs, *gates, *d_out;
-    REAL *dh, *dc, *dx, *dW, *dU, *db, *dz, *work;
+    REAL *dh, *dc, *dx, *dW, *dU, *db, *dz, *work, *pack;
+    int nthreads;
     fr_barrier bar;
 } FN(lstm_bwd_args);
 
@@ -386,8 +387,29 @@ static void FN(lstm_backward_job)(void *arg, int tid, int n)
         fr_split(B, 1, tid, n, &b0, &b1);
     else
         fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
-    const int Bk = b1 - b0;
+    const int Bk = b1 - b0, w = j1 - j0;
     const size_t oh = (size_t)b0 * H, og = (size_t)b0 * 4 * H;
+    /* float32 with pack: the step's dz U^T for this thread's units on U's
+     * rows packed once (transposed, in panels; rows split: one shared copy
+     * packed by thread 0) into tmp, as in the forward pass; else BLAS. */
+    int packed = 0;
+    REAL *Pk = NULL, *tmp = NULL;
+    int np = 0, ldt = 0;
+#ifdef FR_F32
+    if (a->pack && w > 0) {
+        const size_t slot = (size_t)j0 + (size_t)FR_NR_ALL * tid;
+        const size_t base2 = ((size_t)H + (size_t)FR_NR_ALL * a->nthreads) * 4 * H;
+        packed = Bk > 1;
+        np = fr_panels(w);
+        ldt = np * FR_NR;
+        Pk = a->pack + (rows ? 0 : slot * 4 * H);
+        tmp = a->pack + base2 + (rows ? (size_t)b0 * ldt : (size_t)B * slot);
+        if (rows ? tid == 0 : packed)
+            fr_pack_t_panels(4 * H, j0, w, a->U, Pk);
+        if (rows)
+            fr_barrier_wait(&a->bar, n, &sense);    /* the shared copy is packed */
+    }
+#endif
     /* chunks [t0, t1) of Tc steps from the end; step t's dz is dz[t - t0] */
     for (int t1 = T; t1 > 0; t1 -= Tc) {
         const int t0 = t1 > Tc ? t1 - Tc : 0;
@@ -404,9 +426,19 @@ static void FN(lstm_backward_job)(void *arg, int tid, int n)
             /* units split: the GEMM below reads every thread's dz_t */
             if (!rows)
                 fr_barrier_wait(&a->bar, n, &sense);
-            if (j1 > j0 && Bk > 0)
+            if (j1 > j0 && Bk > 0) {
+#ifdef FR_F32
+                if (packed) {
+                    fr_sgemm_panels(Bk, 4 * H, np, dzt + og, 4 * H, Pk, tmp, ldt);
+                    for (int b = 0; b < Bk; b++)
+                        if (!m || m[b])
+                            memcpy(a->dh + oh + (size_t)b * H + j0,
+                                   tmp + (size_t)b * ldt, (size_t)w * sizeof(REAL));
+                } else
+#endif
                 FN(recurrent_grad)(a->blas, 4, Bk, H, j0, j1, m, dzt + og, a->U,
                                    a->dh + oh, a->work + oh);
+            }
         }
         /* the chunk's dz is complete after this barrier (units split: since
          * the last step's) */
@@ -424,13 +456,14 @@ int FN(fr_lstm_backward)(const BLAS_T *blas, int nthreads, int T, int Tc, int B,
                          const unsigned char *mask, const REAL *hs,
                          const REAL *cs, const REAL *gates, const REAL *d_out,
                          REAL *dh, REAL *dc, REAL *dx, REAL *dW, REAL *dU,
-                         REAL *db, REAL *dz, REAL *work)
+                         REAL *db, REAL *dz, REAL *work, REAL *pack)
 {
     if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 4) ||
         Tc < 1 || Tc > T)
         return 1;
     FN(lstm_bwd_args) a = {blas, T, Tc, B, I, H, x, W, U, mask, hs, cs, gates,
-                           d_out, dh, dc, dx, dW, dU, db, dz, work};
+                           d_out, dh, dc, dx, dW, dU, db, dz, work, pack,
+                           nthreads < 1 ? 1 : nthreads};
     fr_barrier_init(&a.bar);
     fr_pool_run(fr_team(nthreads, B, H), FN(lstm_backward_job), &a);
     return 0;

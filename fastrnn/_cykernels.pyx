@@ -34,12 +34,12 @@ cdef extern from "fastrnn.h" nogil:
                              const float*, const float*, const float*,
                              const unsigned char*, const float*, const float*,
                              const float*, const float*, float*, float*, float*,
-                             float*, float*, float*, float*, float*)
+                             float*, float*, float*, float*, float*, float*)
     int fr_lstm_backward_f64(const fr_dblas*, int, int, int, int, int, int,
                              const double*, const double*, const double*,
                              const unsigned char*, const double*, const double*,
                              const double*, const double*, double*, double*, double*,
-                             double*, double*, double*, double*, double*)
+                             double*, double*, double*, double*, double*, double*)
     int fr_rnn_forward_f32(const fr_sblas*, int, int, int, int, int, int,
                            const float*, const float*, const float*, const float*,
                            const unsigned char*, float*, float*)
@@ -60,6 +60,7 @@ cdef extern from "fastrnn.h" nogil:
     void fr_team_stats(long *team_calls, long *stalled_calls, long *backoff_calls)
     int fr_team_plan(int nthreads, int B, int H, int *rows)
     size_t fr_lstm_forward_work(int B, int H, int nthreads)
+    size_t fr_lstm_backward_work(int B, int H, int nthreads)
 
 
 cdef fr_sblas _SBLAS
@@ -81,6 +82,12 @@ def lstm_forward_work_len(int B, int H, int nthreads):
     """Elements of the scratch lstm_forward takes for B rows, H units and
     nthreads threads (its packed weights; see csrc/fastrnn.h)."""
     return fr_lstm_forward_work(B, H, nthreads)
+
+
+def lstm_backward_work_len(int B, int H, int nthreads):
+    """Elements of the scratch lstm_backward takes as ``pack`` for B rows,
+    H units and nthreads threads (see csrc/fastrnn.h)."""
+    return fr_lstm_backward_work(B, H, nthreads)
 
 
 def team_plan(int nthreads, int B, int H):
@@ -163,7 +170,8 @@ def lstm_backward(const floating[:, :, ::1] x, const floating[:, ::1] W,
                   const floating[:, :, ::1] gates, const floating[:, :, ::1] d_out,
                   floating[:, ::1] dh, floating[:, ::1] dc, floating[:, :, ::1] dx,
                   floating[:, ::1] dW, floating[:, ::1] dU, floating[::1] db,
-                  floating[:, :, ::1] dz, floating[:, ::1] work, int nthreads):
+                  floating[:, :, ::1] dz, floating[:, ::1] work, floating[::1] pack,
+                  int nthreads):
     cdef Py_ssize_t T = x.shape[0], B = x.shape[1], I = x.shape[2], H = U.shape[0]
     _expect("W", (W.shape[0], W.shape[1]), (I, 4 * H))
     _expect("U", (U.shape[0], U.shape[1]), (H, 4 * H))
@@ -180,10 +188,15 @@ def lstm_backward(const floating[:, :, ::1] x, const floating[:, ::1] W,
     cdef Py_ssize_t Tc = dz.shape[0]
     _expect("dz", (dz.shape[0], dz.shape[1], dz.shape[2]), (Tc, B, 4 * H))
     _expect("work", (work.shape[0], work.shape[1]), (B, H))
+    cdef size_t need = fr_lstm_backward_work(B, H, nthreads)
+    if pack.shape[0] != 0 and <size_t>pack.shape[0] < need:
+        raise ValueError(f"pack must have at least {need} elements "
+                         f"(lstm_backward_work_len), got {pack.shape[0]}")
     if T < 1 or B < 1 or H < 1:
         raise ValueError("T, B and H must be at least 1")
     if Tc < 1 or Tc > T:
         raise ValueError(f"dz must hold 1 to T={T} steps, got {Tc}")
+    cdef floating* ppack = &pack[0] if pack.shape[0] > 0 else NULL
     cdef const unsigned char* m = _mask_ptr(mask, T, B)
     cdef const floating* px = &x[0, 0, 0] if I > 0 else NULL
     cdef const floating* pW = &W[0, 0] if I > 0 else NULL
@@ -196,13 +209,13 @@ def lstm_backward(const floating[:, :, ::1] x, const floating[:, ::1] W,
                                       px, pW, &U[0, 0], m, &hs[0, 0, 0], &cs[0, 0, 0],
                                       &gates[0, 0, 0], &d_out[0, 0, 0], &dh[0, 0],
                                       &dc[0, 0], pdx, pdW, &dU[0, 0], &db[0],
-                                      &dz[0, 0, 0], &work[0, 0])
+                                      &dz[0, 0, 0], &work[0, 0], ppack)
         else:
             rc = fr_lstm_backward_f64(&_DBLAS, nthreads, T, Tc, B, I, H,
                                       px, pW, &U[0, 0], m, &hs[0, 0, 0], &cs[0, 0, 0],
                                       &gates[0, 0, 0], &d_out[0, 0, 0], &dh[0, 0],
                                       &dc[0, 0], pdx, pdW, &dU[0, 0], &db[0],
-                                      &dz[0, 0, 0], &work[0, 0])
+                                      &dz[0, 0, 0], &work[0, 0], ppack)
     if rc:
         raise ValueError("fastrnn: lstm_backward rejected its sizes")
 

@@ -445,11 +445,12 @@ def lstm_forward(x_tm, W, U, bias, mask_tm, hs, cs, gates, work, training,
 
 
 def lstm_backward(x_tm, W, U, mask_tm, hs, cs, gates, d_out, dh, dc,
-                  dx_tm, dW, dU, db, dz, work, nthreads):
+                  dx_tm, dW, dU, db, dz, work, pack, nthreads):
     """LSTM backward through time.  d_out (B, T, H) batch-major, in reading
     order.  dh, dc (B, H): dL/dh_T, dL/dc_T on entry, dL/dh0, dL/dc0 on
     exit.  Writes dx_tm (T, B, I), dW, dU and db; dz (Tc, B, 4H), for chunks
-    of 1 <= Tc <= T steps, and work (B, H) are scratch."""
+    of 1 <= Tc <= T steps, and work (B, H) are scratch; pack (the cython
+    kernel's packed weights) is not used."""
     blocks = _row_blocks(x_tm.shape[1], nthreads)
     if len(blocks) == 1:
         _lstm_grad_steps(x_tm, W, U, mask_tm, hs, cs, gates, d_out, dh, dc,

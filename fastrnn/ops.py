@@ -141,7 +141,8 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
     # the kernel's packed copy of the weights (the cython backend's; see
     # csrc/fastrnn.h)
     work_len = getattr(_backend.module(name), "lstm_forward_work_len", None)
-    work = _aligned_empty((work_len(B, H, threads) if work_len else 0,), dt)
+    work = _aligned_empty((work_len(B, H, threads) if work_len and (
+        dt == np.float32 or (B == 1 and threads > 1)) else 0,), dt)
     with blas:
         _backend.module(name).lstm_forward(
             x_tm, np.ascontiguousarray(W), np.ascontiguousarray(U),
@@ -231,11 +232,15 @@ def lstm_backward(workspace, d_outputs, d_h=None, d_c=None):
     dz = _aligned_empty((_chunk_steps(T, B), B, 4 * H), dt)
     work = np.empty((B, H), dt)
     threads, blas = _backend.thread_plan(workspace.backend, B, 4, H)
+    module = _backend.module(workspace.backend)
+    pack_len = getattr(module, "lstm_backward_work_len", None)   # the cython backend's
+    pack = _aligned_empty((pack_len(B, H, threads) if pack_len and dt == np.float32
+                           else 0,), dt)
     with blas:
-        _backend.module(workspace.backend).lstm_backward(
+        module.lstm_backward(
             d["x_tm"], np.ascontiguousarray(d["W"]), np.ascontiguousarray(d["U"]),
             d["mask_tm"], d["hs"], d["cs"], d["gates"], d_out, dh, dc,
-            dx_tm, dW, dU, db, dz, work, threads)
+            dx_tm, dW, dU, db, dz, work, pack, threads)
     dx = _batch_major(dx_tm, workspace.go_backwards)
     return LSTMGrads(dx, dh, dc, dW, dU, db if workspace.has_bias else None)
 

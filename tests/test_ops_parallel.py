@@ -138,3 +138,51 @@ def test_forward_rejects_a_short_work_buffer():
                                 np.zeros((0, 0), np.uint8), np.zeros((T + 1, B, H)),
                                 np.zeros((2, B, H)), np.empty((T, B, 4 * H)),
                                 np.empty(need - 1), False, 2)
+
+
+@pytest.mark.skipif("cython" not in fastrnn.available_backends(),
+                    reason="the cython backend is not built")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("B, H", [(1, 40), (3, 40), (13, 40), (9, 67), (20, 16), (17, 1)])
+@pytest.mark.parametrize("Tc", [3, 7], ids=["chunks", "one-chunk"])
+def test_backward_with_packed_weights_matches_plain_blas(threads, B, H, Tc):
+    """The C LSTM backward with its pack scratch (float32: the threads'
+    rows of U packed, transposed, in panels for dz U^T) against the same
+    call without it (BLAS)."""
+    from fastrnn import _cykernels
+    dt = np.float32
+    rng = np.random.default_rng(B * 100 + H + threads + Tc)
+    T, I = 7, 5
+    x = rng.standard_normal((T, B, I)).astype(dt)
+    W = (rng.standard_normal((I, 4 * H)) / 3).astype(dt)
+    U = (rng.standard_normal((H, 4 * H)) / 7).astype(dt)
+    b = (rng.standard_normal(4 * H) / 5).astype(dt)
+    mask = (rng.random((T, B)) > 0.2).astype(np.uint8)
+    hs = np.zeros((T + 1, B, H), dt)
+    hs[0] = rng.standard_normal((B, H))
+    cs = np.zeros((T + 1, B, H), dt)
+    gates = np.empty((T, B, 4 * H), dt)
+    _cykernels.lstm_forward(x, W, U, b, mask, hs, cs, gates, np.empty(0, dt), True, 1)
+    d_out = rng.standard_normal((B, T, H)).astype(dt)
+    d_h = rng.standard_normal((B, H)).astype(dt)
+    d_c = rng.standard_normal((B, H)).astype(dt)
+    runs = []
+    for pack in (np.empty(_cykernels.lstm_backward_work_len(B, H, threads), dt),
+                 np.empty(0, dt)):
+        out = dict(dh=d_h.copy(), dc=d_c.copy(), dx=np.empty((T, B, I), dt),
+                   dW=np.empty((I, 4 * H), dt), dU=np.empty((H, 4 * H), dt),
+                   db=np.empty(4 * H, dt))
+        _cykernels.lstm_backward(x, W, U, mask, hs, cs, gates, d_out, out["dh"],
+                                 out["dc"], out["dx"], out["dW"], out["dU"], out["db"],
+                                 np.empty((Tc, B, 4 * H), dt), np.empty((B, H), dt),
+                                 pack, threads)
+        runs.append(out)
+    for k in runs[0]:
+        np.testing.assert_allclose(runs[0][k], runs[1][k], rtol=1e-4, atol=1e-5,
+                                   err_msg=k)
+    with pytest.raises(ValueError, match="pack must have at least"):
+        _cykernels.lstm_backward(x, W, U, mask, hs, cs, gates, d_out, d_h.copy(),
+                                 d_c.copy(), np.empty((T, B, I), dt),
+                                 np.empty((I, 4 * H), dt), np.empty((H, 4 * H), dt),
+                                 np.empty(4 * H, dt), np.empty((Tc, B, 4 * H), dt),
+                                 np.empty((B, H), dt), np.empty(5, dt), threads)
