@@ -138,11 +138,9 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
     cs[0] = c0
     gates = _aligned_empty((T, B, 4 * H), dt)
     threads, blas = _backend.thread_plan(name, B, 4, H)
-    # the kernel's packed copy of the weights (the cython backend's; see
-    # csrc/fastrnn.h)
-    work_len = getattr(_backend.module(name), "lstm_forward_work_len", None)
-    work = _aligned_empty((work_len(B, H, threads) if work_len and (
-        dt == np.float32 or (B == 1 and threads > 1)) else 0,), dt)
+    # the kernel's packed copy of the weights (see csrc/fastrnn.h)
+    work = _aligned_empty((_pack_len(name, B, H, threads)
+                           if dt == np.float32 or (B == 1 and threads > 1) else 0,), dt)
     with blas:
         _backend.module(name).lstm_forward(
             x_tm, np.ascontiguousarray(W), np.ascontiguousarray(U),
@@ -155,6 +153,18 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
         ws.data = dict(x_tm=x_tm, W=W, U=U, mask_tm=mask_tm, hs=hs, cs=cs,
                        gates=gates, seen=seen)
     return LSTMResult(outputs, hs[T].copy(), c, ws if training else None)
+
+
+def _pack_len(backend, B, H, threads):
+    """Length of the scratch the cython LSTM kernels pack the weights into
+    (0 for other backends): one size for the forward's ``work`` and the
+    backward's ``pack``, so that the buffer pool hands the forward's, freed,
+    to the backward pass instead of holding two."""
+    module = _backend.module(backend)
+    if not hasattr(module, "lstm_forward_work_len"):
+        return 0
+    return max(module.lstm_forward_work_len(B, H, threads),
+               module.lstm_backward_work_len(B, H, threads))
 
 
 # The backward pass keeps the pre-activation gradients dz of a chunk of time
@@ -233,9 +243,8 @@ def lstm_backward(workspace, d_outputs, d_h=None, d_c=None):
     work = np.empty((B, H), dt)
     threads, blas = _backend.thread_plan(workspace.backend, B, 4, H)
     module = _backend.module(workspace.backend)
-    pack_len = getattr(module, "lstm_backward_work_len", None)   # the cython backend's
-    pack = _aligned_empty((pack_len(B, H, threads) if pack_len and dt == np.float32
-                           else 0,), dt)
+    pack = _aligned_empty((_pack_len(workspace.backend, B, H, threads)
+                           if dt == np.float32 else 0,), dt)
     with blas:
         module.lstm_backward(
             d["x_tm"], np.ascontiguousarray(d["W"]), np.ascontiguousarray(d["U"]),
