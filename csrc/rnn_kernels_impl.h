@@ -1,18 +1,21 @@
 /*
  * The kernels' bodies, written once and included twice by rnn_kernels.c:
  * with REAL = float (SUF f32) and with REAL = double (SUF f64).
- * Expected macros: REAL, SUF, BLAS_T, SIGMOID(x), TANH(x); and from
- * rnn_kernels.c: FR_VECTORIZE, FR_IVDEP, FR_CHUNK, fr_split, fr_team; and the
- * team (fr_pool_run, fr_barrier) from fr_pool.h.
+ * Expected macros: REAL, SUF, BLAS_T, SIGMOID(x), TANH(x); FR_F32 in the
+ * float instantiation (the packed-panel kernels); and from rnn_kernels.c:
+ * FR_VECTORIZE, FR_IVDEP, FR_CHUNK, FR_NR_ALL, fr_split, fr_split_rows,
+ * fr_team; the team (fr_pool_run, fr_barrier) from fr_pool.h.
  *
  * Threading: each kernel is one job for the team ("persistent threads").
- * Thread k of n owns a slice [j0, j1) of the hidden units: per step it runs
- * the recurrent GEMM for its slice's columns of every gate block (with a
- * single-threaded BLAS call) and the gate pass for its slice, then the team
- * meets once at a barrier.  The large GEMMs outside the time loop (and the
- * backward pass's weight-gradient GEMMs, run after each chunk of steps) are
- * split by rows or columns the same way.  With one thread (or no OpenMP) the
- * code is the plain serial algorithm.
+ * Either thread k of n owns a slice [j0, j1) of the hidden units: per step
+ * it computes the recurrent product for its slice's columns of every gate
+ * block and the gate pass for its slice, then the team meets once at a
+ * barrier; or (fr_split_rows) it owns a block of batch rows [b0, b1) and
+ * runs the whole time loop for them without meeting the others.  The
+ * large GEMMs outside the time loop (the input projection, and the
+ * backward pass's weight-gradient GEMMs after each chunk of steps) are
+ * split by rows or columns, with single-threaded BLAS calls.  With one
+ * thread the code is the plain serial algorithm.
  */
 #define FR_CAT_(a, b) a##_##b
 #define FR_CAT(a, b) FR_CAT_(a, b)
