@@ -108,32 +108,34 @@ int fr_lstm_backward_f64(const fr_dblas *blas, int nthreads, int T, int Tc, int 
 /*
  * Simple RNN forward: hs[t+1] = act(x[t] W + hs[t] U + bias).
  *   z    (T, B, H) scratch (pre-activations)
+ *   work fr_rnn_work(B, H, nthreads) scratch, or NULL: float32, the threads'
+ *        packed columns of U (with NULL, BLAS on U as it is)
  *   act  FR_ACT_TANH, FR_ACT_RELU or FR_ACT_LINEAR
  */
 int fr_rnn_forward_f32(const fr_sblas *blas, int nthreads, int act, int T, int B, int I, int H,
                        const float *x, const float *W, const float *U,
                        const float *bias, const unsigned char *mask,
-                       float *hs, float *z);
+                       float *hs, float *z, float *work);
 int fr_rnn_forward_f64(const fr_dblas *blas, int nthreads, int act, int T, int B, int I, int H,
                        const double *x, const double *W, const double *U,
                        const double *bias, const unsigned char *mask,
-                       double *hs, double *z);
+                       double *hs, double *z, double *work);
 
 /*
  * Simple RNN backward, with the activation's derivative taken from the saved
  * outputs hs.  Arguments as for the LSTM, without the cell state; dz is
- * (Tc, B, H).
+ * (Tc, B, H); pack is fr_rnn_work(B, H, nthreads) long, or NULL.
  */
 int fr_rnn_backward_f32(const fr_sblas *blas, int nthreads, int act, int T, int Tc, int B,
                         int I, int H, const float *x, const float *W, const float *U,
                         const unsigned char *mask, const float *hs,
                         const float *d_out, float *dh, float *dx, float *dW,
-                        float *dU, float *db, float *dz, float *work);
+                        float *dU, float *db, float *dz, float *work, float *pack);
 int fr_rnn_backward_f64(const fr_dblas *blas, int nthreads, int act, int T, int Tc, int B,
                         int I, int H, const double *x, const double *W, const double *U,
                         const unsigned char *mask, const double *hs,
                         const double *d_out, double *dh, double *dx, double *dW,
-                        double *dU, double *db, double *dz, double *work);
+                        double *dU, double *db, double *dz, double *work, double *pack);
 
 /* How the kernels were built: the compiler; 1 if the kernels can run on a
  * team of threads (POSIX threads), 0 if they always run on the caller's. */
@@ -144,6 +146,7 @@ int fr_has_threads(void);
  * buffers, in elements. */
 size_t fr_lstm_forward_work(int B, int H, int nthreads);
 size_t fr_lstm_backward_work(int B, int H, int nthreads);
+size_t fr_rnn_work(int B, int H, int nthreads);   /* the RNN's work and pack */
 
 /* Give the kernels' worker threads a function that sets the calling thread's
  * BLAS thread count (OpenBLAS's openblas_set_num_threads_local): each worker

@@ -167,21 +167,21 @@ static int fr_panels(int n)
     return (n + FR_NR - 1) / FR_NR;
 }
 
-/* Pack the gate blocks' columns [j0, j0 + w) of U (K x 4H, row-major) as
- * the n = 4w columns q*w + u (gate q, unit j0 + u), in panels; padding
+/* Pack the G gate blocks' columns [j0, j0 + w) of U (K x G*H, row-major)
+ * as the n = G*w columns q*w + u (gate q, unit j0 + u), in panels; padding
  * columns are zero. */
-static void fr_pack_panels(int K, int H, int j0, int w, const float *U,
+static void fr_pack_panels(int K, int H, int G, int j0, int w, const float *U,
                            float *panels)
 {
-    const int n = 4 * w, np = fr_panels(n);
+    const int n = G * w, np = fr_panels(n);
     for (int p = 0; p < np; p++)
         for (int k = 0; k < K; k++)
             for (int c = n - p * FR_NR; c < FR_NR; c++)
                 if (c >= 0)
                     panels[((size_t)p * K + k) * FR_NR + c] = 0;
     for (int k = 0; k < K; k++)
-        for (int q = 0; q < 4; q++) {
-            const float *src = U + (size_t)k * 4 * H + (size_t)q * H + j0;
+        for (int q = 0; q < G; q++) {
+            const float *src = U + (size_t)k * G * H + (size_t)q * H + j0;
             for (int u = 0; u < w; u++) {
                 int j = q * w + u;
                 panels[((size_t)(j / FR_NR) * K + k) * FR_NR + j % FR_NR] = src[u];
@@ -295,6 +295,15 @@ size_t fr_lstm_backward_work(int B, int H, int nthreads)
     if (nthreads < 1)
         nthreads = 1;
     return ((size_t)H + (size_t)FR_NR_ALL * nthreads) * ((size_t)4 * H + B);
+}
+
+size_t fr_rnn_work(int B, int H, int nthreads)
+{
+    if (B < 1 || H < 1)
+        return 0;
+    if (nthreads < 1)
+        nthreads = 1;
+    return ((size_t)H + (size_t)FR_NR_ALL * nthreads) * ((size_t)H + B);
 }
 
 size_t fr_lstm_forward_work(int B, int H, int nthreads)

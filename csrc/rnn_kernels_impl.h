@@ -252,7 +252,7 @@ static void FN(lstm_forward_job)(void *arg, int tid, int n)
         ldr = np * FR_NR;
         rec = a->work + wbase + (rows ? (size_t)b0 * ldr : (size_t)B * slot);
         if (!rows || tid == 0)
-            fr_pack_panels(H, H, j0, w, a->U, Up);
+            fr_pack_panels(H, H, 4, j0, w, a->U, Up);
     }
 #endif
     if (mode == 1) {
@@ -541,7 +541,8 @@ typedef struct {
     int act, T, B, I, H;
     const REAL *x, *W, *U, *bias;
     const unsigned char *mask;
-    REAL *hs, *z;
+    REAL *hs, *z, *work;
+    int nthreads;
     fr_barrier bar;
 } FN(rnn_fwd_args);
 
@@ -559,13 +560,43 @@ static void FN(rnn_forward_job)(void *arg, int tid, int n)
         fr_split(B, 1, tid, n, &b0, &b1);
     else
         fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
-    fr_barrier_wait(&a->bar, n, &sense);
-    const int Bk = b1 - b0;
+    const int Bk = b1 - b0, w = j1 - j0;
     const size_t oh = (size_t)b0 * H;
+    /* float32 with work: the step's h U on this thread's columns of U
+     * packed once in panels, as in the LSTM forward (rec, then added into
+     * z); else BLAS adds it into z in place. */
+    int packed = 0, np = 0, ldr = 0;
+    REAL *Up = NULL, *rec = NULL;
+#ifdef FR_F32
+    if (a->work && w > 0) {
+        const size_t slot = (size_t)j0 + (size_t)FR_NR_ALL * tid;
+        const size_t base = ((size_t)H + (size_t)FR_NR_ALL * a->nthreads) * H;
+        packed = Bk > 1;
+        np = fr_panels(w);
+        ldr = np * FR_NR;
+        Up = a->work + (rows ? 0 : slot * H);
+        rec = a->work + base + (rows ? (size_t)b0 * ldr : (size_t)B * slot);
+        if (rows ? tid == 0 : packed)
+            fr_pack_panels(H, H, 1, j0, w, a->U, Up);
+    }
+#endif
+    fr_barrier_wait(&a->bar, n, &sense);
     for (int t = 0; t < T; t++) {
         REAL *zt = a->z + t * BH + oh;
         const unsigned char *m = a->mask ? a->mask + (size_t)t * B + b0 : NULL;
         if (j1 > j0 && Bk > 0) {
+#ifdef FR_F32
+            if (packed) {
+                fr_sgemm_panels(Bk, H, np, a->hs + t * BH + oh, H, Up, rec, ldr);
+                for (int b = 0; b < Bk; b++) {
+                    REAL *restrict zr = zt + (size_t)b * H + j0;
+                    const REAL *restrict rr = rec + (size_t)b * ldr;
+                    FR_IVDEP
+                    for (int u = 0; u < w; u++)
+                        zr[u] += rr[u];
+                }
+            } else
+#endif
             FN(recurrent_projection)(a->blas, 1, Bk, H, j0, j1, a->hs + t * BH + oh,
                                      a->U, zt);
             FN(rnn_cell)(Bk, H, j0, j1, a->act, a->bias, m, zt, a->hs + t * BH + oh,
@@ -579,11 +610,12 @@ static void FN(rnn_forward_job)(void *arg, int tid, int n)
 int FN(fr_rnn_forward)(const BLAS_T *blas, int nthreads, int act, int T, int B, int I,
                        int H, const REAL *x, const REAL *W, const REAL *U,
                        const REAL *bias, const unsigned char *mask, REAL *hs,
-                       REAL *z)
+                       REAL *z, REAL *work)
 {
     if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 1) || act < 0 || act > 2)
         return 1;
-    FN(rnn_fwd_args) a = {blas, act, T, B, I, H, x, W, U, bias, mask, hs, z};
+    FN(rnn_fwd_args) a = {blas, act, T, B, I, H, x, W, U, bias, mask, hs, z, work,
+                          nthreads < 1 ? 1 : nthreads};
     fr_barrier_init(&a.bar);
     fr_pool_run(fr_team(nthreads, B, H), FN(rnn_forward_job), &a);
     return 0;
@@ -595,7 +627,8 @@ typedef struct {
     const REAL *x, *W, *U;
     const unsigned char *mask;
     const REAL *hs, *d_out;
-    REAL *dh, *dx, *dW, *dU, *db, *dz, *work;
+    REAL *dh, *dx, *dW, *dU, *db, *dz, *work, *pack;
+    int nthreads;
     fr_barrier bar;
 } FN(rnn_bwd_args);
 
@@ -611,8 +644,26 @@ static void FN(rnn_backward_job)(void *arg, int tid, int n)
         fr_split(B, 1, tid, n, &b0, &b1);
     else
         fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
-    const int Bk = b1 - b0;
+    const int Bk = b1 - b0, w = j1 - j0;
     const size_t oh = (size_t)b0 * H;
+    /* float32 with pack: dz U^T on U's rows packed once, as in the LSTM */
+    int packed = 0, np = 0, ldt = 0;
+    REAL *Pk = NULL, *tmp = NULL;
+#ifdef FR_F32
+    if (a->pack && w > 0) {
+        const size_t slot = (size_t)j0 + (size_t)FR_NR_ALL * tid;
+        const size_t base2 = ((size_t)H + (size_t)FR_NR_ALL * a->nthreads) * H;
+        packed = Bk > 1;
+        np = fr_panels(w);
+        ldt = np * FR_NR;
+        Pk = a->pack + (rows ? 0 : slot * H);
+        tmp = a->pack + base2 + (rows ? (size_t)b0 * ldt : (size_t)B * slot);
+        if (rows ? tid == 0 : packed)
+            fr_pack_t_panels(H, j0, w, a->U, Pk);
+        if (rows)
+            fr_barrier_wait(&a->bar, n, &sense);    /* the shared copy is packed */
+    }
+#endif
     /* chunks as in the LSTM's backward pass */
     for (int t1 = T; t1 > 0; t1 -= Tc) {
         const int t0 = t1 > Tc ? t1 - Tc : 0;
@@ -627,9 +678,19 @@ static void FN(rnn_backward_job)(void *arg, int tid, int n)
             }
             if (!rows)
                 fr_barrier_wait(&a->bar, n, &sense);
-            if (j1 > j0 && Bk > 0)
+            if (j1 > j0 && Bk > 0) {
+#ifdef FR_F32
+                if (packed) {
+                    fr_sgemm_panels(Bk, H, np, dzt + oh, H, Pk, tmp, ldt);
+                    for (int b = 0; b < Bk; b++)
+                        if (!m || m[b])
+                            memcpy(a->dh + oh + (size_t)b * H + j0,
+                                   tmp + (size_t)b * ldt, (size_t)w * sizeof(REAL));
+                } else
+#endif
                 FN(recurrent_grad)(a->blas, 1, Bk, H, j0, j1, m, dzt + oh, a->U,
                                    a->dh + oh, a->work + oh);
+            }
         }
         if (rows)
             fr_barrier_wait(&a->bar, n, &sense);
@@ -644,13 +705,14 @@ int FN(fr_rnn_backward)(const BLAS_T *blas, int nthreads, int act, int T, int Tc
                         int H, const REAL *x, const REAL *W, const REAL *U,
                         const unsigned char *mask, const REAL *hs,
                         const REAL *d_out, REAL *dh, REAL *dx, REAL *dW,
-                        REAL *dU, REAL *db, REAL *dz, REAL *work)
+                        REAL *dU, REAL *db, REAL *dz, REAL *work, REAL *pack)
 {
     if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 1) ||
         Tc < 1 || Tc > T || act < 0 || act > 2)
         return 1;
     FN(rnn_bwd_args) a = {blas, act, T, Tc, B, I, H, x, W, U, mask, hs, d_out,
-                          dh, dx, dW, dU, db, dz, work};
+                          dh, dx, dW, dU, db, dz, work, pack,
+                          nthreads < 1 ? 1 : nthreads};
     fr_barrier_init(&a.bar);
     fr_pool_run(fr_team(nthreads, B, H), FN(rnn_backward_job), &a);
     return 0;

@@ -42,18 +42,18 @@ cdef extern from "fastrnn.h" nogil:
                              double*, double*, double*, double*, double*, double*)
     int fr_rnn_forward_f32(const fr_sblas*, int, int, int, int, int, int,
                            const float*, const float*, const float*, const float*,
-                           const unsigned char*, float*, float*)
+                           const unsigned char*, float*, float*, float*)
     int fr_rnn_forward_f64(const fr_dblas*, int, int, int, int, int, int,
                            const double*, const double*, const double*, const double*,
-                           const unsigned char*, double*, double*)
+                           const unsigned char*, double*, double*, double*)
     int fr_rnn_backward_f32(const fr_sblas*, int, int, int, int, int, int, int,
                             const float*, const float*, const float*,
                             const unsigned char*, const float*, const float*,
-                            float*, float*, float*, float*, float*, float*, float*)
+                            float*, float*, float*, float*, float*, float*, float*, float*)
     int fr_rnn_backward_f64(const fr_dblas*, int, int, int, int, int, int, int,
                             const double*, const double*, const double*,
                             const unsigned char*, const double*, const double*,
-                            double*, double*, double*, double*, double*, double*, double*)
+                            double*, double*, double*, double*, double*, double*, double*, double*)
     const char *fr_compiler()
     int fr_has_threads()
     void fr_set_blas_threads_fn(int (*fn)(int))
@@ -61,6 +61,7 @@ cdef extern from "fastrnn.h" nogil:
     int fr_team_plan(int nthreads, int B, int H, int *rows)
     size_t fr_lstm_forward_work(int B, int H, int nthreads)
     size_t fr_lstm_backward_work(int B, int H, int nthreads)
+    size_t fr_rnn_work(int B, int H, int nthreads)
 
 
 cdef fr_sblas _SBLAS
@@ -82,6 +83,12 @@ def lstm_forward_work_len(int B, int H, int nthreads):
     """Elements of the scratch lstm_forward takes for B rows, H units and
     nthreads threads (its packed weights; see csrc/fastrnn.h)."""
     return fr_lstm_forward_work(B, H, nthreads)
+
+
+def rnn_work_len(int B, int H, int nthreads):
+    """Elements of the scratch rnn_forward (work) and rnn_backward (pack)
+    take for B rows, H units and nthreads threads."""
+    return fr_rnn_work(B, H, nthreads)
 
 
 def lstm_backward_work_len(int B, int H, int nthreads):
@@ -116,6 +123,15 @@ def set_blas_threads_fn(size_t address):
 cdef inline void _expect(str name, tuple got, tuple want) except *:
     if got != want:
         raise ValueError(f"{name} must have shape {want}, got {got}")
+
+
+cdef inline floating* _scratch(floating[::1] buf, str name, size_t need) except? NULL:
+    """The scratch buffer's data, or NULL for an empty one (no packing)."""
+    if buf.shape[0] == 0:
+        return NULL
+    if <size_t>buf.shape[0] < need:
+        raise ValueError(f"{name} must have at least {need} elements, got {buf.shape[0]}")
+    return &buf[0]
 
 
 cdef inline const unsigned char* _mask_ptr(const unsigned char[:, ::1] mask,
@@ -223,7 +239,7 @@ def lstm_backward(const floating[:, :, ::1] x, const floating[:, ::1] W,
 def rnn_forward(const floating[:, :, ::1] x, const floating[:, ::1] W,
                 const floating[:, ::1] U, const floating[::1] bias,
                 const unsigned char[:, ::1] mask, floating[:, :, ::1] hs,
-                floating[:, :, ::1] z, int act, int nthreads):
+                floating[:, :, ::1] z, floating[::1] work, int act, int nthreads):
     cdef Py_ssize_t T = x.shape[0], B = x.shape[1], I = x.shape[2], H = U.shape[0]
     _expect("W", (W.shape[0], W.shape[1]), (I, H))
     _expect("U", (U.shape[0], U.shape[1]), (H, H))
@@ -234,6 +250,7 @@ def rnn_forward(const floating[:, :, ::1] x, const floating[:, ::1] W,
         raise ValueError("T, B and H must be at least 1")
     if act < 0 or act > 2:
         raise ValueError(f"act must be 0 (tanh), 1 (relu) or 2 (linear), got {act}")
+    cdef floating* pwork = _scratch(work, "work", fr_rnn_work(B, H, nthreads))
     cdef const unsigned char* m = _mask_ptr(mask, T, B)
     cdef const floating* px = &x[0, 0, 0] if I > 0 else NULL
     cdef const floating* pW = &W[0, 0] if I > 0 else NULL
@@ -242,11 +259,11 @@ def rnn_forward(const floating[:, :, ::1] x, const floating[:, ::1] W,
         if floating is float:
             rc = fr_rnn_forward_f32(&_SBLAS, nthreads, act, T, B, I, H,
                                     px, pW, &U[0, 0], &bias[0], m, &hs[0, 0, 0],
-                                    &z[0, 0, 0])
+                                    &z[0, 0, 0], pwork)
         else:
             rc = fr_rnn_forward_f64(&_DBLAS, nthreads, act, T, B, I, H,
                                     px, pW, &U[0, 0], &bias[0], m, &hs[0, 0, 0],
-                                    &z[0, 0, 0])
+                                    &z[0, 0, 0], pwork)
     if rc:
         raise ValueError("fastrnn: rnn_forward rejected its sizes")
 
@@ -256,7 +273,7 @@ def rnn_backward(const floating[:, :, ::1] x, const floating[:, ::1] W,
                  const floating[:, :, ::1] hs, int act,
                  const floating[:, :, ::1] d_out, floating[:, ::1] dh,
                  floating[:, :, ::1] dx, floating[:, ::1] dW, floating[:, ::1] dU,
-                 floating[::1] db, floating[:, :, ::1] dz, floating[:, ::1] work,
+                 floating[::1] db, floating[:, :, ::1] dz, floating[:, ::1] work, floating[::1] pack,
                  int nthreads):
     cdef Py_ssize_t T = x.shape[0], B = x.shape[1], I = x.shape[2], H = U.shape[0]
     _expect("W", (W.shape[0], W.shape[1]), (I, H))
@@ -277,6 +294,7 @@ def rnn_backward(const floating[:, :, ::1] x, const floating[:, ::1] W,
         raise ValueError(f"dz must hold 1 to T={T} steps, got {Tc}")
     if act < 0 or act > 2:
         raise ValueError(f"act must be 0 (tanh), 1 (relu) or 2 (linear), got {act}")
+    cdef floating* ppack = _scratch(pack, "pack", fr_rnn_work(B, H, nthreads))
     cdef const unsigned char* m = _mask_ptr(mask, T, B)
     cdef const floating* px = &x[0, 0, 0] if I > 0 else NULL
     cdef const floating* pW = &W[0, 0] if I > 0 else NULL
@@ -288,11 +306,11 @@ def rnn_backward(const floating[:, :, ::1] x, const floating[:, ::1] W,
             rc = fr_rnn_backward_f32(&_SBLAS, nthreads, act, T, Tc, B, I, H,
                                      px, pW, &U[0, 0], m, &hs[0, 0, 0], &d_out[0, 0, 0],
                                      &dh[0, 0], pdx, pdW, &dU[0, 0], &db[0],
-                                     &dz[0, 0, 0], &work[0, 0])
+                                     &dz[0, 0, 0], &work[0, 0], ppack)
         else:
             rc = fr_rnn_backward_f64(&_DBLAS, nthreads, act, T, Tc, B, I, H,
                                      px, pW, &U[0, 0], m, &hs[0, 0, 0], &d_out[0, 0, 0],
                                      &dh[0, 0], pdx, pdW, &dU[0, 0], &db[0],
-                                     &dz[0, 0, 0], &work[0, 0])
+                                     &dz[0, 0, 0], &work[0, 0], ppack)
     if rc:
         raise ValueError("fastrnn: rnn_backward rejected its sizes")

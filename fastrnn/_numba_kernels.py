@@ -502,9 +502,10 @@ def _rnn_steps(mask_tm, U, bias, hs, z, act, b0, b1):
                   hs[t + 1, b0:b1])
 
 
-def rnn_forward(x_tm, W, U, bias, mask_tm, hs, z, act, nthreads):
+def rnn_forward(x_tm, W, U, bias, mask_tm, hs, z, work, act, nthreads):
     """RNN forward: hs[t+1] = act(x_t @ W + hs[t] @ U + bias) for taken rows.
-    z (T, B, H) is scratch; act 0 tanh, 1 relu, 2 linear."""
+    z (T, B, H) is scratch; act 0 tanh, 1 relu, 2 linear.  work (the cython
+    kernel's packed weights) is not used."""
     blocks = _row_blocks(x_tm.shape[1], nthreads)
     if len(blocks) == 1:
         _input_gemm(x_tm, W, z)
@@ -565,11 +566,11 @@ def _rnn_grad_steps(x_tm, W, U, mask_tm, hs, act, d_out, dh, dx_tm, dW, dU,
 
 
 def rnn_backward(x_tm, W, U, mask_tm, hs, act, d_out, dh, dx_tm, dW, dU,
-                 db, dz, work, nthreads):
+                 db, dz, work, pack, nthreads):
     """RNN backward through time.  d_out (B, T, H) batch-major, in reading
     order.  dh (B, H): dL/dh_T on entry, dL/dh0 on exit.  Writes
     dx_tm (T, B, I), dW, dU and db; dz (Tc, B, H) and work (B, H) are
-    scratch."""
+    scratch; pack (the cython kernel's packed weights) is not used."""
     blocks = _row_blocks(x_tm.shape[1], nthreads)
     if len(blocks) == 1:
         _rnn_grad_steps(x_tm, W, U, mask_tm, hs, act, d_out, dh, dx_tm, dW, dU,

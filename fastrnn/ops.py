@@ -155,14 +155,16 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
     return LSTMResult(outputs, hs[T].copy(), c, ws if training else None)
 
 
-def _pack_len(backend, B, H, threads):
-    """Length of the scratch the cython LSTM kernels pack the weights into
-    (0 for other backends): one size for the forward's ``work`` and the
-    backward's ``pack``, so that the buffer pool hands the forward's, freed,
-    to the backward pass instead of holding two."""
+def _pack_len(backend, B, H, threads, kind="lstm"):
+    """Length of the scratch the cython kernels pack the weights into (0 for
+    other backends): one size for the forward's ``work`` and the backward's
+    ``pack``, so that the buffer pool hands the forward's, freed, to the
+    backward pass instead of holding two."""
     module = _backend.module(backend)
     if not hasattr(module, "lstm_forward_work_len"):
         return 0
+    if kind == "rnn":
+        return module.rnn_work_len(B, H, threads)
     return max(module.lstm_forward_work_len(B, H, threads),
                module.lstm_backward_work_len(B, H, threads))
 
@@ -296,10 +298,12 @@ def rnn_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *,
     hs[0] = h0
     z = _aligned_empty((T, B, H), dt)
     threads, blas = _backend.thread_plan(name, B, 1, H)
+    work = _aligned_empty((_pack_len(name, B, H, threads, "rnn")
+                           if dt == np.float32 else 0,), dt)
     with blas:
         _backend.module(name).rnn_forward(
             x_tm, np.ascontiguousarray(W), np.ascontiguousarray(U),
-            np.ascontiguousarray(b), mask_tm, hs, z, ACTIVATIONS[activation],
+            np.ascontiguousarray(b), mask_tm, hs, z, work, ACTIVATIONS[activation],
             threads)
     seen = None if mask is None else _seen(mask_tm)
     outputs = _outputs(hs, seen)
@@ -329,10 +333,12 @@ def rnn_backward(workspace, d_outputs, d_h=None):
     dz = _aligned_empty((_chunk_steps(T, B), B, H), dt)
     work = np.empty((B, H), dt)
     threads, blas = _backend.thread_plan(workspace.backend, B, 1, H)
+    pack = _aligned_empty((_pack_len(workspace.backend, B, H, threads, "rnn")
+                           if dt == np.float32 else 0,), dt)
     with blas:
         _backend.module(workspace.backend).rnn_backward(
             d["x_tm"], np.ascontiguousarray(d["W"]), np.ascontiguousarray(d["U"]),
             d["mask_tm"], d["hs"], ACTIVATIONS[workspace.activation], d_out, dh,
-            dx_tm, dW, dU, db, dz, work, threads)
+            dx_tm, dW, dU, db, dz, work, pack, threads)
     dx = _batch_major(dx_tm, workspace.go_backwards)
     return RNNGrads(dx, dh, dW, dU, db if workspace.has_bias else None)

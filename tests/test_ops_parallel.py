@@ -186,3 +186,46 @@ def test_backward_with_packed_weights_matches_plain_blas(threads, B, H, Tc):
                                  np.empty((I, 4 * H), dt), np.empty((H, 4 * H), dt),
                                  np.empty(4 * H, dt), np.empty((Tc, B, 4 * H), dt),
                                  np.empty((B, H), dt), np.empty(5, dt), threads)
+
+
+@pytest.mark.skipif("cython" not in fastrnn.available_backends(),
+                    reason="the cython backend is not built")
+@pytest.mark.parametrize("act", [0, 1, 2], ids=["tanh", "relu", "linear"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("B, H", [(1, 40), (3, 40), (13, 40), (9, 67), (20, 16), (17, 1)])
+def test_rnn_with_packed_weights_matches_plain_blas(act, threads, B, H):
+    """The C RNN forward (work) and backward (pack) with the float32 packed
+    panels against the same calls without them (BLAS)."""
+    from fastrnn import _cykernels
+    dt = np.float32
+    rng = np.random.default_rng(B * 100 + H + threads + act)
+    T, I, Tc = 7, 5, 3
+    x = rng.standard_normal((T, B, I)).astype(dt)
+    W = (rng.standard_normal((I, H)) / 3).astype(dt)
+    U = (rng.standard_normal((H, H)) / 7).astype(dt)
+    b = (rng.standard_normal(H) / 5).astype(dt)
+    mask = (rng.random((T, B)) > 0.2).astype(np.uint8)
+    h0 = rng.standard_normal((B, H)).astype(dt)
+    d_out = rng.standard_normal((B, T, H)).astype(dt)
+    d_h = rng.standard_normal((B, H)).astype(dt)
+    n = _cykernels.rnn_work_len(B, H, threads)
+    runs = []
+    for scratch in (np.empty(n, dt), np.empty(0, dt)):
+        hs = np.zeros((T + 1, B, H), dt)
+        hs[0] = h0
+        _cykernels.rnn_forward(x, W, U, b, mask, hs, np.empty((T, B, H), dt), scratch,
+                               act, threads)
+        out = dict(hs=hs, dh=d_h.copy(), dx=np.empty((T, B, I), dt),
+                   dW=np.empty((I, H), dt), dU=np.empty((H, H), dt), db=np.empty(H, dt))
+        _cykernels.rnn_backward(x, W, U, mask, hs, act, d_out, out["dh"], out["dx"],
+                                out["dW"], out["dU"], out["db"],
+                                np.empty((Tc, B, H), dt), np.empty((B, H), dt),
+                                scratch, threads)
+        runs.append(out)
+    for k in runs[0]:   # float32 round-off, relative to the array's scale
+        scale = max(1.0, float(np.abs(runs[1][k]).max()))
+        np.testing.assert_allclose(runs[0][k], runs[1][k], rtol=2e-4,
+                                   atol=2e-5 * scale, err_msg=k)
+    with pytest.raises(ValueError, match="work must have at least"):
+        _cykernels.rnn_forward(x, W, U, b, mask, np.zeros((T + 1, B, H), dt),
+                               np.empty((T, B, H), dt), np.empty(2, dt), act, threads)
