@@ -51,6 +51,40 @@ static void FN(gemm_rm)(const BLAS_T *blas, int ta, int tb, int M, int N, int K,
                &beta, C, &ldc);
 }
 
+/* ------------------------------------------- packed-weight scratch --- */
+
+/* A thread's places in a kernel's packed-weights scratch, which holds
+ * (G*H + FR_NR_ALL*nmax) * (K + B) elements: first its packed weights (K
+ * rows of its G*w columns, at most (G*w + FR_NR_ALL) * K elements; in the
+ * row split one copy at the start, shared), then its product rows (Bk of
+ * at most G*w + FR_NR_ALL, *ld apart).  The sizes are fr_*_work's. */
+static void FN(scratch_slots)(REAL *buf, int K, int G, int H, int B, int nmax,
+                              int tid, int rows, int j0, int w, int b0,
+                              REAL **weights, REAL **prod, int *ld)
+{
+    const size_t slot = (size_t)G * j0 + (size_t)FR_NR_ALL * tid;
+    const size_t base = ((size_t)G * H + (size_t)FR_NR_ALL * nmax) * K;
+    *ld = ((G * w + FR_NR_ALL - 1) / FR_NR_ALL) * FR_NR_ALL;
+    *weights = buf + (rows ? 0 : slot * K);
+    *prod = buf + base + (rows ? (size_t)b0 * *ld : (size_t)B * slot);
+}
+
+#ifdef FR_F32
+/* dh[b, j0:j0+w] = (dz U^T)[b, :] for the rows that took the step, the
+ * product on U's rows packed by fr_pack_t_panels (K = G*H) through tmp. */
+static void FN(packed_recurrent_grad)(int Bk, int K, int H, int j0, int w,
+                                      const unsigned char *m, const REAL *dzt,
+                                      const REAL *panels, REAL *tmp, int ldt,
+                                      REAL *dh)
+{
+    fr_sgemm_panels(Bk, K, fr_panels(w), dzt, K, panels, tmp, ldt);
+    for (int b = 0; b < Bk; b++)
+        if (!m || m[b])
+            memcpy(dh + (size_t)b * H + j0, tmp + (size_t)b * ldt,
+                   (size_t)w * sizeof(REAL));
+}
+#endif
+
 /* ------------------------------------------------------------- LSTM --- */
 
 /* One step's gate pass over all B rows, for hidden units [j0, j1).  z
@@ -230,8 +264,6 @@ static void FN(lstm_forward_job)(void *arg, int tid, int n)
      * - otherwise BLAS adds h U into z in place (one GEMM for the whole
      *   layer, or one per gate block).
      * work (see fr_lstm_forward_work) holds the packed weights, then rec. */
-    const int n_max = a->nthreads;
-    const size_t wbase = ((size_t)4 * H + (size_t)FR_NR_ALL * n_max) * H;
     int mode = 0;                                     /* 0 BLAS, 1 GEMV, 2 panels */
     if (a->work && w > 0 && Bk > 0) {
 #ifdef FR_F32
@@ -242,21 +274,20 @@ static void FN(lstm_forward_job)(void *arg, int tid, int n)
         if (Bk == 1 && w < H)
             mode = 1;
     }
-    const size_t slot = (size_t)4 * j0 + (size_t)FR_NR_ALL * tid;   /* units split */
-    REAL *Up = a->work ? a->work + (rows ? 0 : slot * H) : NULL;
-    REAL *rec = NULL;
+    REAL *Up = NULL, *rec = NULL;
     int ldr = 4 * w;
+    if (mode) {
+        FN(scratch_slots)(a->work, H, 4, H, B, a->nthreads, tid, rows, j0, w, b0,
+                          &Up, &rec, &ldr);
+        if (mode == 1)
+            ldr = 4 * w;
+    }
 #ifdef FR_F32
     const int np = fr_panels(4 * w);
-    if (mode == 2) {
-        ldr = np * FR_NR;
-        rec = a->work + wbase + (rows ? (size_t)b0 * ldr : (size_t)B * slot);
-        if (!rows || tid == 0)
-            fr_pack_panels(H, H, 4, j0, w, a->U, Up);
-    }
+    if (mode == 2 && (!rows || tid == 0))
+        fr_pack_panels(H, H, 4, j0, w, a->U, Up);
 #endif
     if (mode == 1) {
-        rec = a->work + wbase + slot;
         for (int k = 0; k < H; k++)
             for (int q = 0; q < 4; q++)
                 memcpy(Up + (size_t)k * 4 * w + (size_t)q * w,
@@ -397,16 +428,12 @@ static void FN(lstm_backward_job)(void *arg, int tid, int n)
      * packed by thread 0) into tmp, as in the forward pass; else BLAS. */
     int packed = 0;
     REAL *Pk = NULL, *tmp = NULL;
-    int np = 0, ldt = 0;
+    int ldt = 0;
 #ifdef FR_F32
     if (a->pack && w > 0) {
-        const size_t slot = (size_t)j0 + (size_t)FR_NR_ALL * tid;
-        const size_t base2 = ((size_t)H + (size_t)FR_NR_ALL * a->nthreads) * 4 * H;
         packed = Bk > 1;
-        np = fr_panels(w);
-        ldt = np * FR_NR;
-        Pk = a->pack + (rows ? 0 : slot * 4 * H);
-        tmp = a->pack + base2 + (rows ? (size_t)b0 * ldt : (size_t)B * slot);
+        FN(scratch_slots)(a->pack, 4 * H, 1, H, B, a->nthreads, tid, rows, j0, w, b0,
+                          &Pk, &tmp, &ldt);
         if (rows ? tid == 0 : packed)
             fr_pack_t_panels(4 * H, j0, w, a->U, Pk);
         if (rows)
@@ -431,13 +458,10 @@ static void FN(lstm_backward_job)(void *arg, int tid, int n)
                 fr_barrier_wait(&a->bar, n, &sense);
             if (j1 > j0 && Bk > 0) {
 #ifdef FR_F32
-                if (packed) {
-                    fr_sgemm_panels(Bk, 4 * H, np, dzt + og, 4 * H, Pk, tmp, ldt);
-                    for (int b = 0; b < Bk; b++)
-                        if (!m || m[b])
-                            memcpy(a->dh + oh + (size_t)b * H + j0,
-                                   tmp + (size_t)b * ldt, (size_t)w * sizeof(REAL));
-                } else
+                if (packed)
+                    FN(packed_recurrent_grad)(Bk, 4 * H, H, j0, w, m, dzt + og, Pk,
+                                              tmp, ldt, a->dh + oh);
+                else
 #endif
                 FN(recurrent_grad)(a->blas, 4, Bk, H, j0, j1, m, dzt + og, a->U,
                                    a->dh + oh, a->work + oh);
@@ -569,13 +593,10 @@ static void FN(rnn_forward_job)(void *arg, int tid, int n)
     REAL *Up = NULL, *rec = NULL;
 #ifdef FR_F32
     if (a->work && w > 0) {
-        const size_t slot = (size_t)j0 + (size_t)FR_NR_ALL * tid;
-        const size_t base = ((size_t)H + (size_t)FR_NR_ALL * a->nthreads) * H;
         packed = Bk > 1;
         np = fr_panels(w);
-        ldr = np * FR_NR;
-        Up = a->work + (rows ? 0 : slot * H);
-        rec = a->work + base + (rows ? (size_t)b0 * ldr : (size_t)B * slot);
+        FN(scratch_slots)(a->work, H, 1, H, B, a->nthreads, tid, rows, j0, w, b0,
+                          &Up, &rec, &ldr);
         if (rows ? tid == 0 : packed)
             fr_pack_panels(H, H, 1, j0, w, a->U, Up);
     }
@@ -647,17 +668,13 @@ static void FN(rnn_backward_job)(void *arg, int tid, int n)
     const int Bk = b1 - b0, w = j1 - j0;
     const size_t oh = (size_t)b0 * H;
     /* float32 with pack: dz U^T on U's rows packed once, as in the LSTM */
-    int packed = 0, np = 0, ldt = 0;
+    int packed = 0, ldt = 0;
     REAL *Pk = NULL, *tmp = NULL;
 #ifdef FR_F32
     if (a->pack && w > 0) {
-        const size_t slot = (size_t)j0 + (size_t)FR_NR_ALL * tid;
-        const size_t base2 = ((size_t)H + (size_t)FR_NR_ALL * a->nthreads) * H;
         packed = Bk > 1;
-        np = fr_panels(w);
-        ldt = np * FR_NR;
-        Pk = a->pack + (rows ? 0 : slot * H);
-        tmp = a->pack + base2 + (rows ? (size_t)b0 * ldt : (size_t)B * slot);
+        FN(scratch_slots)(a->pack, H, 1, H, B, a->nthreads, tid, rows, j0, w, b0,
+                          &Pk, &tmp, &ldt);
         if (rows ? tid == 0 : packed)
             fr_pack_t_panels(H, j0, w, a->U, Pk);
         if (rows)
@@ -680,13 +697,10 @@ static void FN(rnn_backward_job)(void *arg, int tid, int n)
                 fr_barrier_wait(&a->bar, n, &sense);
             if (j1 > j0 && Bk > 0) {
 #ifdef FR_F32
-                if (packed) {
-                    fr_sgemm_panels(Bk, H, np, dzt + oh, H, Pk, tmp, ldt);
-                    for (int b = 0; b < Bk; b++)
-                        if (!m || m[b])
-                            memcpy(a->dh + oh + (size_t)b * H + j0,
-                                   tmp + (size_t)b * ldt, (size_t)w * sizeof(REAL));
-                } else
+                if (packed)
+                    FN(packed_recurrent_grad)(Bk, H, H, j0, w, m, dzt + oh, Pk, tmp,
+                                              ldt, a->dh + oh);
+                else
 #endif
                 FN(recurrent_grad)(a->blas, 1, Bk, H, j0, j1, m, dzt + oh, a->U,
                                    a->dh + oh, a->work + oh);
