@@ -161,6 +161,10 @@ static inline double fr_sigmoid(double x)
 typedef float fr_v16 __attribute__((vector_size(64)));
 #define FR_NR FR_NR_ALL   /* panel width: two vectors */
 #define FR_MR 8     /* rows per register block: 16 accumulators */
+#ifndef FR_PANEL_MIN_ROWS
+#define FR_PANEL_MIN_ROWS 1   /* fewest rows the packed product is used for */
+#endif
+#define FR_KU 4     /* k steps at once in the one-row product: 8 accumulators */
 
 static int fr_panels(int n)
 {
@@ -182,9 +186,13 @@ static void fr_pack_panels(int K, int H, int G, int j0, int w, const float *U,
     for (int k = 0; k < K; k++)
         for (int q = 0; q < G; q++) {
             const float *src = U + (size_t)k * G * H + (size_t)q * H + j0;
-            for (int u = 0; u < w; u++) {
-                int j = q * w + u;
-                panels[((size_t)(j / FR_NR) * K + k) * FR_NR + j % FR_NR] = src[u];
+            /* columns q*w .. q*w + w - 1, in runs that stay in one panel */
+            for (int u = 0, run; u < w; u += run) {
+                const int j = q * w + u;
+                run = FR_NR - j % FR_NR;
+                run = run < w - u ? run : w - u;
+                memcpy(panels + ((size_t)(j / FR_NR) * K + k) * FR_NR + j % FR_NR,
+                       src + u, (size_t)run * sizeof(float));
             }
         }
 }
@@ -238,18 +246,38 @@ static void fr_sgemm_panels(int M, int K, int np, const float *restrict A, int l
                 memcpy(Cp + (size_t)(r0 + r) * ldc + 16, &c1[r], sizeof c1[r]);
             }
         }
-        for (; r0 < M; r0++) {      /* the last M % FR_MR rows */
-            fr_v16 c0 = {0}, c1 = {0};
-            const float *a = A + (size_t)r0 * lda;
-            for (int k = 0; k < K; k++) {
+    }
+    /* The last M % FR_MR rows (all of them at batch 1), one row at a time:
+     * a matrix-vector product, bound by streaming the panels; FR_KU steps
+     * of k at once into separate accumulators, to cover the FMA latency. */
+    for (int r = M - M % FR_MR; r < M; r++) {
+        const float *a = A + (size_t)r * lda;
+        for (int p = 0; p < np; p++) {
+            const float *B = panels + (size_t)p * K * FR_NR;
+            fr_v16 c[2 * FR_KU];
+            for (int v = 0; v < 2 * FR_KU; v++)
+                c[v] = (fr_v16){0};
+            int k = 0;
+            for (; k + FR_KU <= K; k += FR_KU) {
+#pragma GCC unroll 8
+                for (int v = 0; v < 2 * FR_KU; v++) {
+                    fr_v16 bv;
+                    memcpy(&bv, B + (size_t)(k + v / 2) * FR_NR + (v % 2) * 16, sizeof bv);
+                    c[v] += a[k + v / 2] * bv;
+                }
+            }
+            for (; k < K; k++) {
                 fr_v16 b0, b1;
                 memcpy(&b0, B + (size_t)k * FR_NR, sizeof b0);
                 memcpy(&b1, B + (size_t)k * FR_NR + 16, sizeof b1);
-                c0 += a[k] * b0;
-                c1 += a[k] * b1;
+                c[0] += a[k] * b0;
+                c[1] += a[k] * b1;
             }
-            memcpy(Cp + (size_t)r0 * ldc, &c0, sizeof c0);
-            memcpy(Cp + (size_t)r0 * ldc + 16, &c1, sizeof c1);
+            for (int v = 2; v < 2 * FR_KU; v++)
+                c[v % 2] += c[v];
+            float *Cp = C + (size_t)r * ldc + (size_t)p * FR_NR;
+            memcpy(Cp, &c[0], sizeof c[0]);
+            memcpy(Cp + 16, &c[1], sizeof c[1]);
         }
     }
 }

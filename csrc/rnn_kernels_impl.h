@@ -267,7 +267,7 @@ static void FN(lstm_forward_job)(void *arg, int tid, int n)
     int mode = 0;                                     /* 0 BLAS, 1 GEMV, 2 panels */
     if (a->work && w > 0 && Bk > 0) {
 #ifdef FR_F32
-        if (Bk > 1)
+        if (Bk >= FR_PANEL_MIN_ROWS)
             mode = 2;
         else
 #endif
@@ -431,7 +431,7 @@ static void FN(lstm_backward_job)(void *arg, int tid, int n)
     int ldt = 0;
 #ifdef FR_F32
     if (a->pack && w > 0) {
-        packed = Bk > 1;
+        packed = Bk >= FR_PANEL_MIN_ROWS;
         FN(scratch_slots)(a->pack, 4 * H, 1, H, B, a->nthreads, tid, rows, j0, w, b0,
                           &Pk, &tmp, &ldt);
         if (rows ? tid == 0 : packed)
@@ -593,7 +593,7 @@ static void FN(rnn_forward_job)(void *arg, int tid, int n)
     REAL *Up = NULL, *rec = NULL;
 #ifdef FR_F32
     if (a->work && w > 0) {
-        packed = Bk > 1;
+        packed = Bk >= FR_PANEL_MIN_ROWS;
         np = fr_panels(w);
         FN(scratch_slots)(a->work, H, 1, H, B, a->nthreads, tid, rows, j0, w, b0,
                           &Up, &rec, &ldr);
@@ -672,7 +672,7 @@ static void FN(rnn_backward_job)(void *arg, int tid, int n)
     REAL *Pk = NULL, *tmp = NULL;
 #ifdef FR_F32
     if (a->pack && w > 0) {
-        packed = Bk > 1;
+        packed = Bk >= FR_PANEL_MIN_ROWS;
         FN(scratch_slots)(a->pack, H, 1, H, B, a->nthreads, tid, rows, j0, w, b0,
                           &Pk, &tmp, &ldt);
         if (rows ? tid == 0 : packed)
