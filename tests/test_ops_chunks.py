@@ -71,8 +71,9 @@ def test_chunk_steps_rule():
                                and tc >= ops._MIN_CHUNK_STEPS), (T, B, tc)
             n_chunks = -(-T // tc)
             assert tc * (n_chunks - 1) < T
-    assert ops._chunk_steps(100, 32) == 34      # 34 + 34 + 32 steps
-    assert ops._chunk_steps(50, 64) == 17       # 17 + 17 + 16
+    assert ops._chunk_steps(100, 32) == 9       # 11 chunks of 9 steps + 1
+    assert ops._chunk_steps(50, 64) == 9        # 5 x 9 + 5
+    assert ops._chunk_steps(100, 16) == 17      # 5 x 17 + 15
     assert ops._chunk_steps(100, 1) == 100      # one chunk
 
 
@@ -97,7 +98,7 @@ def test_kernels_get_one_chunk_of_scratch(backend_name, kind, monkeypatch,
     monkeypatch.setattr(module, f"{kind}_backward", spy)
     p = kernels.make_problem(rng, kind, B, T, 3, H, np.float32)
     kernels.run_ops(p, backend_name)
-    assert seen["dz"] == (ops._chunk_steps(T, B), B, G * H) == (34, B, G * H)
+    assert seen["dz"] == (ops._chunk_steps(T, B), B, G * H) == (9, B, G * H)
     assert np.shares_memory(seen["d_out"], p["d_outputs"])
 
 
