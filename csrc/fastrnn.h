@@ -3,7 +3,8 @@
  *
  * Every entry point works on caller-allocated, C-contiguous buffers in
  * time-major *reading order* unless noted (the caller reverses the time axis
- * for go_backwards), with Keras's weight layout:
+ * for go_backwards; the backward passes take x and dx batch-major instead),
+ * with Keras's weight layout:
  *
  *   T, B, I, H   time steps, batch rows, input features, hidden units
  *                (T, B, H >= 1; I >= 0)
@@ -80,34 +81,43 @@ int fr_lstm_forward_f64(const fr_dblas *blas, int nthreads, int training,
  * activated gates (T, B, 4H).  The time loop runs in chunks of Tc steps
  * (1 <= Tc <= T) from the end; after each chunk, that chunk's share of dx,
  * dW, dU and db is computed by GEMMs over its Tc*B rows, so the
- * pre-activation gradients are kept for one chunk only.
+ * pre-activation gradients are kept for one chunk only.  Unlike the rest,
+ * x and dx are batch-major, in the caller's time order (no time-major
+ * copies of them are made: a chunk's rows are gathered into xs).
+ *   reverse  nonzero when the forward read the sequence from its end
+ *          (go_backwards): reading-order step t is x[:, T-1-t]
+ *   x      (B, T, I)   the forward's inputs, batch-major
  *   d_out  (B, T, H)   gradient w.r.t. the outputs hs[1:], batch-major in
  *                      reading order (the caller has folded in Keras's
  *                      zero-output-before-first-step rule)
  *   dh, dc (B, H)      in: gradient w.r.t. the final h and c;
  *                      out: gradient w.r.t. h0 and c0
- *   dx (T, B, I), dW (I, 4H), dU (H, 4H), db (4H)   outputs
+ *   dx (B, T, I), dW (I, 4H), dU (H, 4H), db (4H)   outputs (dx batch-major,
+ *                      like x)
  *   dz     (Tc, B, 4H) scratch: one chunk's pre-activation gradients
  *   work   (B, H)      scratch
  *   pack   fr_lstm_backward_work(B, H, nthreads) scratch, or NULL: float32,
  *          the threads' packed (transposed) rows of U for dz U^T
+ *   xs     2 * Tc * B * I scratch (NULL allowed when I = 0): one chunk's
+ *          rows of x and of dx
  */
-int fr_lstm_backward_f32(const fr_sblas *blas, int nthreads, int T, int Tc, int B, int I,
-                         int H, const float *x, const float *W, const float *U,
-                         const unsigned char *mask, const float *hs,
+int fr_lstm_backward_f32(const fr_sblas *blas, int nthreads, int reverse, int T, int Tc,
+                         int B, int I, int H, const float *x, const float *W,
+                         const float *U, const unsigned char *mask, const float *hs,
                          const float *cs, const float *gates, const float *d_out,
                          float *dh, float *dc, float *dx, float *dW, float *dU,
-                         float *db, float *dz, float *work, float *pack);
-int fr_lstm_backward_f64(const fr_dblas *blas, int nthreads, int T, int Tc, int B, int I,
-                         int H, const double *x, const double *W, const double *U,
-                         const unsigned char *mask, const double *hs,
+                         float *db, float *dz, float *work, float *pack, float *xs);
+int fr_lstm_backward_f64(const fr_dblas *blas, int nthreads, int reverse, int T, int Tc,
+                         int B, int I, int H, const double *x, const double *W,
+                         const double *U, const unsigned char *mask, const double *hs,
                          const double *cs, const double *gates, const double *d_out,
                          double *dh, double *dc, double *dx, double *dW, double *dU,
-                         double *db, double *dz, double *work, double *pack);
+                         double *db, double *dz, double *work, double *pack, double *xs);
 
 /*
  * Simple RNN forward: hs[t+1] = act(x[t] W + hs[t] U + bias).
- *   z    (T, B, H) scratch (pre-activations)
+ *   hs   (T+1, B, H): hs[0] = h0 on entry; hs[1:] also holds the
+ *        pre-activations while they are computed (no other buffer)
  *   work fr_rnn_work(B, H, nthreads) scratch, or NULL: float32, the threads'
  *        packed columns of U (with NULL, BLAS on U as it is)
  *   act  FR_ACT_TANH, FR_ACT_RELU or FR_ACT_LINEAR
@@ -115,27 +125,30 @@ int fr_lstm_backward_f64(const fr_dblas *blas, int nthreads, int T, int Tc, int 
 int fr_rnn_forward_f32(const fr_sblas *blas, int nthreads, int act, int T, int B, int I, int H,
                        const float *x, const float *W, const float *U,
                        const float *bias, const unsigned char *mask,
-                       float *hs, float *z, float *work);
+                       float *hs, float *work);
 int fr_rnn_forward_f64(const fr_dblas *blas, int nthreads, int act, int T, int B, int I, int H,
                        const double *x, const double *W, const double *U,
                        const double *bias, const unsigned char *mask,
-                       double *hs, double *z, double *work);
+                       double *hs, double *work);
 
 /*
  * Simple RNN backward, with the activation's derivative taken from the saved
- * outputs hs.  Arguments as for the LSTM, without the cell state; dz is
- * (Tc, B, H); pack is fr_rnn_work(B, H, nthreads) long, or NULL.
+ * outputs hs.  Arguments as for the LSTM (x and dx batch-major, reverse,
+ * xs), without the cell state; dz is (Tc, B, H); pack is
+ * fr_rnn_work(B, H, nthreads) long, or NULL.
  */
-int fr_rnn_backward_f32(const fr_sblas *blas, int nthreads, int act, int T, int Tc, int B,
-                        int I, int H, const float *x, const float *W, const float *U,
-                        const unsigned char *mask, const float *hs,
+int fr_rnn_backward_f32(const fr_sblas *blas, int nthreads, int act, int reverse, int T,
+                        int Tc, int B, int I, int H, const float *x, const float *W,
+                        const float *U, const unsigned char *mask, const float *hs,
                         const float *d_out, float *dh, float *dx, float *dW,
-                        float *dU, float *db, float *dz, float *work, float *pack);
-int fr_rnn_backward_f64(const fr_dblas *blas, int nthreads, int act, int T, int Tc, int B,
-                        int I, int H, const double *x, const double *W, const double *U,
-                        const unsigned char *mask, const double *hs,
+                        float *dU, float *db, float *dz, float *work, float *pack,
+                        float *xs);
+int fr_rnn_backward_f64(const fr_dblas *blas, int nthreads, int act, int reverse, int T,
+                        int Tc, int B, int I, int H, const double *x, const double *W,
+                        const double *U, const unsigned char *mask, const double *hs,
                         const double *d_out, double *dh, double *dx, double *dW,
-                        double *dU, double *db, double *dz, double *work, double *pack);
+                        double *dU, double *db, double *dz, double *work, double *pack,
+                        double *xs);
 
 /* How the kernels were built: the compiler; 1 if the kernels can run on a
  * team of threads (POSIX threads), 0 if they always run on the caller's. */

@@ -335,15 +335,27 @@ int FN(fr_lstm_forward)(const BLAS_T *blas, int nthreads, int training, int T, i
     return 0;
 }
 
+/* Row (t, b) of the reading-order, time-major view of a batch-major
+ * (B, T, I) array a: time step t, or T-1-t when reverse. */
+static inline size_t FN(tm_row)(int T, int B, int I, int reverse, size_t r)
+{
+    const size_t t = r / (size_t)B, b = r % (size_t)B;
+    return (b * (size_t)T + (reverse ? (size_t)T - 1 - t : t)) * (size_t)I;
+}
+
 /* This thread's share of the weight gradients of the chunk of steps
- * [t0, t1), whose pre-activation gradients are in dz (t1 - t0, B, G*H):
- * dx[t0:t1] = dz W^T (split by rows); dW = x[t0:t1]^T dz,
- * dU = hs[t0:t1]^T dz and db = column sums of dz (split by columns), set on
- * the first chunk and accumulated after. */
-static void FN(weight_grads)(const BLAS_T *blas, int tid, int n, int first, int t0,
-                             int t1, int B, int I, int H, int G, const REAL *x,
+ * [t0, t1), whose pre-activation gradients are in dz (t1 - t0, B, G*H),
+ * with x and dx batch-major (B, T, I) (time reversed when reverse):
+ * first (split by rows of the chunk) x's rows of the chunk are gathered
+ * into xs and dx's rows = dz W^T computed into xs's second half and
+ * scattered to dx; the team meets; then (split by columns) dW = x^T dz,
+ * dU = hs[t0:t1]^T dz and db = column sums of dz, set on the first chunk
+ * and accumulated after.  xs: 2 * (t1 - t0) * B * I scratch. */
+static void FN(weight_grads)(const BLAS_T *blas, int tid, int n, fr_barrier *bar,
+                             int *sense, int first, int t0, int t1, int T, int B,
+                             int I, int H, int G, int reverse, const REAL *x,
                              const REAL *W, const REAL *hs, const REAL *dz,
-                             REAL *dx, REAL *dW, REAL *dU, REAL *db)
+                             REAL *xs, REAL *dx, REAL *dW, REAL *dU, REAL *db)
 {
     const int GH = G * H, R = (t1 - t0) * B, ld_x = I > 0 ? I : 1;
     const size_t row0 = (size_t)t0 * B;   /* the chunk's first (t, b) row */
@@ -351,12 +363,23 @@ static void FN(weight_grads)(const BLAS_T *blas, int tid, int n, int first, int 
     int r0, r1, c0, c1;
     fr_split(R, 1, tid, n, &r0, &r1);
     fr_split(GH, FR_CHUNK, tid, n, &c0, &c1);
-    FN(gemm_rm)(blas, 0, 1, r1 - r0, I, GH, 1, dz + (size_t)r0 * GH, GH, W, GH,
-                0, dx + (row0 + r0) * I, ld_x);
+    if (I > 0 && r1 > r0) {
+        REAL *xc = xs + (size_t)r0 * I, *dxc = xs + ((size_t)R + r0) * I;
+        for (int r = r0; r < r1; r++)
+            memcpy(xc + (size_t)(r - r0) * I, x + FN(tm_row)(T, B, I, reverse, row0 + r),
+                   (size_t)I * sizeof(REAL));
+        FN(gemm_rm)(blas, 0, 1, r1 - r0, I, GH, 1, dz + (size_t)r0 * GH, GH, W, GH,
+                    0, dxc, I);
+        for (int r = r0; r < r1; r++)
+            memcpy(dx + FN(tm_row)(T, B, I, reverse, row0 + r), dxc + (size_t)(r - r0) * I,
+                   (size_t)I * sizeof(REAL));
+    }
+    fr_barrier_wait(bar, n, sense);   /* the chunk's x rows are all in xs */
     if (c1 <= c0)
         return;
-    FN(gemm_rm)(blas, 1, 0, I, c1 - c0, R, 1, x + row0 * I, ld_x, dz + c0, GH,
-                beta, dW + c0, GH);
+    if (I > 0)
+        FN(gemm_rm)(blas, 1, 0, I, c1 - c0, R, 1, xs, ld_x, dz + c0, GH,
+                    beta, dW + c0, GH);
     FN(gemm_rm)(blas, 1, 0, H, c1 - c0, R, 1, hs + row0 * H, H, dz + c0, GH,
                 beta, dU + c0, GH);
     if (first)
@@ -404,8 +427,8 @@ typedef struct {
     const REAL *x, *W, *U;
     const unsigned char *mask;
     const REAL *hs, *cs, *gates, *d_out;
-    REAL *dh, *dc, *dx, *dW, *dU, *db, *dz, *work, *pack;
-    int nthreads;
+    REAL *dh, *dc, *dx, *dW, *dU, *db, *dz, *work, *pack, *xs;
+    int reverse, nthreads;
     fr_barrier bar;
 } FN(lstm_bwd_args);
 
@@ -471,26 +494,27 @@ static void FN(lstm_backward_job)(void *arg, int tid, int n)
          * the last step's) */
         if (rows)
             fr_barrier_wait(&a->bar, n, &sense);
-        FN(weight_grads)(a->blas, tid, n, t1 == T, t0, t1, B, a->I, H, 4, a->x,
-                         a->W, a->hs, a->dz, a->dx, a->dW, a->dU, a->db);
+        FN(weight_grads)(a->blas, tid, n, &a->bar, &sense, t1 == T, t0, t1, T, B,
+                         a->I, H, 4, a->reverse, a->x, a->W, a->hs, a->dz, a->xs,
+                         a->dx, a->dW, a->dU, a->db);
         if (t0 > 0)
             fr_barrier_wait(&a->bar, n, &sense);   /* the next chunk overwrites dz */
     }
 }
 
-int FN(fr_lstm_backward)(const BLAS_T *blas, int nthreads, int T, int Tc, int B, int I, int H,
-                         const REAL *x, const REAL *W, const REAL *U,
-                         const unsigned char *mask, const REAL *hs,
+int FN(fr_lstm_backward)(const BLAS_T *blas, int nthreads, int reverse, int T, int Tc,
+                         int B, int I, int H, const REAL *x, const REAL *W,
+                         const REAL *U, const unsigned char *mask, const REAL *hs,
                          const REAL *cs, const REAL *gates, const REAL *d_out,
                          REAL *dh, REAL *dc, REAL *dx, REAL *dW, REAL *dU,
-                         REAL *db, REAL *dz, REAL *work, REAL *pack)
+                         REAL *db, REAL *dz, REAL *work, REAL *pack, REAL *xs)
 {
     if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 4) ||
-        Tc < 1 || Tc > T)
+        Tc < 1 || Tc > T || (I > 0 && !xs))
         return 1;
     FN(lstm_bwd_args) a = {blas, T, Tc, B, I, H, x, W, U, mask, hs, cs, gates,
-                           d_out, dh, dc, dx, dW, dU, db, dz, work, pack,
-                           nthreads < 1 ? 1 : nthreads};
+                           d_out, dh, dc, dx, dW, dU, db, dz, work, pack, xs,
+                           reverse != 0, nthreads < 1 ? 1 : nthreads};
     fr_barrier_init(&a.bar);
     fr_pool_run(fr_team(nthreads, B, H), FN(lstm_backward_job), &a);
     return 0;
@@ -501,13 +525,13 @@ int FN(fr_lstm_backward)(const BLAS_T *blas, int nthreads, int T, int Tc, int B,
 FR_VECTORIZE
 static void FN(rnn_cell)(int B, int H, int j0, int j1, int act,
                          const REAL *restrict bias, const unsigned char *mask,
-                         const REAL *restrict z, const REAL *restrict hprev,
-                         REAL *restrict hnext)
+                         const REAL *restrict hprev, REAL *restrict h)
 {
+    /* h holds the step's pre-activations x W + h U on entry (in place:
+     * the forward pass keeps no separate buffer for them) */
     for (int b = 0; b < B; b++) {
-        const REAL *restrict zr = z + (size_t)b * H;
         const REAL *restrict hp = hprev + (size_t)b * H;
-        REAL *restrict hn = hnext + (size_t)b * H;
+        REAL *restrict hn = h + (size_t)b * H;
         if (mask && !mask[b]) {
             FR_IVDEP
             for (int j = j0; j < j1; j++)
@@ -515,17 +539,17 @@ static void FN(rnn_cell)(int B, int H, int j0, int j1, int act,
         } else if (act == FR_ACT_TANH) {
             FR_IVDEP
             for (int j = j0; j < j1; j++)
-                hn[j] = TANH(zr[j] + bias[j]);
+                hn[j] = TANH(hn[j] + bias[j]);
         } else if (act == FR_ACT_RELU) {
             FR_IVDEP
             for (int j = j0; j < j1; j++) {
-                REAL v = zr[j] + bias[j];
+                REAL v = hn[j] + bias[j];
                 hn[j] = v > 0 ? v : (v == v ? (REAL)0 : v);   /* NaN stays NaN */
             }
         } else {
             FR_IVDEP
             for (int j = j0; j < j1; j++)
-                hn[j] = zr[j] + bias[j];
+                hn[j] += bias[j];
         }
     }
 }
@@ -565,7 +589,7 @@ typedef struct {
     int act, T, B, I, H;
     const REAL *x, *W, *U, *bias;
     const unsigned char *mask;
-    REAL *hs, *z, *work;
+    REAL *hs, *work;
     int nthreads;
     fr_barrier bar;
 } FN(rnn_fwd_args);
@@ -579,7 +603,8 @@ static void FN(rnn_forward_job)(void *arg, int tid, int n)
     int sense = 0;
     int r0, r1, b0 = 0, b1 = B, j0 = 0, j1 = H;
     fr_split(T * B, 1, tid, n, &r0, &r1);
-    FN(input_projection)(a->blas, r0, r1, a->I, H, a->x, a->W, a->z);
+    /* the pre-activations go straight into hs[1:] (see rnn_cell) */
+    FN(input_projection)(a->blas, r0, r1, a->I, H, a->x, a->W, a->hs + BH);
     if (rows)
         fr_split(B, 1, tid, n, &b0, &b1);
     else
@@ -603,7 +628,7 @@ static void FN(rnn_forward_job)(void *arg, int tid, int n)
 #endif
     fr_barrier_wait(&a->bar, n, &sense);
     for (int t = 0; t < T; t++) {
-        REAL *zt = a->z + t * BH + oh;
+        REAL *zt = a->hs + (t + 1) * BH + oh;   /* x W, then h */
         const unsigned char *m = a->mask ? a->mask + (size_t)t * B + b0 : NULL;
         if (j1 > j0 && Bk > 0) {
 #ifdef FR_F32
@@ -620,8 +645,7 @@ static void FN(rnn_forward_job)(void *arg, int tid, int n)
 #endif
             FN(recurrent_projection)(a->blas, 1, Bk, H, j0, j1, a->hs + t * BH + oh,
                                      a->U, zt);
-            FN(rnn_cell)(Bk, H, j0, j1, a->act, a->bias, m, zt, a->hs + t * BH + oh,
-                         a->hs + (t + 1) * BH + oh);
+            FN(rnn_cell)(Bk, H, j0, j1, a->act, a->bias, m, a->hs + t * BH + oh, zt);
         }
         if (!rows)
             fr_barrier_wait(&a->bar, n, &sense);
@@ -631,11 +655,11 @@ static void FN(rnn_forward_job)(void *arg, int tid, int n)
 int FN(fr_rnn_forward)(const BLAS_T *blas, int nthreads, int act, int T, int B, int I,
                        int H, const REAL *x, const REAL *W, const REAL *U,
                        const REAL *bias, const unsigned char *mask, REAL *hs,
-                       REAL *z, REAL *work)
+                       REAL *work)
 {
     if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 1) || act < 0 || act > 2)
         return 1;
-    FN(rnn_fwd_args) a = {blas, act, T, B, I, H, x, W, U, bias, mask, hs, z, work,
+    FN(rnn_fwd_args) a = {blas, act, T, B, I, H, x, W, U, bias, mask, hs, work,
                           nthreads < 1 ? 1 : nthreads};
     fr_barrier_init(&a.bar);
     fr_pool_run(fr_team(nthreads, B, H), FN(rnn_forward_job), &a);
@@ -648,8 +672,8 @@ typedef struct {
     const REAL *x, *W, *U;
     const unsigned char *mask;
     const REAL *hs, *d_out;
-    REAL *dh, *dx, *dW, *dU, *db, *dz, *work, *pack;
-    int nthreads;
+    REAL *dh, *dx, *dW, *dU, *db, *dz, *work, *pack, *xs;
+    int reverse, nthreads;
     fr_barrier bar;
 } FN(rnn_bwd_args);
 
@@ -708,24 +732,25 @@ static void FN(rnn_backward_job)(void *arg, int tid, int n)
         }
         if (rows)
             fr_barrier_wait(&a->bar, n, &sense);
-        FN(weight_grads)(a->blas, tid, n, t1 == T, t0, t1, B, a->I, H, 1, a->x,
-                         a->W, a->hs, a->dz, a->dx, a->dW, a->dU, a->db);
+        FN(weight_grads)(a->blas, tid, n, &a->bar, &sense, t1 == T, t0, t1, T, B,
+                         a->I, H, 1, a->reverse, a->x, a->W, a->hs, a->dz, a->xs,
+                         a->dx, a->dW, a->dU, a->db);
         if (t0 > 0)
             fr_barrier_wait(&a->bar, n, &sense);
     }
 }
 
-int FN(fr_rnn_backward)(const BLAS_T *blas, int nthreads, int act, int T, int Tc, int B, int I,
-                        int H, const REAL *x, const REAL *W, const REAL *U,
-                        const unsigned char *mask, const REAL *hs,
+int FN(fr_rnn_backward)(const BLAS_T *blas, int nthreads, int act, int reverse, int T,
+                        int Tc, int B, int I, int H, const REAL *x, const REAL *W,
+                        const REAL *U, const unsigned char *mask, const REAL *hs,
                         const REAL *d_out, REAL *dh, REAL *dx, REAL *dW,
-                        REAL *dU, REAL *db, REAL *dz, REAL *work, REAL *pack)
+                        REAL *dU, REAL *db, REAL *dz, REAL *work, REAL *pack, REAL *xs)
 {
     if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 1) ||
-        Tc < 1 || Tc > T || act < 0 || act > 2)
+        Tc < 1 || Tc > T || act < 0 || act > 2 || (I > 0 && !xs))
         return 1;
     FN(rnn_bwd_args) a = {blas, act, T, Tc, B, I, H, x, W, U, mask, hs, d_out,
-                          dh, dx, dW, dU, db, dz, work, pack,
+                          dh, dx, dW, dU, db, dz, work, pack, xs, reverse != 0,
                           nthreads < 1 ? 1 : nthreads};
     fr_barrier_init(&a.bar);
     fr_pool_run(fr_team(nthreads, B, H), FN(rnn_backward_job), &a);

@@ -30,30 +30,32 @@ cdef extern from "fastrnn.h" nogil:
     int fr_lstm_forward_f64(const fr_dblas*, int, int, int, int, int, int,
                             const double*, const double*, const double*, const double*,
                             const unsigned char*, double*, double*, double*, double*)
-    int fr_lstm_backward_f32(const fr_sblas*, int, int, int, int, int, int,
+    int fr_lstm_backward_f32(const fr_sblas*, int, int, int, int, int, int, int,
                              const float*, const float*, const float*,
                              const unsigned char*, const float*, const float*,
                              const float*, const float*, float*, float*, float*,
-                             float*, float*, float*, float*, float*, float*)
-    int fr_lstm_backward_f64(const fr_dblas*, int, int, int, int, int, int,
+                             float*, float*, float*, float*, float*, float*, float*)
+    int fr_lstm_backward_f64(const fr_dblas*, int, int, int, int, int, int, int,
                              const double*, const double*, const double*,
                              const unsigned char*, const double*, const double*,
                              const double*, const double*, double*, double*, double*,
-                             double*, double*, double*, double*, double*, double*)
+                             double*, double*, double*, double*, double*, double*, double*)
     int fr_rnn_forward_f32(const fr_sblas*, int, int, int, int, int, int,
                            const float*, const float*, const float*, const float*,
-                           const unsigned char*, float*, float*, float*)
+                           const unsigned char*, float*, float*)
     int fr_rnn_forward_f64(const fr_dblas*, int, int, int, int, int, int,
                            const double*, const double*, const double*, const double*,
-                           const unsigned char*, double*, double*, double*)
-    int fr_rnn_backward_f32(const fr_sblas*, int, int, int, int, int, int, int,
+                           const unsigned char*, double*, double*)
+    int fr_rnn_backward_f32(const fr_sblas*, int, int, int, int, int, int, int, int,
                             const float*, const float*, const float*,
                             const unsigned char*, const float*, const float*,
-                            float*, float*, float*, float*, float*, float*, float*, float*)
-    int fr_rnn_backward_f64(const fr_dblas*, int, int, int, int, int, int, int,
+                            float*, float*, float*, float*, float*, float*, float*, float*,
+                            float*)
+    int fr_rnn_backward_f64(const fr_dblas*, int, int, int, int, int, int, int, int,
                             const double*, const double*, const double*,
                             const unsigned char*, const double*, const double*,
-                            double*, double*, double*, double*, double*, double*, double*, double*)
+                            double*, double*, double*, double*, double*, double*, double*, double*,
+                            double*)
     const char *fr_compiler()
     int fr_has_threads()
     void fr_set_blas_threads_fn(int (*fn)(int))
@@ -134,6 +136,16 @@ cdef inline floating* _scratch(floating[::1] buf, str name, size_t need) except?
     return &buf[0]
 
 
+cdef inline floating* _gather_scratch(floating[::1] xs, Py_ssize_t Tc, Py_ssize_t B,
+                                      Py_ssize_t I) except? NULL:
+    """The backward passes' xs: 2 * Tc * B * I elements (None needed when I = 0)."""
+    cdef size_t need = 2 * <size_t>Tc * <size_t>B * <size_t>I
+    if <size_t>xs.shape[0] < need:
+        raise ValueError(f"xs must have at least 2 * Tc * B * I = {need} elements, "
+                         f"got {xs.shape[0]}")
+    return &xs[0] if need > 0 else NULL
+
+
 cdef inline const unsigned char* _mask_ptr(const unsigned char[:, ::1] mask,
                                            Py_ssize_t T, Py_ssize_t B) except? NULL:
     if mask.shape[0] == 0:
@@ -180,15 +192,16 @@ def lstm_forward(const floating[:, :, ::1] x, const floating[:, ::1] W,
         raise ValueError("fastrnn: lstm_forward rejected its sizes")
 
 
-def lstm_backward(const floating[:, :, ::1] x, const floating[:, ::1] W,
+def lstm_backward(const floating[:, :, ::1] x, bint reverse, const floating[:, ::1] W,
                   const floating[:, ::1] U, const unsigned char[:, ::1] mask,
                   const floating[:, :, ::1] hs, const floating[:, :, ::1] cs,
                   const floating[:, :, ::1] gates, const floating[:, :, ::1] d_out,
                   floating[:, ::1] dh, floating[:, ::1] dc, floating[:, :, ::1] dx,
                   floating[:, ::1] dW, floating[:, ::1] dU, floating[::1] db,
                   floating[:, :, ::1] dz, floating[:, ::1] work, floating[::1] pack,
-                  int nthreads):
-    cdef Py_ssize_t T = x.shape[0], B = x.shape[1], I = x.shape[2], H = U.shape[0]
+                  floating[::1] xs, int nthreads):
+    """x and dx batch-major (B, T, I); see csrc/fastrnn.h."""
+    cdef Py_ssize_t B = x.shape[0], T = x.shape[1], I = x.shape[2], H = U.shape[0]
     _expect("W", (W.shape[0], W.shape[1]), (I, 4 * H))
     _expect("U", (U.shape[0], U.shape[1]), (H, 4 * H))
     _expect("hs", (hs.shape[0], hs.shape[1], hs.shape[2]), (T + 1, B, H))
@@ -197,7 +210,7 @@ def lstm_backward(const floating[:, :, ::1] x, const floating[:, ::1] W,
     _expect("d_out", (d_out.shape[0], d_out.shape[1], d_out.shape[2]), (B, T, H))
     _expect("dh", (dh.shape[0], dh.shape[1]), (B, H))
     _expect("dc", (dc.shape[0], dc.shape[1]), (B, H))
-    _expect("dx", (dx.shape[0], dx.shape[1], dx.shape[2]), (T, B, I))
+    _expect("dx", (dx.shape[0], dx.shape[1], dx.shape[2]), (B, T, I))
     _expect("dW", (dW.shape[0], dW.shape[1]), (I, 4 * H))
     _expect("dU", (dU.shape[0], dU.shape[1]), (H, 4 * H))
     _expect("db", (db.shape[0],), (4 * H,))
@@ -212,6 +225,7 @@ def lstm_backward(const floating[:, :, ::1] x, const floating[:, ::1] W,
         raise ValueError("T, B and H must be at least 1")
     if Tc < 1 or Tc > T:
         raise ValueError(f"dz must hold 1 to T={T} steps, got {Tc}")
+    cdef floating* pxs = _gather_scratch(xs, Tc, B, I)
     cdef floating* ppack = &pack[0] if pack.shape[0] > 0 else NULL
     cdef const unsigned char* m = _mask_ptr(mask, T, B)
     cdef const floating* px = &x[0, 0, 0] if I > 0 else NULL
@@ -221,17 +235,17 @@ def lstm_backward(const floating[:, :, ::1] x, const floating[:, ::1] W,
     cdef int rc
     with nogil:
         if floating is float:
-            rc = fr_lstm_backward_f32(&_SBLAS, nthreads, T, Tc, B, I, H,
+            rc = fr_lstm_backward_f32(&_SBLAS, nthreads, reverse, T, Tc, B, I, H,
                                       px, pW, &U[0, 0], m, &hs[0, 0, 0], &cs[0, 0, 0],
                                       &gates[0, 0, 0], &d_out[0, 0, 0], &dh[0, 0],
                                       &dc[0, 0], pdx, pdW, &dU[0, 0], &db[0],
-                                      &dz[0, 0, 0], &work[0, 0], ppack)
+                                      &dz[0, 0, 0], &work[0, 0], ppack, pxs)
         else:
-            rc = fr_lstm_backward_f64(&_DBLAS, nthreads, T, Tc, B, I, H,
+            rc = fr_lstm_backward_f64(&_DBLAS, nthreads, reverse, T, Tc, B, I, H,
                                       px, pW, &U[0, 0], m, &hs[0, 0, 0], &cs[0, 0, 0],
                                       &gates[0, 0, 0], &d_out[0, 0, 0], &dh[0, 0],
                                       &dc[0, 0], pdx, pdW, &dU[0, 0], &db[0],
-                                      &dz[0, 0, 0], &work[0, 0], ppack)
+                                      &dz[0, 0, 0], &work[0, 0], ppack, pxs)
     if rc:
         raise ValueError("fastrnn: lstm_backward rejected its sizes")
 
@@ -239,13 +253,12 @@ def lstm_backward(const floating[:, :, ::1] x, const floating[:, ::1] W,
 def rnn_forward(const floating[:, :, ::1] x, const floating[:, ::1] W,
                 const floating[:, ::1] U, const floating[::1] bias,
                 const unsigned char[:, ::1] mask, floating[:, :, ::1] hs,
-                floating[:, :, ::1] z, floating[::1] work, int act, int nthreads):
+                floating[::1] work, int act, int nthreads):
     cdef Py_ssize_t T = x.shape[0], B = x.shape[1], I = x.shape[2], H = U.shape[0]
     _expect("W", (W.shape[0], W.shape[1]), (I, H))
     _expect("U", (U.shape[0], U.shape[1]), (H, H))
     _expect("bias", (bias.shape[0],), (H,))
     _expect("hs", (hs.shape[0], hs.shape[1], hs.shape[2]), (T + 1, B, H))
-    _expect("z", (z.shape[0], z.shape[1], z.shape[2]), (T, B, H))
     if T < 1 or B < 1 or H < 1:
         raise ValueError("T, B and H must be at least 1")
     if act < 0 or act > 2:
@@ -259,29 +272,30 @@ def rnn_forward(const floating[:, :, ::1] x, const floating[:, ::1] W,
         if floating is float:
             rc = fr_rnn_forward_f32(&_SBLAS, nthreads, act, T, B, I, H,
                                     px, pW, &U[0, 0], &bias[0], m, &hs[0, 0, 0],
-                                    &z[0, 0, 0], pwork)
+                                    pwork)
         else:
             rc = fr_rnn_forward_f64(&_DBLAS, nthreads, act, T, B, I, H,
                                     px, pW, &U[0, 0], &bias[0], m, &hs[0, 0, 0],
-                                    &z[0, 0, 0], pwork)
+                                    pwork)
     if rc:
         raise ValueError("fastrnn: rnn_forward rejected its sizes")
 
 
-def rnn_backward(const floating[:, :, ::1] x, const floating[:, ::1] W,
+def rnn_backward(const floating[:, :, ::1] x, bint reverse, const floating[:, ::1] W,
                  const floating[:, ::1] U, const unsigned char[:, ::1] mask,
                  const floating[:, :, ::1] hs, int act,
                  const floating[:, :, ::1] d_out, floating[:, ::1] dh,
                  floating[:, :, ::1] dx, floating[:, ::1] dW, floating[:, ::1] dU,
                  floating[::1] db, floating[:, :, ::1] dz, floating[:, ::1] work, floating[::1] pack,
-                 int nthreads):
-    cdef Py_ssize_t T = x.shape[0], B = x.shape[1], I = x.shape[2], H = U.shape[0]
+                 floating[::1] xs, int nthreads):
+    """x and dx batch-major (B, T, I); see csrc/fastrnn.h."""
+    cdef Py_ssize_t B = x.shape[0], T = x.shape[1], I = x.shape[2], H = U.shape[0]
     _expect("W", (W.shape[0], W.shape[1]), (I, H))
     _expect("U", (U.shape[0], U.shape[1]), (H, H))
     _expect("hs", (hs.shape[0], hs.shape[1], hs.shape[2]), (T + 1, B, H))
     _expect("d_out", (d_out.shape[0], d_out.shape[1], d_out.shape[2]), (B, T, H))
     _expect("dh", (dh.shape[0], dh.shape[1]), (B, H))
-    _expect("dx", (dx.shape[0], dx.shape[1], dx.shape[2]), (T, B, I))
+    _expect("dx", (dx.shape[0], dx.shape[1], dx.shape[2]), (B, T, I))
     _expect("dW", (dW.shape[0], dW.shape[1]), (I, H))
     _expect("dU", (dU.shape[0], dU.shape[1]), (H, H))
     _expect("db", (db.shape[0],), (H,))
@@ -294,6 +308,7 @@ def rnn_backward(const floating[:, :, ::1] x, const floating[:, ::1] W,
         raise ValueError(f"dz must hold 1 to T={T} steps, got {Tc}")
     if act < 0 or act > 2:
         raise ValueError(f"act must be 0 (tanh), 1 (relu) or 2 (linear), got {act}")
+    cdef floating* pxs = _gather_scratch(xs, Tc, B, I)
     cdef floating* ppack = _scratch(pack, "pack", fr_rnn_work(B, H, nthreads))
     cdef const unsigned char* m = _mask_ptr(mask, T, B)
     cdef const floating* px = &x[0, 0, 0] if I > 0 else NULL
@@ -303,14 +318,14 @@ def rnn_backward(const floating[:, :, ::1] x, const floating[:, ::1] W,
     cdef int rc
     with nogil:
         if floating is float:
-            rc = fr_rnn_backward_f32(&_SBLAS, nthreads, act, T, Tc, B, I, H,
+            rc = fr_rnn_backward_f32(&_SBLAS, nthreads, act, reverse, T, Tc, B, I, H,
                                      px, pW, &U[0, 0], m, &hs[0, 0, 0], &d_out[0, 0, 0],
                                      &dh[0, 0], pdx, pdW, &dU[0, 0], &db[0],
-                                     &dz[0, 0, 0], &work[0, 0], ppack)
+                                     &dz[0, 0, 0], &work[0, 0], ppack, pxs)
         else:
-            rc = fr_rnn_backward_f64(&_DBLAS, nthreads, act, T, Tc, B, I, H,
+            rc = fr_rnn_backward_f64(&_DBLAS, nthreads, act, reverse, T, Tc, B, I, H,
                                      px, pW, &U[0, 0], m, &hs[0, 0, 0], &d_out[0, 0, 0],
                                      &dh[0, 0], pdx, pdW, &dU[0, 0], &db[0],
-                                     &dz[0, 0, 0], &work[0, 0], ppack)
+                                     &dz[0, 0, 0], &work[0, 0], ppack, pxs)
     if rc:
         raise ValueError("fastrnn: rnn_backward rejected its sizes")

@@ -3,9 +3,11 @@
 Same contract as the Cython backend (see :mod:`fastrnn.ops`, which allocates
 every buffer and calls the four entry points ``lstm_forward``,
 ``lstm_backward``, ``rnn_forward`` and ``rnn_backward``).  Arrays are
-C-contiguous and time-major, in reading order: ``x_tm`` (T, B, I),
-``hs`` (T+1, B, H), ``mask_tm`` uint8 (T, B), or (0, 0) for "no mask";
-only backward's ``d_out`` is batch-major (B, T, H).
+C-contiguous and time-major, in reading order: the forward's ``x_tm``
+(T, B, I), ``hs`` (T+1, B, H), ``mask_tm`` uint8 (T, B), or (0, 0) for "no
+mask"; the backward's ``x`` and ``dx`` (B, T, I) and ``d_out`` (B, T, H) are
+batch-major (x and dx in the caller's time order, reversed when
+``reverse``; a chunk's rows are gathered into scratch).
 
 Per call: one GEMM for the input projection of all steps; per step one GEMM
 (GEMV for batch 1) for the recurrent projection, into a buffer allocated once
@@ -212,29 +214,60 @@ def _gemm_rows(a, b, out, r0, r1):
 
 
 @njit(**_JIT)
-def _weight_grads_part(x_tm, W, hs, dz, t0, t1, c0, c1, r0, r1, dx_tm, dW,
-                       dU, db):
-    """Rows [r0, r1) of the chunk's dx (rows of the flattened (t, b) chunk)
-    and columns [c0, c1) of dW, dU and db, for the chunk of steps [t0, t1)
-    whose pre-activation gradients are dz[:t1 - t0] (dz: (Tc, B, G*H)):
-    dx_tm[t0:t1] = dz @ W.T; dW += x^T dz, dU += hs[t0:t1]^T dz and
-    db += column sums of dz over the chunk's rows (set on the first chunk,
-    t1 = T)."""
-    T, B, I = x_tm.shape
+def _chunk_views(xs, R, I):
+    """The backward scratch xs (2 * Tc * B * I,) as a chunk's rows of x and
+    of dx, (R, I) each."""
+    return xs[:R * I].reshape(R, I), xs[R * I:2 * R * I].reshape(R, I)
+
+
+@njit(**_JIT)
+def _tm_row(B, T, reverse, t0, r):
+    """(b, time index) in batch-major (B, T, ...) of row r of the chunk that
+    starts at reading-order step t0 (rows in (t, b) order)."""
+    t = t0 + r // B
+    return r % B, (T - 1 - t) if reverse else t
+
+
+@njit(**_JIT)
+def _grads_rows(x, reverse, W, dz, t0, t1, r0, r1, xs, dx):
+    """Rows [r0, r1) of the chunk of steps [t0, t1) (rows of the flattened
+    (t, b) chunk): x's rows gathered into xs's first half (for dW), and
+    dx's = dz @ W.T, through xs's second half, scattered to dx; x, dx
+    batch-major (B, T, I), time reversed when reverse."""
+    B, T, I = x.shape
+    R = (t1 - t0) * B
+    if I == 0 or r1 <= r0:
+        return
+    xc, dxc = _chunk_views(xs, R, I)
+    for r in range(r0, r1):
+        b, tt = _tm_row(B, T, reverse, t0, r)
+        xc[r, :] = x[b, tt, :]
+    dz2 = dz[:t1 - t0].reshape(R, dz.shape[2])
+    np.dot(dz2[r0:r1], W.T, dxc[r0:r1])
+    for r in range(r0, r1):
+        b, tt = _tm_row(B, T, reverse, t0, r)
+        dx[b, tt, :] = dxc[r, :]
+
+
+@njit(**_JIT)
+def _grads_cols(hs, dz, t0, t1, c0, c1, first, xs, dW, dU, db):
+    """Columns [c0, c1) of dW += x^T dz (x's chunk rows in xs, gathered by
+    ``_grads_rows``), dU += hs[t0:t1]^T dz and db += column sums of dz,
+    for the chunk of steps [t0, t1) (set on the first chunk)."""
+    I = dW.shape[0]
     H = hs.shape[2]
+    B = hs.shape[1]
     G_H = dz.shape[2]
     R = (t1 - t0) * B
-    first = t1 == T
-    dz2 = dz[:t1 - t0].reshape(R, G_H)
-    if I > 0 and r1 > r0:
-        np.dot(dz2[r0:r1], W.T, dx_tm[t0:t1].reshape(R, I)[r0:r1])
     if c1 <= c0:
         return
+    dz2 = dz[:t1 - t0].reshape(R, G_H)
     # a block of columns is copied for BLAS (R*(c1-c0) values, for products
     # of (I+H)*R*(c1-c0) multiply-adds)
     dzc = dz2 if c0 == 0 and c1 == G_H else np.ascontiguousarray(dz2[:, c0:c1])
     if I > 0:
-        part = np.dot(x_tm[t0:t1].reshape(R, I).T, dzc)
+        xc, _ = _chunk_views(xs, R, I)
+        part = np.dot(xc.T, dzc)
         if first:
             dW[:, c0:c1] = part
         else:
@@ -251,10 +284,11 @@ def _weight_grads_part(x_tm, W, hs, dz, t0, t1, c0, c1, r0, r1, dx_tm, dW,
 
 
 @njit(**_JIT)
-def _weight_grads(x_tm, W, hs, dz, t0, t1, dx_tm, dW, dU, db):
-    """All of ``_weight_grads_part``'s rows and columns (one thread)."""
-    _weight_grads_part(x_tm, W, hs, dz, t0, t1, 0, dz.shape[2], 0,
-                       (t1 - t0) * x_tm.shape[1], dx_tm, dW, dU, db)
+def _weight_grads(x, reverse, W, hs, dz, t0, t1, first, xs, dx, dW, dU, db):
+    """The chunk's dx, dW, dU and db on one thread (``_grads_rows`` and
+    ``_grads_cols`` over all rows and columns)."""
+    _grads_rows(x, reverse, W, dz, t0, t1, 0, (t1 - t0) * x.shape[0], xs, dx)
+    _grads_cols(hs, dz, t0, t1, 0, dz.shape[2], first, xs, dW, dU, db)
 
 
 @njit(inline="always", **_JIT)
@@ -413,8 +447,8 @@ def _lstm_chunk_grad_steps(U, mask_tm, cs, gates, d_out, dh, dc, dz, work,
 
 
 @njit(**_JIT)
-def _lstm_grad_steps(x_tm, W, U, mask_tm, hs, cs, gates, d_out, dh, dc, dx_tm,
-                     dW, dU, db, dz, work):
+def _lstm_grad_steps(x, reverse, W, U, mask_tm, hs, cs, gates, d_out, dh, dc,
+                     dx, dW, dU, db, dz, work, xs):
     """The backward time loop, in chunks of dz.shape[0] steps from the end,
     each followed by its weight gradients; dh, dc end at step 0."""
     T, Tc = gates.shape[0], dz.shape[0]
@@ -422,7 +456,7 @@ def _lstm_grad_steps(x_tm, W, U, mask_tm, hs, cs, gates, d_out, dh, dc, dx_tm,
         t0 = max(t1 - Tc, 0)
         _lstm_chunk_grad_steps(U, mask_tm, cs, gates, d_out, dh, dc, dz, work,
                                t0, t1, 0, dh.shape[0])
-        _weight_grads(x_tm, W, hs, dz, t0, t1, dx_tm, dW, dU, db)
+        _weight_grads(x, reverse, W, hs, dz, t0, t1, t1 == T, xs, dx, dW, dU, db)
 
 
 def lstm_forward(x_tm, W, U, bias, mask_tm, hs, cs, gates, work, training,
@@ -444,33 +478,36 @@ def lstm_forward(x_tm, W, U, bias, mask_tm, hs, cs, gates, work, training,
         blocks)
 
 
-def lstm_backward(x_tm, W, U, mask_tm, hs, cs, gates, d_out, dh, dc,
-                  dx_tm, dW, dU, db, dz, work, pack, nthreads):
-    """LSTM backward through time.  d_out (B, T, H) batch-major, in reading
-    order.  dh, dc (B, H): dL/dh_T, dL/dc_T on entry, dL/dh0, dL/dc0 on
-    exit.  Writes dx_tm (T, B, I), dW, dU and db; dz (Tc, B, 4H), for chunks
-    of 1 <= Tc <= T steps, and work (B, H) are scratch; pack (the cython
-    kernel's packed weights) is not used."""
-    blocks = _row_blocks(x_tm.shape[1], nthreads)
+def lstm_backward(x, reverse, W, U, mask_tm, hs, cs, gates, d_out, dh, dc,
+                  dx, dW, dU, db, dz, work, pack, xs, nthreads):
+    """LSTM backward through time.  x, dx (B, T, I) and d_out (B, T, H) are
+    batch-major; x and dx in the caller's time order (reading order is
+    reversed when reverse), d_out in reading order.  dh, dc (B, H): dL/dh_T,
+    dL/dc_T on entry, dL/dh0, dL/dc0 on exit.  Writes dx, dW, dU and db;
+    dz (Tc, B, 4H), for chunks of 1 <= Tc <= T steps, work (B, H) and
+    xs (2 * Tc * B * I,) are scratch; pack (the cython kernel's packed
+    weights) is not used."""
+    blocks = _row_blocks(x.shape[0], nthreads)
     if len(blocks) == 1:
-        _lstm_grad_steps(x_tm, W, U, mask_tm, hs, cs, gates, d_out, dh, dc,
-                         dx_tm, dW, dU, db, dz, work)
+        _lstm_grad_steps(x, reverse, W, U, mask_tm, hs, cs, gates, d_out, dh,
+                         dc, dx, dW, dU, db, dz, work, xs)
         return
-    T, Tc = x_tm.shape[0], dz.shape[0]
+    T, Tc = x.shape[1], dz.shape[0]
     for t1 in range(T, 0, -Tc):
         t0 = max(t1 - Tc, 0)
         _run_parallel(lambda b0, b1: _lstm_chunk_grad_steps(
             U, _rows(mask_tm, b0, b1), cs, gates, d_out, dh, dc, dz, work,
             t0, t1, b0, b1), blocks)
-        _parallel_weight_grads(x_tm, W, hs, dz, t0, t1, dx_tm, dW, dU, db,
-                               len(blocks))
+        _parallel_weight_grads(x, reverse, W, hs, dz, t0, t1, xs, dx, dW, dU,
+                               db, len(blocks))
 
 
 # -------------------------------------------------------------------- RNN ---
 @njit(**_JIT)
 def _rnn_cell(mask_tm, t, z_t, rec, bias, act, h_prev, h_next):
     """One step's fused pass: h_next = act(z_t + rec + bias) (B, H) on taken
-    rows; masked rows carry h_prev."""
+    rows; masked rows carry h_prev.  z_t may be h_next itself (each element
+    is read before it is written)."""
     B, H = h_prev.shape
     cast = h_prev.dtype.type
     zero = cast(0)
@@ -493,7 +530,7 @@ def _rnn_cell(mask_tm, t, z_t, rec, bias, act, h_prev, h_next):
 @njit(**_JIT)
 def _rnn_steps(mask_tm, U, bias, hs, z, act, b0, b1):
     """The forward time loop over batch rows [b0, b1) (mask_tm: those rows'
-    columns); z (T, B, H) holds x_t W on entry."""
+    columns); z (T, B, H) holds x_t W on entry (it may be hs[1:])."""
     T, _, H = z.shape
     rec = np.empty((b1 - b0, H), z.dtype)
     for t in range(T):
@@ -502,10 +539,12 @@ def _rnn_steps(mask_tm, U, bias, hs, z, act, b0, b1):
                   hs[t + 1, b0:b1])
 
 
-def rnn_forward(x_tm, W, U, bias, mask_tm, hs, z, work, act, nthreads):
-    """RNN forward: hs[t+1] = act(x_t @ W + hs[t] @ U + bias) for taken rows.
-    z (T, B, H) is scratch; act 0 tanh, 1 relu, 2 linear.  work (the cython
-    kernel's packed weights) is not used."""
+def rnn_forward(x_tm, W, U, bias, mask_tm, hs, work, act, nthreads):
+    """RNN forward: hs[t+1] = act(x_t @ W + hs[t] @ U + bias) for taken rows;
+    hs[1:] holds x_t @ W while it is computed (no other buffer).  act 0 tanh,
+    1 relu, 2 linear.  work (the cython kernel's packed weights) is not
+    used."""
+    z = hs[1:]
     blocks = _row_blocks(x_tm.shape[1], nthreads)
     if len(blocks) == 1:
         _input_gemm(x_tm, W, z)
@@ -553,37 +592,36 @@ def _rnn_chunk_grad_steps(U, mask_tm, hs, act, d_out, dh, dz, work, t0, t1,
 
 
 @njit(**_JIT)
-def _rnn_grad_steps(x_tm, W, U, mask_tm, hs, act, d_out, dh, dx_tm, dW, dU,
-                    db, dz, work):
+def _rnn_grad_steps(x, reverse, W, U, mask_tm, hs, act, d_out, dh, dx, dW, dU,
+                    db, dz, work, xs):
     """The backward time loop, in chunks as ``_lstm_grad_steps``; dh ends at
     step 0."""
-    T, Tc = x_tm.shape[0], dz.shape[0]
+    T, Tc = x.shape[1], dz.shape[0]
     for t1 in range(T, 0, -Tc):
         t0 = max(t1 - Tc, 0)
         _rnn_chunk_grad_steps(U, mask_tm, hs, act, d_out, dh, dz, work, t0, t1,
                               0, dh.shape[0])
-        _weight_grads(x_tm, W, hs, dz, t0, t1, dx_tm, dW, dU, db)
+        _weight_grads(x, reverse, W, hs, dz, t0, t1, t1 == T, xs, dx, dW, dU, db)
 
 
-def rnn_backward(x_tm, W, U, mask_tm, hs, act, d_out, dh, dx_tm, dW, dU,
-                 db, dz, work, pack, nthreads):
-    """RNN backward through time.  d_out (B, T, H) batch-major, in reading
-    order.  dh (B, H): dL/dh_T on entry, dL/dh0 on exit.  Writes
-    dx_tm (T, B, I), dW, dU and db; dz (Tc, B, H) and work (B, H) are
-    scratch; pack (the cython kernel's packed weights) is not used."""
-    blocks = _row_blocks(x_tm.shape[1], nthreads)
+def rnn_backward(x, reverse, W, U, mask_tm, hs, act, d_out, dh, dx, dW, dU,
+                 db, dz, work, pack, xs, nthreads):
+    """RNN backward through time; arguments as ``lstm_backward`` without the
+    cell state (dz (Tc, B, H)).  dh (B, H): dL/dh_T on entry, dL/dh0 on
+    exit."""
+    blocks = _row_blocks(x.shape[0], nthreads)
     if len(blocks) == 1:
-        _rnn_grad_steps(x_tm, W, U, mask_tm, hs, act, d_out, dh, dx_tm, dW, dU,
-                        db, dz, work)
+        _rnn_grad_steps(x, reverse, W, U, mask_tm, hs, act, d_out, dh, dx, dW,
+                        dU, db, dz, work, xs)
         return
-    T, Tc = x_tm.shape[0], dz.shape[0]
+    T, Tc = x.shape[1], dz.shape[0]
     for t1 in range(T, 0, -Tc):
         t0 = max(t1 - Tc, 0)
         _run_parallel(lambda b0, b1: _rnn_chunk_grad_steps(
             U, _rows(mask_tm, b0, b1), hs, act, d_out, dh, dz, work, t0, t1,
             b0, b1), blocks)
-        _parallel_weight_grads(x_tm, W, hs, dz, t0, t1, dx_tm, dW, dU, db,
-                               len(blocks))
+        _parallel_weight_grads(x, reverse, W, hs, dz, t0, t1, xs, dx, dW, dU,
+                               db, len(blocks))
 
 
 # -------------------------------------------------------------- threads ---
@@ -657,11 +695,15 @@ def _parallel_input_gemm(x_tm, W, out, n):
                   [_split(T * B, n, i) for i in range(n)])
 
 
-def _parallel_weight_grads(x_tm, W, hs, dz, t0, t1, dx_tm, dW, dU, db, n):
-    """``_weight_grads`` split n ways: dx by rows, dW, dU, db by columns."""
-    R, GH = (t1 - t0) * x_tm.shape[1], dz.shape[2]
-    _run_parallel(
-        lambda i: _weight_grads_part(x_tm, W, hs, dz, t0, t1,
-                                     *_split(GH, n, i, 16), *_split(R, n, i),
-                                     dx_tm, dW, dU, db),
-        [(i,) for i in range(n)])
+def _parallel_weight_grads(x, reverse, W, hs, dz, t0, t1, xs, dx, dW, dU, db,
+                           n):
+    """``_weight_grads`` split n ways: the rows (x gathered, dx), then, once
+    all of x's rows are in xs, the columns of dW, dU and db."""
+    R, GH = (t1 - t0) * x.shape[0], dz.shape[2]
+    _run_parallel(lambda r0, r1: _grads_rows(x, reverse, W, dz, t0, t1, r0, r1,
+                                             xs, dx),
+                  [_split(R, n, i) for i in range(n)])
+    T = x.shape[1]
+    _run_parallel(lambda c0, c1: _grads_cols(hs, dz, t0, t1, c0, c1, t1 == T, xs,
+                                             dW, dU, db),
+                  [_split(GH, n, i, 16) for i in range(n)])

@@ -10,8 +10,9 @@ inputs' dtype.  The math is specified by :mod:`fastrnn.reference`.
 The compiled backends run in time-major, reading order internally: this
 module moves arrays between that layout and the public one, allocates every
 buffer, and calls one kernel entry point per pass.  Their backward passes
-read d_outputs as given (batch-major) and keep the pre-activation gradients
-of one chunk of time steps at a time (see ``_chunk_steps``).
+read x and d_outputs and write dx as given (batch-major; a chunk of time
+steps at a time is gathered into scratch) and keep the pre-activation
+gradients of one chunk at a time (see ``_chunk_steps``).
 """
 from collections import namedtuple
 from dataclasses import dataclass, field
@@ -106,11 +107,13 @@ def _degenerate(B, T, H):
 # ------------------------------------------------------------------- LSTM ---
 def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
                  mask=None, go_backwards=False, return_workspace=False,
-                 backend="auto"):
+                 backend="auto", _keep_x=True):
     """LSTM forward pass.
 
     Returns ``LSTMResult(outputs (B, T, H), h (B, H), c (B, H), workspace)``;
-    ``workspace`` is None unless ``return_workspace=True``.
+    ``workspace`` is None unless ``return_workspace=True``.  The workspace
+    keeps its own copy of ``x`` (``_keep_x=False``, for fastrnn.keras, which
+    hands the backward pass an unchanged x itself, keeps none).
     """
     x, W, U, b, (B, T, I, H) = _checks.weights(x, kernel, recurrent_kernel,
                                                bias, 4)
@@ -124,7 +127,9 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
                    bias is not None)
 
     if name == "numpy" or _degenerate(B, T, H):
-        out, h, c, ref_ws = reference.lstm_forward(x, W, U, b, h0, c0, mask,
+        # (the reference's workspace refers to its x: give it its own)
+        out, h, c, ref_ws = reference.lstm_forward(x.copy() if training else x,
+                                                   W, U, b, h0, c0, mask,
                                                    go_backwards)
         ws.data = {"reference": ref_ws}
         return LSTMResult(out, h, c, ws if training else None)
@@ -150,9 +155,15 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
     outputs = _outputs(hs, seen)
     c = cs[T if training else T % 2].copy()
     if training:
-        ws.data = dict(x_tm=x_tm, W=W, U=U, mask_tm=mask_tm, hs=hs, cs=cs,
-                       gates=gates, seen=seen)
+        ws.data = dict(x=_saved_input(x, _keep_x), W=W, U=U, mask_tm=mask_tm,
+                       hs=hs, cs=cs, gates=gates, seen=seen)
     return LSTMResult(outputs, hs[T].copy(), c, ws if training else None)
+
+
+def _saved_input(x, keep):
+    """What a workspace keeps of the input x (B, T, I): a copy (the caller
+    may change x before the backward pass), or None when not ``keep``."""
+    return _pool.copy(x) if keep else None
 
 
 def _pack_len(backend, B, H, threads, kind="lstm"):
@@ -176,7 +187,7 @@ def _pack_len(backend, B, H, threads, kind="lstm"):
 # (ops[cython] fwd+bwd, 2 threads) and the chunk's dz is 4x smaller (LSTM
 # 16x100x128x512: 2.2 MB instead of 13).
 _CHUNK_ROWS = 256
-_MIN_CHUNK_STEPS = 8
+_MIN_CHUNK_STEPS = 4
 
 
 def _chunk_steps(T, B):
@@ -239,23 +250,35 @@ def lstm_backward(workspace, d_outputs, d_h=None, d_c=None):
     d_out = _kernel_d_out(d_out, d["seen"])   # outputs are in reading order
     dh = np.array(d_h, dtype=dt, order="C", copy=True)
     dc = np.array(d_c, dtype=dt, order="C", copy=True)
-    dx_tm = _aligned_empty((T, B, I), dt)
+    threads, blas = _backend.thread_plan(workspace.backend, B, 4, H)
+    module = _backend.module(workspace.backend)
+    # first, so that the pool hands it the forward's work buffer (same size)
+    pack = _aligned_empty((_pack_len(workspace.backend, B, H, threads)
+                           if dt == np.float32 else 0,), dt)
+    dx = _aligned_empty((B, T, I), dt)
     dW = np.empty((I, 4 * H), dt)
     dU = np.empty((H, 4 * H), dt)
     db = np.empty(4 * H, dt)
-    dz = _aligned_empty((_chunk_steps(T, B), B, 4 * H), dt)
+    Tc = _chunk_steps(T, B)
+    dz = _aligned_empty((Tc, B, 4 * H), dt)
+    xs = _aligned_empty((2 * Tc * B * I,), dt)
     work = np.empty((B, H), dt)
-    threads, blas = _backend.thread_plan(workspace.backend, B, 4, H)
-    module = _backend.module(workspace.backend)
-    pack = _aligned_empty((_pack_len(workspace.backend, B, H, threads)
-                           if dt == np.float32 else 0,), dt)
     with blas:
         module.lstm_backward(
-            d["x_tm"], np.ascontiguousarray(d["W"]), np.ascontiguousarray(d["U"]),
-            d["mask_tm"], d["hs"], d["cs"], d["gates"], d_out, dh, dc,
-            dx_tm, dW, dU, db, dz, work, pack, threads)
-    dx = _batch_major(dx_tm, workspace.go_backwards)
+            _saved_x(d), workspace.go_backwards, np.ascontiguousarray(d["W"]),
+            np.ascontiguousarray(d["U"]), d["mask_tm"], d["hs"], d["cs"],
+            d["gates"], d_out, dh, dc, dx, dW, dU, db, dz, work, pack, xs,
+            threads)
     return LSTMGrads(dx, dh, dc, dW, dU, db if workspace.has_bias else None)
+
+
+def _saved_x(data):
+    """The forward's input x (B, T, I), C-contiguous, from a workspace."""
+    x = data["x"]
+    if x is None:
+        raise ValueError("this workspace was made without its input "
+                         "(_keep_x=False): give it back as workspace.data['x']")
+    return np.ascontiguousarray(x)
 
 
 # -------------------------------------------------------------------- RNN ---
@@ -270,11 +293,12 @@ def _activation_code(activation):
 
 def rnn_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *,
                 activation="tanh", mask=None, go_backwards=False,
-                return_workspace=False, backend="auto"):
+                return_workspace=False, backend="auto", _keep_x=True):
     """Simple RNN forward pass,
     ``h_t = activation(x_t @ kernel + h_{t-1} @ recurrent_kernel + bias)``.
 
-    Returns ``RNNResult(outputs (B, T, H), h (B, H), workspace)``.
+    Returns ``RNNResult(outputs (B, T, H), h (B, H), workspace)`` (the
+    workspace as in ``lstm_forward``).
     """
     x, W, U, b, (B, T, I, H) = _checks.weights(x, kernel, recurrent_kernel,
                                                bias, 1)
@@ -288,8 +312,9 @@ def rnn_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *,
                    bias is not None, activation)
 
     if name == "numpy" or _degenerate(B, T, H):
-        out, h, ref_ws = reference.rnn_forward(x, W, U, b, h0, activation,
-                                               mask, go_backwards)
+        out, h, ref_ws = reference.rnn_forward(x.copy() if training else x,
+                                               W, U, b, h0, activation, mask,
+                                               go_backwards)
         ws.data = {"reference": ref_ws}
         return RNNResult(out, h, ws if training else None)
 
@@ -298,19 +323,19 @@ def rnn_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *,
     mask_tm = _NO_MASK if mask is None else _time_major(mask, go_backwards).view(np.uint8)
     hs = _aligned_empty((T + 1, B, H), dt)
     hs[0] = h0
-    z = _aligned_empty((T, B, H), dt)
     threads, blas = _backend.thread_plan(name, B, 1, H)
     work = _aligned_empty((_pack_len(name, B, H, threads, "rnn")
                            if dt == np.float32 else 0,), dt)
     with blas:
         _backend.module(name).rnn_forward(
             x_tm, np.ascontiguousarray(W), np.ascontiguousarray(U),
-            np.ascontiguousarray(b), mask_tm, hs, z, work, ACTIVATIONS[activation],
+            np.ascontiguousarray(b), mask_tm, hs, work, ACTIVATIONS[activation],
             threads)
     seen = None if mask is None else _seen(mask_tm)
     outputs = _outputs(hs, seen)
     if training:
-        ws.data = dict(x_tm=x_tm, W=W, U=U, mask_tm=mask_tm, hs=hs, seen=seen)
+        ws.data = dict(x=_saved_input(x, _keep_x), W=W, U=U, mask_tm=mask_tm,
+                       hs=hs, seen=seen)
     return RNNResult(outputs, hs[T].copy(), ws if training else None)
 
 
@@ -328,19 +353,22 @@ def rnn_backward(workspace, d_outputs, d_h=None):
     d = workspace.data
     d_out = _kernel_d_out(d_out, d["seen"])   # outputs are in reading order
     dh = np.array(d_h, dtype=dt, order="C", copy=True)
-    dx_tm = _aligned_empty((T, B, I), dt)
+    threads, blas = _backend.thread_plan(workspace.backend, B, 1, H)
+    # first, so that the pool hands it the forward's work buffer (same size)
+    pack = _aligned_empty((_pack_len(workspace.backend, B, H, threads, "rnn")
+                           if dt == np.float32 else 0,), dt)
+    dx = _aligned_empty((B, T, I), dt)
     dW = np.empty((I, H), dt)
     dU = np.empty((H, H), dt)
     db = np.empty(H, dt)
-    dz = _aligned_empty((_chunk_steps(T, B), B, H), dt)
+    Tc = _chunk_steps(T, B)
+    dz = _aligned_empty((Tc, B, H), dt)
+    xs = _aligned_empty((2 * Tc * B * I,), dt)
     work = np.empty((B, H), dt)
-    threads, blas = _backend.thread_plan(workspace.backend, B, 1, H)
-    pack = _aligned_empty((_pack_len(workspace.backend, B, H, threads, "rnn")
-                           if dt == np.float32 else 0,), dt)
     with blas:
         _backend.module(workspace.backend).rnn_backward(
-            d["x_tm"], np.ascontiguousarray(d["W"]), np.ascontiguousarray(d["U"]),
-            d["mask_tm"], d["hs"], ACTIVATIONS[workspace.activation], d_out, dh,
-            dx_tm, dW, dU, db, dz, work, pack, threads)
-    dx = _batch_major(dx_tm, workspace.go_backwards)
+            _saved_x(d), workspace.go_backwards, np.ascontiguousarray(d["W"]),
+            np.ascontiguousarray(d["U"]), d["mask_tm"], d["hs"],
+            ACTIVATIONS[workspace.activation], d_out, dh, dx, dW, dU, db, dz,
+            work, pack, xs, threads)
     return RNNGrads(dx, dh, dW, dU, db if workspace.has_bias else None)

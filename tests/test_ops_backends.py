@@ -165,6 +165,32 @@ def test_backward_is_repeatable(backend, dtype, cell, rng, kernels):
         np.testing.assert_array_equal(first, second)
 
 
+def test_workspace_keeps_its_own_input(backend, dtype, cell, rng, kernels):
+    """Changing x after the forward pass does not change the gradients: the
+    workspace keeps a copy of it."""
+    kind, activation = cell
+    p = kernels.make_problem(rng, kind, 3, 5, 2, 4, dtype,
+                             activation=activation, mask="random")
+    expected = kernels.run_ops(p, backend)
+    args = (p["x"], p["kernel"], p["recurrent_kernel"], p["bias"], p["h0"])
+    if kind == "lstm":
+        ws = ops.lstm_forward(*args, p["c0"], mask=p["mask"], backend=backend,
+                              return_workspace=True).workspace
+        p["x"][...] = 7
+        got = ops.lstm_backward(ws, p["d_outputs"], p["d_h"], p["d_c"])
+    else:
+        ws = ops.rnn_forward(*args, activation=activation, mask=p["mask"],
+                             backend=backend, return_workspace=True).workspace
+        p["x"][...] = 7
+        got = ops.rnn_backward(ws, p["d_outputs"], p["d_h"])
+    for name, value in got._asdict().items():
+        want = expected["d_" + {"kernel": "kernel", "x": "x"}.get(name, name)]
+        if value is None:
+            assert want is None
+        else:
+            np.testing.assert_array_equal(value, want, err_msg=name)
+
+
 def test_result_types(backend, rng, kernels):
     p = kernels.make_problem(rng, "lstm", 2, 3, 4, 5, np.float32, bias=False)
     r = ops.lstm_forward(p["x"], p["kernel"], p["recurrent_kernel"],

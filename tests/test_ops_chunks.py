@@ -72,7 +72,7 @@ def test_chunk_steps_rule():
             n_chunks = -(-T // tc)
             assert tc * (n_chunks - 1) < T
     assert ops._chunk_steps(100, 32) == 9       # 11 chunks of 9 steps + 1
-    assert ops._chunk_steps(50, 64) == 9        # 5 x 9 + 5
+    assert ops._chunk_steps(50, 64) == 5        # 10 x 5
     assert ops._chunk_steps(100, 16) == 17      # 5 x 17 + 15
     assert ops._chunk_steps(100, 1) == 100      # one chunk
 
@@ -81,8 +81,9 @@ def test_chunk_steps_rule():
 @pytest.mark.parametrize("kind", ["lstm", "rnn"])
 def test_kernels_get_one_chunk_of_scratch(backend_name, kind, monkeypatch,
                                           rng, kernels):
-    """dz holds one chunk of steps; d_outputs reaches the kernel as the
-    caller's (B, T, H) array, not a time-major copy."""
+    """dz holds one chunk of steps (and xs one chunk's rows of x and dx);
+    x, d_outputs and dx reach the kernel batch-major (B, T, ...), the
+    caller's d_outputs itself, not time-major copies."""
     B, T, H = 32, 100, 8
     G = 4 if kind == "lstm" else 1
     module = _backend.module(backend_name)
@@ -91,14 +92,19 @@ def test_kernels_get_one_chunk_of_scratch(backend_name, kind, monkeypatch,
 
     def spy(*args):
         arrays = [a for a in args if isinstance(a, np.ndarray)]
-        seen["dz"] = arrays[-3].shape   # ..., dz, work, pack
+        seen["dz"] = arrays[-4].shape   # ..., dz, work, pack, xs
+        seen["xs"] = arrays[-1].shape
+        seen["x"] = arrays[0].shape
         seen["d_out"] = next(a for a in arrays if a.shape == (B, T, H))
+        seen["dx"] = [a.shape for a in arrays].count((B, T, 3))
         return real(*args)
 
     monkeypatch.setattr(module, f"{kind}_backward", spy)
     p = kernels.make_problem(rng, kind, B, T, 3, H, np.float32)
     kernels.run_ops(p, backend_name)
     assert seen["dz"] == (ops._chunk_steps(T, B), B, G * H) == (9, B, G * H)
+    assert seen["xs"] == (2 * 9 * B * 3,)
+    assert seen["x"] == (B, T, 3) and seen["dx"] == 2     # x and dx
     assert np.shares_memory(seen["d_out"], p["d_outputs"])
 
 

@@ -166,26 +166,30 @@ def test_backward_with_packed_weights_matches_plain_blas(threads, B, H, Tc):
     d_out = rng.standard_normal((B, T, H)).astype(dt)
     d_h = rng.standard_normal((B, H)).astype(dt)
     d_c = rng.standard_normal((B, H)).astype(dt)
+    x_bm = np.ascontiguousarray(x.swapaxes(0, 1))   # the backward's layout
+    xs = np.empty(2 * Tc * B * I, dt)
     runs = []
     for pack in (np.empty(_cykernels.lstm_backward_work_len(B, H, threads), dt),
                  np.empty(0, dt)):
-        out = dict(dh=d_h.copy(), dc=d_c.copy(), dx=np.empty((T, B, I), dt),
+        out = dict(dh=d_h.copy(), dc=d_c.copy(), dx=np.empty((B, T, I), dt),
                    dW=np.empty((I, 4 * H), dt), dU=np.empty((H, 4 * H), dt),
                    db=np.empty(4 * H, dt))
-        _cykernels.lstm_backward(x, W, U, mask, hs, cs, gates, d_out, out["dh"],
-                                 out["dc"], out["dx"], out["dW"], out["dU"], out["db"],
-                                 np.empty((Tc, B, 4 * H), dt), np.empty((B, H), dt),
-                                 pack, threads)
+        _cykernels.lstm_backward(x_bm, False, W, U, mask, hs, cs, gates, d_out,
+                                 out["dh"], out["dc"], out["dx"], out["dW"], out["dU"],
+                                 out["db"], np.empty((Tc, B, 4 * H), dt),
+                                 np.empty((B, H), dt), pack, xs, threads)
         runs.append(out)
     for k in runs[0]:
         np.testing.assert_allclose(runs[0][k], runs[1][k], rtol=1e-4, atol=1e-5,
                                    err_msg=k)
+    args = (x_bm, False, W, U, mask, hs, cs, gates, d_out, d_h.copy(), d_c.copy(),
+            np.empty((B, T, I), dt), np.empty((I, 4 * H), dt),
+            np.empty((H, 4 * H), dt), np.empty(4 * H, dt),
+            np.empty((Tc, B, 4 * H), dt), np.empty((B, H), dt))
     with pytest.raises(ValueError, match="pack must have at least"):
-        _cykernels.lstm_backward(x, W, U, mask, hs, cs, gates, d_out, d_h.copy(),
-                                 d_c.copy(), np.empty((T, B, I), dt),
-                                 np.empty((I, 4 * H), dt), np.empty((H, 4 * H), dt),
-                                 np.empty(4 * H, dt), np.empty((Tc, B, 4 * H), dt),
-                                 np.empty((B, H), dt), np.empty(5, dt), threads)
+        _cykernels.lstm_backward(*args, np.empty(5, dt), xs, threads)
+    with pytest.raises(ValueError, match="xs must have at least"):
+        _cykernels.lstm_backward(*args, np.empty(0, dt), xs[:-1], threads)
 
 
 @pytest.mark.skipif("cython" not in fastrnn.available_backends(),
@@ -213,14 +217,14 @@ def test_rnn_with_packed_weights_matches_plain_blas(act, threads, B, H):
     for scratch in (np.empty(n, dt), np.empty(0, dt)):
         hs = np.zeros((T + 1, B, H), dt)
         hs[0] = h0
-        _cykernels.rnn_forward(x, W, U, b, mask, hs, np.empty((T, B, H), dt), scratch,
-                               act, threads)
-        out = dict(hs=hs, dh=d_h.copy(), dx=np.empty((T, B, I), dt),
+        _cykernels.rnn_forward(x, W, U, b, mask, hs, scratch, act, threads)
+        out = dict(hs=hs, dh=d_h.copy(), dx=np.empty((B, T, I), dt),
                    dW=np.empty((I, H), dt), dU=np.empty((H, H), dt), db=np.empty(H, dt))
-        _cykernels.rnn_backward(x, W, U, mask, hs, act, d_out, out["dh"], out["dx"],
+        _cykernels.rnn_backward(np.ascontiguousarray(x.swapaxes(0, 1)), False, W, U,
+                                mask, hs, act, d_out, out["dh"], out["dx"],
                                 out["dW"], out["dU"], out["db"],
                                 np.empty((Tc, B, H), dt), np.empty((B, H), dt),
-                                scratch, threads)
+                                scratch, np.empty(2 * Tc * B * I, dt), threads)
         runs.append(out)
     for k in runs[0]:   # float32 round-off, relative to the array's scale
         scale = max(1.0, float(np.abs(runs[1][k]).max()))
@@ -228,4 +232,4 @@ def test_rnn_with_packed_weights_matches_plain_blas(act, threads, B, H):
                                    atol=2e-5 * scale, err_msg=k)
     with pytest.raises(ValueError, match="work must have at least"):
         _cykernels.rnn_forward(x, W, U, b, mask, np.zeros((T + 1, B, H), dt),
-                               np.empty((T, B, H), dt), np.empty(2, dt), act, threads)
+                               np.empty(2, dt), act, threads)

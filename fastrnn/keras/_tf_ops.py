@@ -39,9 +39,9 @@ from tensorflow.python.saved_model import save_context
 from .. import ops
 
 # The compiled backends' Workspace.data entries that travel as tensors, with
-# their dtypes (None: the float dtype of the call).  x_tm is left out: the
-# backward pass transposes x again, which keeps one copy of the input alive
-# instead of two.  W and U are inputs of the op.
+# their dtypes (None: the float dtype of the call).  The input x is left
+# out (the forward keeps no copy of it): the backward op gets x itself, as
+# it gets W and U, inputs of the op.
 _ARRAYS = {"lstm": (("mask_tm", np.uint8), ("hs", None), ("cs", None),
                     ("gates", None), ("seen", np.bool_)),
            "rnn": (("mask_tm", np.uint8), ("hs", None), ("seen", np.bool_))}
@@ -82,7 +82,7 @@ def _join(blob, arrays, fields, x, W, U):
     ws = pickle.loads(memoryview(np.ascontiguousarray(blob)))
     if "reference" not in ws.data:
         ws.data = dict(zip((name for name, _ in fields), arrays), **ws.data,
-                       x_tm=ops._time_major(x, ws.go_backwards), W=W, U=U)
+                       x=x, W=W, U=U)
     return ws
 
 
@@ -128,7 +128,10 @@ def _fused(kind, forward_np, backward_np, tensors, n_diff, out_shapes, dtype):
                     blob, *rest = it
                     ws = _join(blob, rest[:len(fields)], fields, *rest[len(fields):])
                 else:   # no tape at forward time: rebuild the workspace
-                    ws = forward_np(True, *it)[-1]
+                    x_np, *rest = it
+                    ws = forward_np(True, x_np, *rest)[-1]
+                    if "reference" not in ws.data:
+                        ws.data["x"] = x_np
                 return [np.asarray(g, dtype=np_dtype) for g in backward_np(ws, ups)]
 
             # Without a workspace, the backward pass needs all the inputs.
@@ -166,7 +169,8 @@ def lstm(x, h0, c0, kernel, recurrent_kernel, bias=None, mask=None, *,
         m = rest[-1] if has_mask else None
         r = ops.lstm_forward(x, W, U, b, h0, c0, mask=m,
                              go_backwards=go_backwards,
-                             return_workspace=keep, backend=backend)
+                             return_workspace=keep, backend=backend,
+                             _keep_x=False)
         return r.outputs, r.h, r.c, r.workspace
 
     def backward_np(ws, upstream):
@@ -197,7 +201,8 @@ def rnn(x, h0, kernel, recurrent_kernel, bias=None, mask=None, *,
         m = rest[-1] if has_mask else None
         r = ops.rnn_forward(x, W, U, b, h0, activation=activation, mask=m,
                             go_backwards=go_backwards,
-                            return_workspace=keep, backend=backend)
+                            return_workspace=keep, backend=backend,
+                            _keep_x=False)
         return r.outputs, r.h, r.workspace
 
     def backward_np(ws, upstream):
