@@ -174,8 +174,16 @@ int fr_team_plan(int nthreads, int B, int H, int *rows);
 
 /* The thread team's counters: calls run by a team, team calls that stalled
  * (threads asleep > 1/3 of the call: oversubscribed cores), and calls run
- * on the caller's thread alone during the back-off that follows a stall. */
+ * on the caller's thread alone during the back-off that follows a stall
+ * (unit-split calls only: see fr_pool_run_flexible). */
 void fr_team_stats(long *team_calls, long *stalled_calls, long *backoff_calls);
+
+/* Workers that skipped a row-split call because they started after the
+ * other threads had done all of its work (row-split calls never wait for a
+ * late worker).  And, for tests: make workers start each call us
+ * microseconds late. */
+long fr_team_skipped_workers(void);
+void fr_team_set_worker_delay_us(long us);
 
 #ifdef __cplusplus
 }

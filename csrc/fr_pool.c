@@ -138,15 +138,50 @@ void fr_barrier_wait(fr_barrier *b, int n, int *local_sense)
     fr_wait_while(&b->sense, !s, &b->sleepers);
 }
 
+/* ------------------------------------------------------------ work --- */
+
+void fr_work_init(fr_work *w)
+{
+    atomic_init(&w->next, 0);
+    atomic_init(&w->done, 0);
+    atomic_init(&w->sleepers, 0);
+}
+
+int fr_work_claim(fr_work *w, int nitems)
+{
+    if (atomic_load_explicit(&w->next, memory_order_relaxed) >= nitems)
+        return -1;
+    int i = atomic_fetch_add_explicit(&w->next, 1, memory_order_acq_rel);
+    return i < nitems ? i : -1;
+}
+
+void fr_work_finish(fr_work *w)
+{
+    atomic_fetch_add(&w->done, 1);       /* seq_cst, then wake: see fr_wake */
+    fr_wake(&w->done, &w->sleepers);
+}
+
+void fr_work_wait(fr_work *w, int nitems)
+{
+    int d;
+    while ((d = atomic_load_explicit(&w->done, memory_order_acquire)) < nitems)
+        fr_wait_while(&w->done, d, &w->sleepers);
+}
+
 /* ------------------------------------------------------------ pool --- */
 
 #ifdef FR_HAVE_PTHREADS
 
 #define FR_IDLE_SPIN_NS 50000L   /* an idle worker spins, then sleeps */
 
+/* A worker's state for the current job (changed by compare-and-swap, so
+ * that a flexible job's caller and a late worker agree on who runs). */
+enum { FR_IDLE, FR_ASSIGNED, FR_RUNNING, FR_SKIPPED };
+
 typedef struct {
     atomic_uint go;              /* bumped by the caller: run the current job */
-    char pad[64 - sizeof(atomic_uint)];
+    atomic_int state;
+    char pad[64 - sizeof(atomic_uint) - sizeof(atomic_int)];
 } fr_slot;
 
 static pthread_mutex_t busy = PTHREAD_MUTEX_INITIALIZER;   /* one caller at a time */
@@ -175,6 +210,8 @@ static int atfork_registered;
 #define FR_BACKOFF_MAX 64
 static int backoff_left, backoff_len, stall_streak;
 static long stat_team_calls, stat_stalled_calls, stat_backoff_calls;
+static atomic_long stat_skipped;
+static atomic_long worker_delay_us;      /* tests: late workers on purpose */
 
 static void *fr_worker(void *p)
 {
@@ -202,12 +239,26 @@ static void *fr_worker(void *p)
             pthread_mutex_unlock(&sleep_mx);
         }
         seen = g;
+        long delay = atomic_load_explicit(&worker_delay_us, memory_order_relaxed);
+        if (delay > 0) {
+            struct timespec ts = {delay / 1000000, (delay % 1000000) * 1000};
+            nanosleep(&ts, NULL);
+        }
+        int expected = FR_ASSIGNED;
+        if (!atomic_compare_exchange_strong(&slot->state, &expected, FR_RUNNING)) {
+            /* the caller of a flexible job finished without us (it counted
+             * us out of pending); a newer job, if any, re-assigns us */
+            expected = FR_SKIPPED;
+            atomic_compare_exchange_strong(&slot->state, &expected, FR_IDLE);
+            continue;
+        }
         int (*fn)(int) = blas_threads_fn;
         if (fn != applied && fn != NULL) {
             fn(1);
             applied = fn;
         }
         job_fn(job_arg, tid, job_n);
+        atomic_store(&slot->state, FR_IDLE);
         if (atomic_fetch_sub(&pending, 1) == 1)
             fr_wake(&pending, &pending_sleepers);
     }
@@ -242,6 +293,7 @@ static int fr_pool_grow(int want)
             break;
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
         atomic_store(&slots[nworkers + 1].go, 0);
+        atomic_store(&slots[nworkers + 1].state, FR_IDLE);
         int rc = pthread_create(&th, &attr, fr_worker, (void *)(intptr_t)(nworkers + 1));
         pthread_attr_destroy(&attr);
         if (rc != 0)
@@ -251,7 +303,19 @@ static int fr_pool_grow(int want)
     return nworkers + 1 < want ? nworkers + 1 : want;
 }
 
+static void fr_pool_run_team(int nthreads, fr_job_fn job, void *arg, int flexible);
+
 void fr_pool_run(int nthreads, fr_job_fn job, void *arg)
+{
+    fr_pool_run_team(nthreads, job, arg, 0);
+}
+
+void fr_pool_run_flexible(int nthreads, fr_job_fn job, void *arg)
+{
+    fr_pool_run_team(nthreads, job, arg, 1);
+}
+
+static void fr_pool_run_team(int nthreads, fr_job_fn job, void *arg, int flexible)
 {
     if (nthreads > FR_MAX_THREADS)
         nthreads = FR_MAX_THREADS;
@@ -259,7 +323,7 @@ void fr_pool_run(int nthreads, fr_job_fn job, void *arg)
         job(arg, 0, 1);
         return;
     }
-    const int n = backoff_left > 0 ? 1 : fr_pool_grow(nthreads);
+    const int n = backoff_left > 0 && !flexible ? 1 : fr_pool_grow(nthreads);
     if (n <= 1) {
         if (backoff_left > 0) {
             backoff_left--;
@@ -276,18 +340,30 @@ void fr_pool_run(int nthreads, fr_job_fn job, void *arg)
     atomic_store_explicit(&pending, n - 1, memory_order_relaxed);
     /* under sleep_mx, so that a worker going to sleep cannot miss its go */
     pthread_mutex_lock(&sleep_mx);
-    for (int t = 1; t < n; t++)
+    for (int t = 1; t < n; t++) {
+        atomic_store(&slots[t].state, FR_ASSIGNED);
         atomic_fetch_add_explicit(&slots[t].go, 1, memory_order_release);
+    }
     if (atomic_load(&sleepers) > 0)
         pthread_cond_broadcast(&sleep_cv);
     pthread_mutex_unlock(&sleep_mx);
     job(arg, 0, n);
+    if (flexible)       /* all its work is done: skip the workers not started */
+        for (int t = 1; t < n; t++) {
+            int expected = FR_ASSIGNED;
+            if (atomic_compare_exchange_strong(&slots[t].state, &expected, FR_SKIPPED)) {
+                atomic_fetch_sub(&pending, 1);
+                atomic_fetch_add(&stat_skipped, 1);
+            }
+        }
     int left;
     while ((left = atomic_load(&pending)) > 0)
         fr_wait_while(&pending, left, &pending_sleepers);
     const long waited = atomic_load(&fr_waited_ns) - w0, wall = fr_now_ns() - t0;
     stat_team_calls++;
-    if (waited > 200000L && 3 * waited > wall) {   /* > 1/3 and > 200 us asleep */
+    if (flexible) {
+        /* late workers cost such a job nothing: no back-off */
+    } else if (waited > 200000L && 3 * waited > wall) {   /* > 1/3 and > 200 us asleep */
         stat_stalled_calls++;
         if (++stall_streak >= FR_STALL_STREAK) {
             backoff_len = backoff_len ? 2 * backoff_len : FR_BACKOFF_FIRST;
@@ -311,6 +387,16 @@ void fr_pool_stats(long *team_calls, long *stalled_calls, long *backoff_calls)
     pthread_mutex_unlock(&busy);
 }
 
+long fr_pool_skipped_workers(void)
+{
+    return atomic_load(&stat_skipped);
+}
+
+void fr_pool_set_worker_delay_us(long us)
+{
+    atomic_store(&worker_delay_us, us > 0 ? us : 0);
+}
+
 void fr_pool_set_blas_threads_fn(int (*fn)(int))
 {
     blas_threads_fn = fn;
@@ -332,6 +418,22 @@ void fr_pool_run(int nthreads, fr_job_fn job, void *arg)
 {
     (void)nthreads;
     job(arg, 0, 1);
+}
+
+void fr_pool_run_flexible(int nthreads, fr_job_fn job, void *arg)
+{
+    (void)nthreads;
+    job(arg, 0, 1);
+}
+
+long fr_pool_skipped_workers(void)
+{
+    return 0;
+}
+
+void fr_pool_set_worker_delay_us(long us)
+{
+    (void)us;
 }
 
 void fr_pool_set_blas_threads_fn(int (*fn)(int))

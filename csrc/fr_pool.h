@@ -11,7 +11,10 @@
  * its idle workers spin for 50 us before sleeping, and it is used by one
  * caller at a time: a concurrent caller simply runs its kernel on its own
  * thread.  When the cores are oversubscribed it falls back to serial calls
- * for a while (see fr_pool_run).
+ * for a while (see fr_pool_run).  Jobs whose work can be claimed in items
+ * by whichever threads run (fr_work) need no meeting of all threads: they
+ * run "flexible", and a worker that starts after the work is done skips
+ * the job instead of being waited for (fr_pool_run_flexible).
  */
 #ifndef FR_POOL_H
 #define FR_POOL_H
@@ -32,9 +35,23 @@ typedef void (*fr_job_fn)(void *arg, int tid, int n);
  * descheduled for long: the cores are oversubscribed; see fr_pool.c). */
 void fr_pool_run(int nthreads, fr_job_fn job, void *arg);
 
+/* As fr_pool_run, for a job whose threads never wait for one another
+ * except through fr_work (below), so that whichever of them run can do all
+ * of its work: once the caller's thread has returned from the job, the
+ * workers that have not started it yet are told to skip it instead of
+ * being waited for (a sleeping worker can take long to wake, on a busy or
+ * virtual machine).  Stalls are not counted and cause no back-off. */
+void fr_pool_run_flexible(int nthreads, fr_job_fn job, void *arg);
+
 /* Counters since the process started: team calls, those that stalled, and
- * calls run serially during a back-off. */
+ * calls run serially during a back-off; workers that skipped a flexible job
+ * because they started too late. */
 void fr_pool_stats(long *team_calls, long *stalled_calls, long *backoff_calls);
+long fr_pool_skipped_workers(void);
+
+/* Tests only: workers sleep this many microseconds before they start each
+ * job (0: no delay), to make late workers happen on purpose. */
+void fr_pool_set_worker_delay_us(long us);
 
 /* A function that sets the calling thread's BLAS thread count (OpenBLAS's
  * openblas_set_num_threads_local); the pool's workers call it with 1 when
@@ -52,5 +69,14 @@ int fr_pool_threads_available(void);
 typedef struct { atomic_int count; atomic_int sense; atomic_int sleepers; } fr_barrier;
 void fr_barrier_init(fr_barrier *b);
 void fr_barrier_wait(fr_barrier *b, int n, int *local_sense);
+
+/* A phase of work cut into nitems items that a team's threads claim one at
+ * a time, in any number: a thread that comes late claims fewer (or none).
+ * fr_work_wait waits (spin, then sleep) until every item is done. */
+typedef struct { atomic_int next; atomic_int done; atomic_int sleepers; } fr_work;
+void fr_work_init(fr_work *w);
+int fr_work_claim(fr_work *w, int nitems);   /* an item, or -1: none left */
+void fr_work_finish(fr_work *w);             /* a claimed item is done */
+void fr_work_wait(fr_work *w, int nitems);
 
 #endif /* FR_POOL_H */

@@ -40,13 +40,17 @@ static void fr_split(int n_items, int align, int tid, int n, int *lo, int *hi)
 /* How a team splits a kernel.  Each thread owns a slice of the hidden units
  * (whole FR_CHUNKs): per step it multiplies by its own columns of U, which
  * stay in its core's cache, and the team meets once per step.  When there
- * are more threads than chunks of units and enough batch rows, each thread
- * owns a block of rows instead and runs the whole time loop on its own
- * (rows never interact): the team meets only around the large GEMMs.  The
- * rows are split too for small layers (H <= FR_SMALL_H), where a step is
- * too little work per thread to be worth a meeting.
+ * are more threads than chunks of units and enough batch rows, the batch
+ * rows are split instead: blocks of rows (up to 4 per thread) that run the
+ * whole time loop (rows never interact), claimed one at a time by
+ * whichever threads are running, so a thread that starts late (asleep,
+ * descheduled) leaves its share to the others instead of holding them up
+ * (fr_pool_run_flexible); the other phases (input projection, each
+ * backward chunk's weight gradients) are claimed in pieces the same way.
+ * The rows are split too for small layers (H <= FR_SMALL_H), where a step
+ * is too little work per thread to be worth a meeting.
  * FASTRNN_SPLIT=units|rows forces one (for measurements). */
-#define FR_MIN_ROWS 4    /* fewest batch rows a thread owns in the row split */
+#define FR_MIN_ROWS 4    /* fewest batch rows per thread, and per block, in the row split */
 #define FR_SMALL_H 64    /* up to this many units, every thread can keep all of U
                           * in cache, and the row split measured as fast or
                           * faster (and meets its team less often) */
@@ -75,6 +79,17 @@ static int fr_split_rows(int B, int H, int n)
     if (forced < 2)
         return forced && B >= n;
     return (n > fr_unit_chunks(H) || H <= FR_SMALL_H) && B >= n * FR_MIN_ROWS;
+}
+
+/* Work items for a flexible (row split) job on n threads: up to 4 per
+ * thread, so that a thread that starts late leaves its share to the
+ * others, each at least min_items of the items long. */
+static int fr_pieces(int items, int min_items, int n)
+{
+    int k = 4 * n, most = items / min_items;
+    if (k > most)
+        k = most;
+    return k < 1 ? 1 : k;
 }
 
 /* Threads for a kernel: the caller's choice (fastrnn/_backend.py decides
@@ -363,4 +378,14 @@ int fr_team_plan(int nthreads, int B, int H, int *rows)
 void fr_team_stats(long *team_calls, long *stalled_calls, long *backoff_calls)
 {
     fr_pool_stats(team_calls, stalled_calls, backoff_calls);
+}
+
+long fr_team_skipped_workers(void)
+{
+    return fr_pool_skipped_workers();
+}
+
+void fr_team_set_worker_delay_us(long us)
+{
+    fr_pool_set_worker_delay_us(us);
 }

@@ -226,65 +226,117 @@ static void FN(recurrent_projection)(const BLAS_T *blas, int G, int B, int H, in
                     1, z + q * H + j0, GH);
 }
 
-/* The arguments of one LSTM forward call, shared by its team. */
+/* The arguments of one LSTM forward call, shared by its team.  rows: the
+ * team splits the batch rows (flexible job: fr_pool_run_flexible, work
+ * items claimed from items[0] (input projection pieces) and items[1] (row
+ * blocks), no barrier); else the hidden units (a barrier per step). */
 typedef struct {
     const BLAS_T *blas;
     int training, T, B, I, H;
     const REAL *x, *W, *U, *bias;
     const unsigned char *mask;
     REAL *hs, *cs, *gates, *work;
-    int nthreads;
+    int nthreads, rows, npieces, nblocks;
     fr_barrier bar;
+    fr_work items[2];
 } FN(lstm_fwd_args);
 
+/* The row split: pieces of the input projection, then blocks of batch rows
+ * that run the whole time loop, claimed by whichever threads are running
+ * (a late thread takes fewer; work's shared packed U was packed by the
+ * caller before the team started). */
+static void FN(lstm_forward_rows)(FN(lstm_fwd_args) *a)
+{
+    const int T = a->T, B = a->B, H = a->H, training = a->training;
+    const size_t BH = (size_t)B * H, BG = (size_t)B * 4 * H;
+    int k;
+    while ((k = fr_work_claim(&a->items[0], a->npieces)) >= 0) {
+        int r0, r1;
+        fr_split(T * B, 1, k, a->npieces, &r0, &r1);
+        FN(input_projection)(a->blas, r0, r1, a->I, 4 * H, a->x, a->W, a->gates);
+        fr_work_finish(&a->items[0]);
+    }
+    fr_work_wait(&a->items[0], a->npieces);
+    while ((k = fr_work_claim(&a->items[1], a->nblocks)) >= 0) {
+        int b0, b1;
+        fr_split(B, 1, k, a->nblocks, &b0, &b1);
+        const int Bk = b1 - b0;
+        const size_t oh = (size_t)b0 * H, og = (size_t)b0 * 4 * H;
+        REAL *Up = NULL, *rec = NULL;   /* (float64: BLAS, rec stays NULL) */
+        int ldr = 0;
+        (void)Up;
+#ifdef FR_F32
+        const int np = fr_panels(4 * H);
+        if (a->work)   /* float32: the shared panels, this block's rec rows */
+            FN(scratch_slots)(a->work, H, 4, H, B, a->nthreads, 0, 1, 0, H, b0,
+                              &Up, &rec, &ldr);
+#endif
+        for (int t = 0; t < T; t++) {
+            REAL *z = a->gates + t * BG + og;
+            const REAL *hp = a->hs + t * BH + oh;
+            const REAL *cp = a->cs + (size_t)(training ? t : (t & 1)) * BH + oh;
+            REAL *cn = a->cs + (size_t)(training ? t + 1 : ((t + 1) & 1)) * BH + oh;
+            const unsigned char *m = a->mask ? a->mask + (size_t)t * B + b0 : NULL;
+#ifdef FR_F32
+            if (rec)
+                fr_sgemm_panels(Bk, H, np, hp, H, Up, rec, ldr);
+            else
+#endif
+            FN(recurrent_projection)(a->blas, 4, Bk, H, 0, H, hp, a->U, z);
+            FN(lstm_cell)(Bk, H, 0, H, a->bias, m, z, rec, (size_t)ldr, hp, cp,
+                          a->hs + (t + 1) * BH + oh, cn);
+        }
+        fr_work_finish(&a->items[1]);
+    }
+}
+
+/* The unit split (or one thread): each thread owns hidden units [j0, j1),
+ * whose columns of U stay in its cache; the team meets once per step. */
 static void FN(lstm_forward_job)(void *arg, int tid, int n)
 {
     FN(lstm_fwd_args) *a = arg;
+    if (a->rows) {
+        FN(lstm_forward_rows)(a);
+        return;
+    }
     const int T = a->T, B = a->B, H = a->H, training = a->training;
     const size_t BH = (size_t)B * H, BG = (size_t)B * 4 * H;
-    const int rows = fr_split_rows(B, H, n);
     int sense = 0;
-    int r0, r1, b0 = 0, b1 = B, j0 = 0, j1 = H;
+    int r0, r1, j0, j1;
     fr_split(T * B, 1, tid, n, &r0, &r1);
     FN(input_projection)(a->blas, r0, r1, a->I, 4 * H, a->x, a->W, a->gates);
-    if (rows)
-        fr_split(B, 1, tid, n, &b0, &b1);
-    else
-        fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
-    /* this thread's rows [b0, b1) and units [j0, j1) */
-    const int Bk = b1 - b0, w = j1 - j0;
-    const size_t oh = (size_t)b0 * H, og = (size_t)b0 * 4 * H;
-    /* The step's h U for this thread's units and rows, by the fastest means:
-     * - float32, two rows or more: this thread's columns of U packed once
-     *   in panels (fr_sgemm_panels; rows split: one copy, packed by thread
-     *   0, shared), one product per step into rec;
-     * - batch 1 with several threads: its columns of U packed once, gate
-     *   blocks side by side (H, 4w), one GEMV per step into rec (not one per
-     *   gate block), on a block that stays in this core's cache;
+    fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
+    const int w = j1 - j0;
+    /* The step's h U for this thread's units, by the fastest means:
+     * - float32: this thread's columns of U packed once in panels
+     *   (fr_sgemm_panels), one product per step into rec;
+     * - float64 at batch 1 with several threads: its columns of U packed
+     *   once, gate blocks side by side (H, 4w), one GEMV per step into rec
+     *   (not one per gate block), on a block that stays in this core's cache;
      * - otherwise BLAS adds h U into z in place (one GEMM for the whole
      *   layer, or one per gate block).
      * work (see fr_lstm_forward_work) holds the packed weights, then rec. */
     int mode = 0;                                     /* 0 BLAS, 1 GEMV, 2 panels */
-    if (a->work && w > 0 && Bk > 0) {
+    if (a->work && w > 0) {
 #ifdef FR_F32
-        if (Bk >= FR_PANEL_MIN_ROWS)
+        if (B >= FR_PANEL_MIN_ROWS)
             mode = 2;
         else
 #endif
-        if (Bk == 1 && w < H)
+        if (B == 1 && w < H)
             mode = 1;
     }
     REAL *Up = NULL, *rec = NULL;
     int ldr = 4 * w;
     if (mode) {
-        FN(scratch_slots)(a->work, H, 4, H, B, a->nthreads, tid, rows, j0, w, b0,
+        FN(scratch_slots)(a->work, H, 4, H, B, a->nthreads, tid, 0, j0, w, 0,
                           &Up, &rec, &ldr);
         if (mode == 1)
             ldr = 4 * w;
     }
 #ifdef FR_F32
     const int np = fr_panels(4 * w);
-    if (mode == 2 && (!rows || tid == 0))
+    if (mode == 2)
         fr_pack_panels(H, H, 4, j0, w, a->U, Up);
 #endif
     if (mode == 1) {
@@ -296,27 +348,26 @@ static void FN(lstm_forward_job)(void *arg, int tid, int n)
     }
     fr_barrier_wait(&a->bar, n, &sense);   /* input projection and packing done */
     for (int t = 0; t < T; t++) {
-        REAL *z = a->gates + t * BG + og;
-        const REAL *hp = a->hs + t * BH + oh;
-        const REAL *cp = a->cs + (size_t)(training ? t : (t & 1)) * BH + oh;
-        REAL *cn = a->cs + (size_t)(training ? t + 1 : ((t + 1) & 1)) * BH + oh;
-        const unsigned char *m = a->mask ? a->mask + (size_t)t * B + b0 : NULL;
-        if (w > 0 && Bk > 0) {
+        REAL *z = a->gates + t * BG;
+        const REAL *hp = a->hs + t * BH;
+        const REAL *cp = a->cs + (size_t)(training ? t : (t & 1)) * BH;
+        REAL *cn = a->cs + (size_t)(training ? t + 1 : ((t + 1) & 1)) * BH;
+        const unsigned char *m = a->mask ? a->mask + (size_t)t * B : NULL;
+        if (w > 0) {
 #ifdef FR_F32
             if (mode == 2)
-                fr_sgemm_panels(Bk, H, np, hp, H, Up, rec, ldr);
+                fr_sgemm_panels(B, H, np, hp, H, Up, rec, ldr);
             else
 #endif
             if (mode == 1)
                 FN(gemm_rm)(a->blas, 0, 0, 1, 4 * w, H, 1, hp, H, Up, 4 * w, 0,
                             rec, 4 * w);
             else
-                FN(recurrent_projection)(a->blas, 4, Bk, H, j0, j1, hp, a->U, z);
-            FN(lstm_cell)(Bk, H, j0, j1, a->bias, m, z, rec, (size_t)ldr, hp, cp,
-                          a->hs + (t + 1) * BH + oh, cn);
+                FN(recurrent_projection)(a->blas, 4, B, H, j0, j1, hp, a->U, z);
+            FN(lstm_cell)(B, H, j0, j1, a->bias, m, z, rec, (size_t)ldr, hp, cp,
+                          a->hs + (t + 1) * BH, cn);
         }
-        if (!rows)
-            fr_barrier_wait(&a->bar, n, &sense);
+        fr_barrier_wait(&a->bar, n, &sense);
     }
 }
 
@@ -328,10 +379,24 @@ int FN(fr_lstm_forward)(const BLAS_T *blas, int nthreads, int training, int T, i
 {
     if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 4))
         return 1;
+    const int n = fr_team(nthreads, B, H);
     FN(lstm_fwd_args) a = {blas, training, T, B, I, H, x, W, U, bias, mask,
-                           hs, cs, gates, work, nthreads < 1 ? 1 : nthreads};
+                           hs, cs, gates, work, nthreads < 1 ? 1 : nthreads,
+                           n > 1 && fr_split_rows(B, H, n)};
     fr_barrier_init(&a.bar);
-    fr_pool_run(fr_team(nthreads, B, H), FN(lstm_forward_job), &a);
+    if (!a.rows) {
+        fr_pool_run(n, FN(lstm_forward_job), &a);
+        return 0;
+    }
+    a.npieces = fr_pieces(T * B, 64, n);
+    a.nblocks = fr_pieces(B, FR_MIN_ROWS, n);
+    fr_work_init(&a.items[0]);
+    fr_work_init(&a.items[1]);
+#ifdef FR_F32
+    if (work)   /* one shared copy of U in panels, before the team starts */
+        fr_pack_panels(H, H, 4, 0, H, U, work);
+#endif
+    fr_pool_run_flexible(n, FN(lstm_forward_job), &a);
     return 0;
 }
 
@@ -343,38 +408,42 @@ static inline size_t FN(tm_row)(int T, int B, int I, int reverse, size_t r)
     return (b * (size_t)T + (reverse ? (size_t)T - 1 - t : t)) * (size_t)I;
 }
 
-/* This thread's share of the weight gradients of the chunk of steps
- * [t0, t1), whose pre-activation gradients are in dz (t1 - t0, B, G*H),
- * with x and dx batch-major (B, T, I) (time reversed when reverse):
- * first (split by rows of the chunk) x's rows of the chunk are gathered
- * into xs and dx's rows = dz W^T computed into xs's second half and
- * scattered to dx; the team meets; then (split by columns) dW = x^T dz,
+/* The weight gradients of the chunk of steps [t0, t1), whose
+ * pre-activation gradients are in dz (t1 - t0, B, G*H), with x and dx
+ * batch-major (B, T, I) (time reversed when reverse), in two parts:
+ * rows [r0, r1) of the chunk: x's rows gathered into xs and dx's rows =
+ * dz W^T computed into xs's second half and scattered to dx; then, once
+ * every row of x is in xs, columns [c0, c1): dW = x^T dz,
  * dU = hs[t0:t1]^T dz and db = column sums of dz, set on the first chunk
  * and accumulated after.  xs: 2 * (t1 - t0) * B * I scratch. */
-static void FN(weight_grads)(const BLAS_T *blas, int tid, int n, fr_barrier *bar,
-                             int *sense, int first, int t0, int t1, int T, int B,
-                             int I, int H, int G, int reverse, const REAL *x,
-                             const REAL *W, const REAL *hs, const REAL *dz,
-                             REAL *xs, REAL *dx, REAL *dW, REAL *dU, REAL *db)
+static void FN(weight_grads_rows)(const BLAS_T *blas, int r0, int r1, int t0, int t1,
+                                  int T, int B, int I, int GH, int reverse,
+                                  const REAL *x, const REAL *W, const REAL *dz,
+                                  REAL *xs, REAL *dx)
 {
-    const int GH = G * H, R = (t1 - t0) * B, ld_x = I > 0 ? I : 1;
+    const int R = (t1 - t0) * B;
     const size_t row0 = (size_t)t0 * B;   /* the chunk's first (t, b) row */
+    if (I <= 0 || r1 <= r0)
+        return;
+    REAL *xc = xs + (size_t)r0 * I, *dxc = xs + ((size_t)R + r0) * I;
+    for (int r = r0; r < r1; r++)
+        memcpy(xc + (size_t)(r - r0) * I, x + FN(tm_row)(T, B, I, reverse, row0 + r),
+               (size_t)I * sizeof(REAL));
+    FN(gemm_rm)(blas, 0, 1, r1 - r0, I, GH, 1, dz + (size_t)r0 * GH, GH, W, GH,
+                0, dxc, I);
+    for (int r = r0; r < r1; r++)
+        memcpy(dx + FN(tm_row)(T, B, I, reverse, row0 + r), dxc + (size_t)(r - r0) * I,
+               (size_t)I * sizeof(REAL));
+}
+
+static void FN(weight_grads_cols)(const BLAS_T *blas, int c0, int c1, int first,
+                                  int t0, int t1, int B, int I, int H, int GH,
+                                  const REAL *hs, const REAL *dz, const REAL *xs,
+                                  REAL *dW, REAL *dU, REAL *db)
+{
+    const int R = (t1 - t0) * B, ld_x = I > 0 ? I : 1;
+    const size_t row0 = (size_t)t0 * B;
     const REAL beta = first ? 0 : 1;
-    int r0, r1, c0, c1;
-    fr_split(R, 1, tid, n, &r0, &r1);
-    fr_split(GH, FR_CHUNK, tid, n, &c0, &c1);
-    if (I > 0 && r1 > r0) {
-        REAL *xc = xs + (size_t)r0 * I, *dxc = xs + ((size_t)R + r0) * I;
-        for (int r = r0; r < r1; r++)
-            memcpy(xc + (size_t)(r - r0) * I, x + FN(tm_row)(T, B, I, reverse, row0 + r),
-                   (size_t)I * sizeof(REAL));
-        FN(gemm_rm)(blas, 0, 1, r1 - r0, I, GH, 1, dz + (size_t)r0 * GH, GH, W, GH,
-                    0, dxc, I);
-        for (int r = r0; r < r1; r++)
-            memcpy(dx + FN(tm_row)(T, B, I, reverse, row0 + r), dxc + (size_t)(r - r0) * I,
-                   (size_t)I * sizeof(REAL));
-    }
-    fr_barrier_wait(bar, n, sense);   /* the chunk's x rows are all in xs */
     if (c1 <= c0)
         return;
     if (I > 0)
@@ -390,6 +459,46 @@ static void FN(weight_grads)(const BLAS_T *blas, int tid, int n, fr_barrier *bar
         for (int j = c0; j < c1; j++)
             db[j] += row[j];
     }
+}
+
+/* Both parts on a team of n that meets at bar (thread tid's rows and
+ * columns), or, with items (a flexible job: two fr_work phases), in pieces
+ * claimed by whichever threads run. */
+static void FN(weight_grads)(const BLAS_T *blas, int tid, int n, fr_barrier *bar,
+                             int *sense, fr_work *items, int first, int t0, int t1,
+                             int T, int B, int I, int H, int G, int reverse,
+                             const REAL *x, const REAL *W, const REAL *hs,
+                             const REAL *dz, REAL *xs, REAL *dx, REAL *dW,
+                             REAL *dU, REAL *db)
+{
+    const int GH = G * H, R = (t1 - t0) * B;
+    int r0, r1, c0, c1;
+    if (!items) {
+        fr_split(R, 1, tid, n, &r0, &r1);
+        FN(weight_grads_rows)(blas, r0, r1, t0, t1, T, B, I, GH, reverse, x, W, dz,
+                              xs, dx);
+        fr_barrier_wait(bar, n, sense);   /* the chunk's x rows are all in xs */
+        fr_split(GH, FR_CHUNK, tid, n, &c0, &c1);
+        FN(weight_grads_cols)(blas, c0, c1, first, t0, t1, B, I, H, GH, hs, dz, xs,
+                              dW, dU, db);
+        return;
+    }
+    const int nr = fr_pieces(R, 64, n), nc = fr_pieces(GH, FR_CHUNK, n);
+    int k;
+    while ((k = fr_work_claim(&items[0], nr)) >= 0) {
+        fr_split(R, 1, k, nr, &r0, &r1);
+        FN(weight_grads_rows)(blas, r0, r1, t0, t1, T, B, I, GH, reverse, x, W, dz,
+                              xs, dx);
+        fr_work_finish(&items[0]);
+    }
+    fr_work_wait(&items[0], nr);
+    while ((k = fr_work_claim(&items[1], nc)) >= 0) {
+        fr_split(GH, FR_CHUNK, k, nc, &c0, &c1);
+        FN(weight_grads_cols)(blas, c0, c1, first, t0, t1, B, I, H, GH, hs, dz, xs,
+                              dW, dU, db);
+        fr_work_finish(&items[1]);
+    }
+    fr_work_wait(&items[1], nc);
 }
 
 /* dh[:, j0:j1] += d[:, j0:j1], d's rows ld apart */
@@ -421,6 +530,9 @@ static void FN(recurrent_grad)(const BLAS_T *blas, int G, int B, int H, int j0,
                 dh[(size_t)b * H + j] = work[(size_t)b * H + j];
 }
 
+/* The arguments of one LSTM backward call; rows and items as in the
+ * forward's (items: three fr_work phases per chunk: row blocks, then the
+ * weight gradients' rows and columns). */
 typedef struct {
     const BLAS_T *blas;
     int T, Tc, B, I, H;
@@ -428,78 +540,122 @@ typedef struct {
     const unsigned char *mask;
     const REAL *hs, *cs, *gates, *d_out;
     REAL *dh, *dc, *dx, *dW, *dU, *db, *dz, *work, *pack, *xs;
-    int reverse, nthreads;
+    int reverse, nthreads, rows, nblocks;
     fr_barrier bar;
+    fr_work *items;
 } FN(lstm_bwd_args);
+
+/* Steps t1-1 down to t0 for batch rows [b0, b1) and units [j0, j1): add
+ * the output gradient, the gate pass, and (after the team meets, when bar
+ * is given: the unit split, where the product reads every thread's dz_t)
+ * dh_{t-1} = dz_t U^T, on Pk (float32 packed panels, through tmp) or BLAS. */
+static void FN(lstm_grad_steps)(FN(lstm_bwd_args) *a, int t0, int t1, int b0, int b1,
+                                int j0, int j1, const REAL *Pk, REAL *tmp, int ldt,
+                                fr_barrier *bar, int n, int *sense)
+{
+    const int T = a->T, B = a->B, H = a->H, Bk = b1 - b0, w = j1 - j0;
+    const size_t BH = (size_t)B * H, BG = (size_t)B * 4 * H, ld_out = (size_t)T * H;
+    const size_t oh = (size_t)b0 * H, og = (size_t)b0 * 4 * H;
+    for (int t = t1 - 1; t >= t0; t--) {
+        const unsigned char *m = a->mask ? a->mask + (size_t)t * B + b0 : NULL;
+        REAL *dzt = a->dz + (size_t)(t - t0) * BG;
+        if (w > 0 && Bk > 0) {
+            FN(add_cols)(Bk, H, j0, j1, a->d_out + (size_t)b0 * ld_out + (size_t)t * H,
+                         ld_out, a->dh + oh);
+            FN(lstm_cell_grad)(Bk, H, j0, j1, m, a->gates + t * BG + og,
+                               a->cs + (t + 1) * BH + oh, a->cs + t * BH + oh,
+                               a->dh + oh, a->dc + oh, dzt + og);
+        }
+        if (bar)
+            fr_barrier_wait(bar, n, sense);
+        if (w > 0 && Bk > 0) {
+#ifdef FR_F32
+            if (tmp)
+                FN(packed_recurrent_grad)(Bk, 4 * H, H, j0, w, m, dzt + og, Pk,
+                                          tmp, ldt, a->dh + oh);
+            else
+#endif
+            FN(recurrent_grad)(a->blas, 4, Bk, H, j0, j1, m, dzt + og, a->U,
+                               a->dh + oh, a->work + oh);
+        }
+    }
+}
 
 static void FN(lstm_backward_job)(void *arg, int tid, int n)
 {
     FN(lstm_bwd_args) *a = arg;
     const int T = a->T, Tc = a->Tc, B = a->B, H = a->H;
-    const size_t BH = (size_t)B * H, BG = (size_t)B * 4 * H, ld_out = (size_t)T * H;
-    const int rows = fr_split_rows(B, H, n);
-    int sense = 0;
-    int b0 = 0, b1 = B, j0 = 0, j1 = H;
-    if (rows)
-        fr_split(B, 1, tid, n, &b0, &b1);
-    else
+    int sense = 0, j0 = 0, j1 = H;
+    if (!a->rows)
         fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
-    const int Bk = b1 - b0, w = j1 - j0;
-    const size_t oh = (size_t)b0 * H, og = (size_t)b0 * 4 * H;
-    /* float32 with pack: the step's dz U^T for this thread's units on U's
-     * rows packed once (transposed, in panels; rows split: one shared copy
-     * packed by thread 0) into tmp, as in the forward pass; else BLAS. */
-    int packed = 0;
+    const int w = j1 - j0;
+    (void)w;   /* float64: BLAS only */
+    /* float32 with pack: dz U^T on U's rows packed once (transposed, in
+     * panels; the row split shares one copy the caller packed) into tmp, as
+     * in the forward pass; else BLAS. */
     REAL *Pk = NULL, *tmp = NULL;
     int ldt = 0;
 #ifdef FR_F32
-    if (a->pack && w > 0) {
-        packed = Bk >= FR_PANEL_MIN_ROWS;
-        FN(scratch_slots)(a->pack, 4 * H, 1, H, B, a->nthreads, tid, rows, j0, w, b0,
+    if (a->pack && w > 0 && !a->rows) {
+        FN(scratch_slots)(a->pack, 4 * H, 1, H, B, a->nthreads, tid, 0, j0, w, 0,
                           &Pk, &tmp, &ldt);
-        if (rows ? tid == 0 : packed)
-            fr_pack_t_panels(4 * H, j0, w, a->U, Pk);
-        if (rows)
-            fr_barrier_wait(&a->bar, n, &sense);    /* the shared copy is packed */
+        fr_pack_t_panels(4 * H, j0, w, a->U, Pk);
     }
 #endif
     /* chunks [t0, t1) of Tc steps from the end; step t's dz is dz[t - t0] */
+    fr_work *items = a->items;
     for (int t1 = T; t1 > 0; t1 -= Tc) {
         const int t0 = t1 > Tc ? t1 - Tc : 0;
-        for (int t = t1 - 1; t >= t0; t--) {
-            const unsigned char *m = a->mask ? a->mask + (size_t)t * B + b0 : NULL;
-            REAL *dzt = a->dz + (size_t)(t - t0) * BG;
-            if (j1 > j0 && Bk > 0) {
-                FN(add_cols)(Bk, H, j0, j1, a->d_out + (size_t)b0 * ld_out + (size_t)t * H,
-                             ld_out, a->dh + oh);
-                FN(lstm_cell_grad)(Bk, H, j0, j1, m, a->gates + t * BG + og,
-                                   a->cs + (t + 1) * BH + oh, a->cs + t * BH + oh,
-                                   a->dh + oh, a->dc + oh, dzt + og);
-            }
-            /* units split: the GEMM below reads every thread's dz_t */
-            if (!rows)
-                fr_barrier_wait(&a->bar, n, &sense);
-            if (j1 > j0 && Bk > 0) {
+        if (!a->rows) {
+            /* units split: the last step's meeting completes the chunk's dz */
+            FN(lstm_grad_steps)(a, t0, t1, 0, B, j0, j1, Pk, tmp, ldt, &a->bar, n,
+                                &sense);
+        } else {
+            int k;
+            while ((k = fr_work_claim(&items[0], a->nblocks)) >= 0) {
+                int b0, b1;
+                fr_split(B, 1, k, a->nblocks, &b0, &b1);
 #ifdef FR_F32
-                if (packed)
-                    FN(packed_recurrent_grad)(Bk, 4 * H, H, j0, w, m, dzt + og, Pk,
-                                              tmp, ldt, a->dh + oh);
-                else
+                if (a->pack)
+                    FN(scratch_slots)(a->pack, 4 * H, 1, H, B, a->nthreads, 0, 1, 0,
+                                      H, b0, &Pk, &tmp, &ldt);
 #endif
-                FN(recurrent_grad)(a->blas, 4, Bk, H, j0, j1, m, dzt + og, a->U,
-                                   a->dh + oh, a->work + oh);
+                FN(lstm_grad_steps)(a, t0, t1, b0, b1, 0, H, Pk, tmp, ldt, NULL, 1,
+                                    &sense);
+                fr_work_finish(&items[0]);
             }
+            fr_work_wait(&items[0], a->nblocks);
         }
-        /* the chunk's dz is complete after this barrier (units split: since
-         * the last step's) */
-        if (rows)
-            fr_barrier_wait(&a->bar, n, &sense);
-        FN(weight_grads)(a->blas, tid, n, &a->bar, &sense, t1 == T, t0, t1, T, B,
-                         a->I, H, 4, a->reverse, a->x, a->W, a->hs, a->dz, a->xs,
-                         a->dx, a->dW, a->dU, a->db);
-        if (t0 > 0)
+        FN(weight_grads)(a->blas, tid, n, &a->bar, &sense, a->rows ? items + 1 : NULL,
+                         t1 == T, t0, t1, T, B, a->I, H, 4, a->reverse, a->x, a->W,
+                         a->hs, a->dz, a->xs, a->dx, a->dW, a->dU, a->db);
+        if (a->rows)
+            items += 3;
+        else if (t0 > 0)
             fr_barrier_wait(&a->bar, n, &sense);   /* the next chunk overwrites dz */
     }
+}
+
+/* Run a backward job: on a team that splits the hidden units, or, for the
+ * row split, a flexible team with three fr_work phases per chunk (returns
+ * nonzero when they cannot be allocated). */
+static int FN(run_backward)(int n, int rows, int T, int Tc, fr_job_fn job, void *a,
+                            fr_work **items)
+{
+    if (!rows) {
+        fr_pool_run(n, job, a);
+        return 0;
+    }
+    const int nchunks = (T + Tc - 1) / Tc;
+    fr_work *w = malloc((size_t)3 * nchunks * sizeof *w);
+    if (!w)
+        return 1;
+    for (int i = 0; i < 3 * nchunks; i++)
+        fr_work_init(&w[i]);
+    *items = w;
+    fr_pool_run_flexible(n, job, a);
+    free(w);
+    return 0;
 }
 
 int FN(fr_lstm_backward)(const BLAS_T *blas, int nthreads, int reverse, int T, int Tc,
@@ -512,12 +668,18 @@ int FN(fr_lstm_backward)(const BLAS_T *blas, int nthreads, int reverse, int T, i
     if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 4) ||
         Tc < 1 || Tc > T || (I > 0 && !xs))
         return 1;
+    const int n = fr_team(nthreads, B, H);
     FN(lstm_bwd_args) a = {blas, T, Tc, B, I, H, x, W, U, mask, hs, cs, gates,
                            d_out, dh, dc, dx, dW, dU, db, dz, work, pack, xs,
-                           reverse != 0, nthreads < 1 ? 1 : nthreads};
+                           reverse != 0, nthreads < 1 ? 1 : nthreads,
+                           n > 1 && fr_split_rows(B, H, n)};
     fr_barrier_init(&a.bar);
-    fr_pool_run(fr_team(nthreads, B, H), FN(lstm_backward_job), &a);
-    return 0;
+    a.nblocks = fr_pieces(B, FR_MIN_ROWS, n);
+#ifdef FR_F32
+    if (a.rows && pack)   /* one shared copy, before the team starts */
+        fr_pack_t_panels(4 * H, 0, H, U, pack);
+#endif
+    return FN(run_backward)(n, a.rows, T, Tc, FN(lstm_backward_job), &a, &a.items);
 }
 
 /* -------------------------------------------------------------- RNN --- */
@@ -584,56 +746,35 @@ static void FN(rnn_cell_grad)(int B, int H, int j0, int j1, int act,
     }
 }
 
+/* The arguments of one RNN forward call; rows and items as in the LSTM's. */
 typedef struct {
     const BLAS_T *blas;
     int act, T, B, I, H;
     const REAL *x, *W, *U, *bias;
     const unsigned char *mask;
     REAL *hs, *work;
-    int nthreads;
+    int nthreads, rows, npieces, nblocks;
     fr_barrier bar;
+    fr_work items[2];
 } FN(rnn_fwd_args);
 
-static void FN(rnn_forward_job)(void *arg, int tid, int n)
+/* Steps 0..T-1 for batch rows [b0, b1) and units [j0, j1) (meeting at bar
+ * after each step when given): h U on Up (float32 panels, into rec, then
+ * added) or by BLAS, into hs[t+1], which holds x W (see rnn_cell). */
+static void FN(rnn_steps)(FN(rnn_fwd_args) *a, int b0, int b1, int j0, int j1,
+                          const REAL *Up, REAL *rec, int ldr, fr_barrier *bar, int n,
+                          int *sense)
 {
-    FN(rnn_fwd_args) *a = arg;
-    const int T = a->T, B = a->B, H = a->H;
-    const size_t BH = (size_t)B * H;
-    const int rows = fr_split_rows(B, H, n);
-    int sense = 0;
-    int r0, r1, b0 = 0, b1 = B, j0 = 0, j1 = H;
-    fr_split(T * B, 1, tid, n, &r0, &r1);
-    /* the pre-activations go straight into hs[1:] (see rnn_cell) */
-    FN(input_projection)(a->blas, r0, r1, a->I, H, a->x, a->W, a->hs + BH);
-    if (rows)
-        fr_split(B, 1, tid, n, &b0, &b1);
-    else
-        fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
-    const int Bk = b1 - b0, w = j1 - j0;
-    const size_t oh = (size_t)b0 * H;
-    /* float32 with work: the step's h U on this thread's columns of U
-     * packed once in panels, as in the LSTM forward (rec, then added into
-     * z); else BLAS adds it into z in place. */
-    int packed = 0, np = 0, ldr = 0;
-    REAL *Up = NULL, *rec = NULL;
-#ifdef FR_F32
-    if (a->work && w > 0) {
-        packed = Bk >= FR_PANEL_MIN_ROWS;
-        np = fr_panels(w);
-        FN(scratch_slots)(a->work, H, 1, H, B, a->nthreads, tid, rows, j0, w, b0,
-                          &Up, &rec, &ldr);
-        if (rows ? tid == 0 : packed)
-            fr_pack_panels(H, H, 1, j0, w, a->U, Up);
-    }
-#endif
-    fr_barrier_wait(&a->bar, n, &sense);
+    const int T = a->T, B = a->B, H = a->H, Bk = b1 - b0, w = j1 - j0;
+    const size_t BH = (size_t)B * H, oh = (size_t)b0 * H;
     for (int t = 0; t < T; t++) {
         REAL *zt = a->hs + (t + 1) * BH + oh;   /* x W, then h */
+        const REAL *hp = a->hs + t * BH + oh;
         const unsigned char *m = a->mask ? a->mask + (size_t)t * B + b0 : NULL;
-        if (j1 > j0 && Bk > 0) {
+        if (w > 0 && Bk > 0) {
 #ifdef FR_F32
-            if (packed) {
-                fr_sgemm_panels(Bk, H, np, a->hs + t * BH + oh, H, Up, rec, ldr);
+            if (rec) {
+                fr_sgemm_panels(Bk, H, fr_panels(w), hp, H, Up, rec, ldr);
                 for (int b = 0; b < Bk; b++) {
                     REAL *restrict zr = zt + (size_t)b * H + j0;
                     const REAL *restrict rr = rec + (size_t)b * ldr;
@@ -643,13 +784,62 @@ static void FN(rnn_forward_job)(void *arg, int tid, int n)
                 }
             } else
 #endif
-            FN(recurrent_projection)(a->blas, 1, Bk, H, j0, j1, a->hs + t * BH + oh,
-                                     a->U, zt);
-            FN(rnn_cell)(Bk, H, j0, j1, a->act, a->bias, m, a->hs + t * BH + oh, zt);
+            FN(recurrent_projection)(a->blas, 1, Bk, H, j0, j1, hp, a->U, zt);
+            FN(rnn_cell)(Bk, H, j0, j1, a->act, a->bias, m, hp, zt);
         }
-        if (!rows)
-            fr_barrier_wait(&a->bar, n, &sense);
+        if (bar)
+            fr_barrier_wait(bar, n, sense);
     }
+}
+
+static void FN(rnn_forward_job)(void *arg, int tid, int n)
+{
+    FN(rnn_fwd_args) *a = arg;
+    const int T = a->T, B = a->B, H = a->H;
+    const size_t BH = (size_t)B * H;
+    int sense = 0, k;
+    REAL *Up = NULL, *rec = NULL;
+    int ldr = 0;
+    if (a->rows) {   /* as the LSTM's lstm_forward_rows */
+        while ((k = fr_work_claim(&a->items[0], a->npieces)) >= 0) {
+            int r0, r1;
+            fr_split(T * B, 1, k, a->npieces, &r0, &r1);
+            FN(input_projection)(a->blas, r0, r1, a->I, H, a->x, a->W, a->hs + BH);
+            fr_work_finish(&a->items[0]);
+        }
+        fr_work_wait(&a->items[0], a->npieces);
+        while ((k = fr_work_claim(&a->items[1], a->nblocks)) >= 0) {
+            int b0, b1;
+            fr_split(B, 1, k, a->nblocks, &b0, &b1);
+#ifdef FR_F32
+            if (a->work)
+                FN(scratch_slots)(a->work, H, 1, H, B, a->nthreads, 0, 1, 0, H, b0,
+                                  &Up, &rec, &ldr);
+#endif
+            FN(rnn_steps)(a, b0, b1, 0, H, Up, rec, ldr, NULL, 1, &sense);
+            fr_work_finish(&a->items[1]);
+        }
+        return;
+    }
+    int r0, r1, j0, j1;
+    fr_split(T * B, 1, tid, n, &r0, &r1);
+    /* the pre-activations go straight into hs[1:] (see rnn_cell) */
+    FN(input_projection)(a->blas, r0, r1, a->I, H, a->x, a->W, a->hs + BH);
+    fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
+    const int w = j1 - j0;
+    (void)w;   /* float64: BLAS only */
+    /* float32 with work: the step's h U on this thread's columns of U
+     * packed once in panels, as in the LSTM forward (rec, then added into
+     * hs[t+1]); else BLAS adds it there in place. */
+#ifdef FR_F32
+    if (a->work && w > 0) {
+        FN(scratch_slots)(a->work, H, 1, H, B, a->nthreads, tid, 0, j0, w, 0,
+                          &Up, &rec, &ldr);
+        fr_pack_panels(H, H, 1, j0, w, a->U, Up);
+    }
+#endif
+    fr_barrier_wait(&a->bar, n, &sense);
+    FN(rnn_steps)(a, 0, B, j0, j1, Up, rec, ldr, &a->bar, n, &sense);
 }
 
 int FN(fr_rnn_forward)(const BLAS_T *blas, int nthreads, int act, int T, int B, int I,
@@ -659,13 +849,27 @@ int FN(fr_rnn_forward)(const BLAS_T *blas, int nthreads, int act, int T, int B, 
 {
     if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 1) || act < 0 || act > 2)
         return 1;
+    const int n = fr_team(nthreads, B, H);
     FN(rnn_fwd_args) a = {blas, act, T, B, I, H, x, W, U, bias, mask, hs, work,
-                          nthreads < 1 ? 1 : nthreads};
+                          nthreads < 1 ? 1 : nthreads, n > 1 && fr_split_rows(B, H, n)};
     fr_barrier_init(&a.bar);
-    fr_pool_run(fr_team(nthreads, B, H), FN(rnn_forward_job), &a);
+    if (!a.rows) {
+        fr_pool_run(n, FN(rnn_forward_job), &a);
+        return 0;
+    }
+    a.npieces = fr_pieces(T * B, 64, n);
+    a.nblocks = fr_pieces(B, FR_MIN_ROWS, n);
+    fr_work_init(&a.items[0]);
+    fr_work_init(&a.items[1]);
+#ifdef FR_F32
+    if (work)
+        fr_pack_panels(H, H, 1, 0, H, U, work);
+#endif
+    fr_pool_run_flexible(n, FN(rnn_forward_job), &a);
     return 0;
 }
 
+/* The arguments of one RNN backward call; rows and items as in the LSTM's. */
 typedef struct {
     const BLAS_T *blas;
     int act, T, Tc, B, I, H;
@@ -673,69 +877,90 @@ typedef struct {
     const unsigned char *mask;
     const REAL *hs, *d_out;
     REAL *dh, *dx, *dW, *dU, *db, *dz, *work, *pack, *xs;
-    int reverse, nthreads;
+    int reverse, nthreads, rows, nblocks;
     fr_barrier bar;
+    fr_work *items;
 } FN(rnn_bwd_args);
+
+/* As lstm_grad_steps, for the RNN. */
+static void FN(rnn_grad_steps)(FN(rnn_bwd_args) *a, int t0, int t1, int b0, int b1,
+                               int j0, int j1, const REAL *Pk, REAL *tmp, int ldt,
+                               fr_barrier *bar, int n, int *sense)
+{
+    const int T = a->T, B = a->B, H = a->H, Bk = b1 - b0, w = j1 - j0;
+    const size_t BH = (size_t)B * H, ld_out = (size_t)T * H, oh = (size_t)b0 * H;
+    for (int t = t1 - 1; t >= t0; t--) {
+        const unsigned char *m = a->mask ? a->mask + (size_t)t * B + b0 : NULL;
+        REAL *dzt = a->dz + (size_t)(t - t0) * BH;
+        if (w > 0 && Bk > 0) {
+            FN(add_cols)(Bk, H, j0, j1, a->d_out + (size_t)b0 * ld_out + (size_t)t * H,
+                         ld_out, a->dh + oh);
+            FN(rnn_cell_grad)(Bk, H, j0, j1, a->act, m, a->hs + (t + 1) * BH + oh,
+                              a->dh + oh, dzt + oh);
+        }
+        if (bar)
+            fr_barrier_wait(bar, n, sense);
+        if (w > 0 && Bk > 0) {
+#ifdef FR_F32
+            if (tmp)
+                FN(packed_recurrent_grad)(Bk, H, H, j0, w, m, dzt + oh, Pk, tmp,
+                                          ldt, a->dh + oh);
+            else
+#endif
+            FN(recurrent_grad)(a->blas, 1, Bk, H, j0, j1, m, dzt + oh, a->U,
+                               a->dh + oh, a->work + oh);
+        }
+    }
+}
 
 static void FN(rnn_backward_job)(void *arg, int tid, int n)
 {
     FN(rnn_bwd_args) *a = arg;
     const int T = a->T, Tc = a->Tc, B = a->B, H = a->H;
-    const size_t BH = (size_t)B * H, ld_out = (size_t)T * H;
-    const int rows = fr_split_rows(B, H, n);
-    int sense = 0;
-    int b0 = 0, b1 = B, j0 = 0, j1 = H;
-    if (rows)
-        fr_split(B, 1, tid, n, &b0, &b1);
-    else
+    int sense = 0, j0 = 0, j1 = H;
+    if (!a->rows)
         fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
-    const int Bk = b1 - b0, w = j1 - j0;
-    const size_t oh = (size_t)b0 * H;
+    const int w = j1 - j0;
+    (void)w;   /* float64: BLAS only */
     /* float32 with pack: dz U^T on U's rows packed once, as in the LSTM */
-    int packed = 0, ldt = 0;
     REAL *Pk = NULL, *tmp = NULL;
+    int ldt = 0;
 #ifdef FR_F32
-    if (a->pack && w > 0) {
-        packed = Bk >= FR_PANEL_MIN_ROWS;
-        FN(scratch_slots)(a->pack, H, 1, H, B, a->nthreads, tid, rows, j0, w, b0,
+    if (a->pack && w > 0 && !a->rows) {
+        FN(scratch_slots)(a->pack, H, 1, H, B, a->nthreads, tid, 0, j0, w, 0,
                           &Pk, &tmp, &ldt);
-        if (rows ? tid == 0 : packed)
-            fr_pack_t_panels(H, j0, w, a->U, Pk);
-        if (rows)
-            fr_barrier_wait(&a->bar, n, &sense);    /* the shared copy is packed */
+        fr_pack_t_panels(H, j0, w, a->U, Pk);
     }
 #endif
     /* chunks as in the LSTM's backward pass */
+    fr_work *items = a->items;
     for (int t1 = T; t1 > 0; t1 -= Tc) {
         const int t0 = t1 > Tc ? t1 - Tc : 0;
-        for (int t = t1 - 1; t >= t0; t--) {
-            const unsigned char *m = a->mask ? a->mask + (size_t)t * B + b0 : NULL;
-            REAL *dzt = a->dz + (size_t)(t - t0) * BH;
-            if (j1 > j0 && Bk > 0) {
-                FN(add_cols)(Bk, H, j0, j1, a->d_out + (size_t)b0 * ld_out + (size_t)t * H,
-                             ld_out, a->dh + oh);
-                FN(rnn_cell_grad)(Bk, H, j0, j1, a->act, m, a->hs + (t + 1) * BH + oh,
-                                  a->dh + oh, dzt + oh);
-            }
-            if (!rows)
-                fr_barrier_wait(&a->bar, n, &sense);
-            if (j1 > j0 && Bk > 0) {
+        if (!a->rows) {
+            FN(rnn_grad_steps)(a, t0, t1, 0, B, j0, j1, Pk, tmp, ldt, &a->bar, n,
+                               &sense);
+        } else {
+            int k;
+            while ((k = fr_work_claim(&items[0], a->nblocks)) >= 0) {
+                int b0, b1;
+                fr_split(B, 1, k, a->nblocks, &b0, &b1);
 #ifdef FR_F32
-                if (packed)
-                    FN(packed_recurrent_grad)(Bk, H, H, j0, w, m, dzt + oh, Pk, tmp,
-                                              ldt, a->dh + oh);
-                else
+                if (a->pack)
+                    FN(scratch_slots)(a->pack, H, 1, H, B, a->nthreads, 0, 1, 0, H,
+                                      b0, &Pk, &tmp, &ldt);
 #endif
-                FN(recurrent_grad)(a->blas, 1, Bk, H, j0, j1, m, dzt + oh, a->U,
-                                   a->dh + oh, a->work + oh);
+                FN(rnn_grad_steps)(a, t0, t1, b0, b1, 0, H, Pk, tmp, ldt, NULL, 1,
+                                   &sense);
+                fr_work_finish(&items[0]);
             }
+            fr_work_wait(&items[0], a->nblocks);
         }
-        if (rows)
-            fr_barrier_wait(&a->bar, n, &sense);
-        FN(weight_grads)(a->blas, tid, n, &a->bar, &sense, t1 == T, t0, t1, T, B,
-                         a->I, H, 1, a->reverse, a->x, a->W, a->hs, a->dz, a->xs,
-                         a->dx, a->dW, a->dU, a->db);
-        if (t0 > 0)
+        FN(weight_grads)(a->blas, tid, n, &a->bar, &sense, a->rows ? items + 1 : NULL,
+                         t1 == T, t0, t1, T, B, a->I, H, 1, a->reverse, a->x, a->W,
+                         a->hs, a->dz, a->xs, a->dx, a->dW, a->dU, a->db);
+        if (a->rows)
+            items += 3;
+        else if (t0 > 0)
             fr_barrier_wait(&a->bar, n, &sense);
     }
 }
@@ -749,12 +974,17 @@ int FN(fr_rnn_backward)(const BLAS_T *blas, int nthreads, int act, int reverse, 
     if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 1) ||
         Tc < 1 || Tc > T || act < 0 || act > 2 || (I > 0 && !xs))
         return 1;
+    const int n = fr_team(nthreads, B, H);
     FN(rnn_bwd_args) a = {blas, act, T, Tc, B, I, H, x, W, U, mask, hs, d_out,
                           dh, dx, dW, dU, db, dz, work, pack, xs, reverse != 0,
-                          nthreads < 1 ? 1 : nthreads};
+                          nthreads < 1 ? 1 : nthreads, n > 1 && fr_split_rows(B, H, n)};
     fr_barrier_init(&a.bar);
-    fr_pool_run(fr_team(nthreads, B, H), FN(rnn_backward_job), &a);
-    return 0;
+    a.nblocks = fr_pieces(B, FR_MIN_ROWS, n);
+#ifdef FR_F32
+    if (a.rows && pack)
+        fr_pack_t_panels(H, 0, H, U, pack);
+#endif
+    return FN(run_backward)(n, a.rows, T, Tc, FN(rnn_backward_job), &a, &a.items);
 }
 
 #undef FN

@@ -60,6 +60,8 @@ cdef extern from "fastrnn.h" nogil:
     int fr_has_threads()
     void fr_set_blas_threads_fn(int (*fn)(int))
     void fr_team_stats(long *team_calls, long *stalled_calls, long *backoff_calls)
+    long fr_team_skipped_workers()
+    void fr_team_set_worker_delay_us(long us)
     int fr_team_plan(int nthreads, int B, int H, int *rows)
     size_t fr_lstm_forward_work(int B, int H, int nthreads)
     size_t fr_lstm_backward_work(int B, int H, int nthreads)
@@ -109,10 +111,18 @@ def team_plan(int nthreads, int B, int H):
 
 def team_stats():
     """The kernels' thread team since the process started: {"team_calls",
-    "stalled_calls", "backoff_calls"} (see csrc/fr_pool.h)."""
+    "stalled_calls", "backoff_calls", "skipped_workers"} (see
+    csrc/fr_pool.h)."""
     cdef long team = 0, stalled = 0, backoff = 0
     fr_team_stats(&team, &stalled, &backoff)
-    return {"team_calls": team, "stalled_calls": stalled, "backoff_calls": backoff}
+    return {"team_calls": team, "stalled_calls": stalled, "backoff_calls": backoff,
+            "skipped_workers": fr_team_skipped_workers()}
+
+
+def _set_worker_delay_us(long us):
+    """Tests only: the team's workers sleep ``us`` microseconds before each
+    job (0: none), so that they start late on purpose."""
+    fr_team_set_worker_delay_us(us)
 
 
 def set_blas_threads_fn(size_t address):

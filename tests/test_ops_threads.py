@@ -125,3 +125,34 @@ def test_threads_work_in_a_forked_child(backend, B, H, rng, kernels, monkeypatch
     proc.join(30)
     assert proc.exitcode == 0
     kernels.assert_results_close(child, parent, "forked child")
+
+
+@pytest.mark.skipif("cython" not in fastrnn.available_backends(),
+                    reason="the cython backend is not built")
+@pytest.mark.parametrize("kind", ["lstm", "rnn"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("B, H, split", [(16, 16, "rows"), (5, 48, "units")])
+def test_late_workers(kind, dtype, B, H, split, rng, kernels, monkeypatch):
+    """Workers that start 20 ms late (on purpose): a row-split call does
+    their share itself and they skip it (counted), a unit-split call waits
+    for them; the results are right either way, forward and backward, with
+    masks and go_backwards."""
+    from fastrnn import _cykernels
+    _team_everywhere(monkeypatch)
+    assert _cykernels.team_plan(2, B, H) == (2, split)
+    p = kernels.make_problem(rng, kind, B, 9, 5, H, dtype, mask="random",
+                             go_backwards=True)
+    expected = kernels.run_ops(p, "numpy")
+    kernels.run_ops(p, "cython")                    # the workers exist
+    before = _cykernels.team_stats()["skipped_workers"]
+    _cykernels._set_worker_delay_us(20000)
+    try:
+        got = kernels.run_ops(p, "cython")
+    finally:
+        _cykernels._set_worker_delay_us(0)
+    kernels.assert_results_close(got, expected, f"{split} split")
+    skipped = _cykernels.team_stats()["skipped_workers"] - before
+    if split == "rows":
+        assert skipped >= 1      # at least one of its forward/backward calls
+    else:
+        assert skipped == 0
