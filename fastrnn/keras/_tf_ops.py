@@ -10,10 +10,10 @@ TensorFlow owns its lifetime: nothing is kept in a Python registry, nothing
 leaks when no gradient is taken, and concurrent calls (threads, replicas of
 a ``tf.distribute`` strategy) share no state.  Its big arrays (states,
 gates, mask) are extra outputs of the forward op; the backward op gets them
-back as NumPy views of the tensors' memory.  (``tf.numpy_function`` copies
-each result into a tensor once.  Handing results over without a copy,
-through ``tf.py_function`` and DLPack, was measured: slower per step here,
-and no lower in peak memory, so it is not used.)  The rest
+back as NumPy views of the tensors' memory.  (``tf.numpy_function`` wraps
+a result whose data is 64-byte aligned, as every large buffer of
+fastrnn.ops is, without a copy, and copies other results; checked in
+tests/test_keras_tf_ops.py.)  The rest
 (backend, shape, flags) travels as a small pickled
 :class:`fastrnn.ops.Workspace` with those arrays left out.  The numpy
 backend's workspace (also used for empty shapes) is pickled whole: it is a
