@@ -16,12 +16,14 @@ of time steps (it keeps one chunk's pre-activation gradients), the weight
 gradients as GEMMs over that chunk's rows.  Compilation is lazy (on first
 call per dtype and read-only-ness of the arguments) and cached on disk.
 
-Threading: with ``nthreads`` > 1 and at least 4 batch rows per thread, the
-rows are split into blocks and each block's time loop runs on its own
-thread (the kernels release the GIL), so threads never meet per step: only
-after the input projection (split by rows) and around each backward
-chunk's weight gradients (split by columns).  BLAS stays single-threaded
-in every thread.  Fewer rows run serially.
+Threading (``_split_plan``): with ``nthreads`` > 1, large steps split the
+hidden units between threads, each multiplying by its own columns of U
+(packed once per call, so they stay in its core's cache) and meeting the
+others once per step at a barrier built from LLVM atomics (``_barrier``);
+otherwise the batch rows are split, when there are at least 4 per thread:
+each block's time loop runs on its own thread without meetings.
+The kernels release the GIL; threads are a Python thread pool.  BLAS stays
+single-threaded in every thread.
 """
 import math
 import os
@@ -180,6 +182,87 @@ def _tanh_impl(x):
     if x == types.float32:
         return lambda x: _tanh32(x)
     return lambda x: _tanh64(x)
+
+
+# ---------------------------------------------------------- team barrier ---
+# The unit split needs the threads of a call to meet once per step: a
+# sense-reversing barrier on an int64 array, from LLVM atomics (Numba has
+# none of its own), spinning, then yielding the CPU while it waits long.
+def _item_pointer(context, builder, aryty, ary, index):
+    from numba.core import cgutils
+    return cgutils.get_item_pointer(context, builder, aryty,
+                                    context.make_array(aryty)(context, builder, ary),
+                                    [index])
+
+
+@intrinsic
+def _atomic_add(typingctx, arr, index, value):
+    """arr[index] += value atomically (int64 array); returns the old value."""
+    sig = types.int64(arr, types.intp, types.int64)
+
+    def codegen(context, builder, sig, args):
+        ptr = _item_pointer(context, builder, sig.args[0], args[0], args[1])
+        return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
+    return sig, codegen
+
+
+@intrinsic
+def _atomic_load(typingctx, arr, index):
+    """arr[index] (int64 array), an acquire load."""
+    sig = types.int64(arr, types.intp)
+
+    def codegen(context, builder, sig, args):
+        ptr = _item_pointer(context, builder, sig.args[0], args[0], args[1])
+        return builder.load_atomic(ptr, "acquire", 8)
+    return sig, codegen
+
+
+@intrinsic
+def _atomic_store(typingctx, arr, index, value):
+    """arr[index] = value (int64 array), a release store."""
+    sig = types.void(arr, types.intp, types.int64)
+
+    def codegen(context, builder, sig, args):
+        ptr = _item_pointer(context, builder, sig.args[0], args[0], args[1])
+        builder.store_atomic(args[2], ptr, "release", 8)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def _sched_yield(typingctx):
+    """Give up the CPU (POSIX sched_yield; elsewhere nothing: keep spinning)."""
+    sig = types.void()
+
+    def codegen(context, builder, sig, args):
+        if os.name == "posix":
+            from numba.core import cgutils
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
+            builder.call(fn, [])
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+_SPINS = 1 << 14      # spins (a few tens of microseconds) before yielding
+
+
+@njit(**_JIT)
+def _barrier(state, n, sense):
+    """Wait until all n threads of a call have arrived; state is the call's
+    int64 array [count, sense] (zeros at first), sense this thread's last
+    (0 at first).  Returns this thread's new sense."""
+    s = 1 - sense
+    if _atomic_add(state, 0, 1) == n - 1:
+        _atomic_store(state, 0, 0)
+        _atomic_store(state, 1, s)
+        return s
+    i = 0
+    while _atomic_load(state, 1) != s:
+        i += 1
+        if i > _SPINS:
+            _sched_yield()
+    return s
 
 
 # ---------------------------------------------------------------- shared ---
@@ -459,6 +542,233 @@ def _lstm_grad_steps(x, reverse, W, U, mask_tm, hs, cs, gates, d_out, dh, dc,
         _weight_grads(x, reverse, W, hs, dz, t0, t1, t1 == T, xs, dx, dW, dU, db)
 
 
+# ----------------------------------------------------- LSTM, unit split ---
+@njit(**_JIT)
+def _gate_blocks(a, H, j0, j1):
+    """Units [j0, j1) of the four gate blocks (H each) of a row a (4H,)."""
+    return a[j0:j1], a[H + j0:H + j1], a[2 * H + j0:2 * H + j1], a[3 * H + j0:3 * H + j1]
+
+
+@njit(**_JIT)
+def _packed_columns(U, G, j0, j1):
+    """The columns of U (K, G*H) of units [j0, j1) in each gate block, as a
+    contiguous (K, G*w): one thread's share, which stays in its cache."""
+    K, GH = U.shape
+    H, w = GH // G, j1 - j0
+    out = np.empty((K, G * w), U.dtype)
+    for k in range(K):
+        for q in range(G):
+            out[k, q * w:(q + 1) * w] = U[k, q * H + j0:q * H + j1]
+    return out
+
+
+@njit(**_JIT)
+def _lstm_cell_units(mask_tm, t, gates_t, rec, bias, h_prev, c_prev, h_next,
+                     c_next, training, j0, j1):
+    """``_lstm_cell_train`` (or the inference cell when not training) for
+    units [j0, j1) only; rec (B, 4w) holds their h U, gate blocks of w."""
+    B, H = h_prev.shape
+    w = j1 - j0
+    cast = h_prev.dtype.type
+    bi, bf, bg, bo = _gate_blocks(bias, H, j0, j1)
+    for b in range(B):
+        hn, cn = h_next[b, j0:j1], c_next[b, j0:j1]
+        hp, cp = h_prev[b, j0:j1], c_prev[b, j0:j1]
+        if not _taken(mask_tm, t, b):
+            for u in range(w):
+                hn[u] = hp[u]
+                cn[u] = cp[u]
+            continue
+        gi, gf, gg, go = _gate_blocks(gates_t[b], H, j0, j1)
+        r = rec[b]
+        ri, rf, rg, ro = r[:w], r[w:2 * w], r[2 * w:3 * w], r[3 * w:]
+        if training:
+            for u in range(w):
+                gi[u] = cast(_sigmoid(gi[u] + ri[u] + bi[u]))
+            for u in range(w):
+                gf[u] = cast(_sigmoid(gf[u] + rf[u] + bf[u]))
+            for u in range(w):
+                gg[u] = cast(_tanh(gg[u] + rg[u] + bg[u]))
+            for u in range(w):
+                go[u] = cast(_sigmoid(go[u] + ro[u] + bo[u]))
+            for u in range(w):
+                cn[u] = gf[u] * cp[u] + gi[u] * gg[u]
+            for u in range(w):
+                hn[u] = go[u] * cast(_tanh(cn[u]))
+        else:
+            for u in range(w):
+                c = (cast(_sigmoid(gf[u] + rf[u] + bf[u])) * cp[u]
+                     + cast(_sigmoid(gi[u] + ri[u] + bi[u]))
+                     * cast(_tanh(gg[u] + rg[u] + bg[u])))
+                cn[u] = c
+                hn[u] = cast(_sigmoid(go[u] + ro[u] + bo[u])) * cast(_tanh(c))
+
+
+@njit(**_JIT)
+def _lstm_steps_units(mask_tm, U, bias, hs, cs, gates, training, j0, j1, bar,
+                      n, sense):
+    """The forward time loop for units [j0, j1) of every row, meeting the
+    call's other n - 1 threads at bar after each step (the next step reads
+    every unit of h)."""
+    T = gates.shape[0]
+    Uj = _packed_columns(U, 4, j0, j1)
+    rec = np.empty((hs.shape[1], Uj.shape[1]), gates.dtype)
+    for t in range(T):
+        _recurrent(hs[t], Uj, rec)
+        if training:
+            _lstm_cell_units(mask_tm, t, gates[t], rec, bias, hs[t], cs[t],
+                             hs[t + 1], cs[t + 1], True, j0, j1)
+        else:
+            _lstm_cell_units(mask_tm, t, gates[t], rec, bias, hs[t], cs[t % 2],
+                             hs[t + 1], cs[(t + 1) % 2], False, j0, j1)
+        sense = _barrier(bar, n, sense)
+    return sense
+
+
+@njit(**_JIT)
+def _lstm_cell_grad_units(mask_tm, t, gates_t, c_prev, c_t, d_out_t, dh, dc,
+                          dz_t, j0, j1):
+    """``_lstm_cell_grad`` for units [j0, j1) only."""
+    B, H = dh.shape
+    w = j1 - j0
+    cast = dh.dtype.type
+    one = cast(1)
+    for b in range(B):
+        dhr, dor = dh[b, j0:j1], d_out_t[b, j0:j1]
+        for u in range(w):
+            dhr[u] += dor[u]
+        di, df, dg, do = _gate_blocks(dz_t[b], H, j0, j1)
+        if not _taken(mask_tm, t, b):
+            di[:] = 0
+            df[:] = 0
+            dg[:] = 0
+            do[:] = 0
+            continue
+        gi, gf, gg, go = _gate_blocks(gates_t[b], H, j0, j1)
+        dcr, cpr, cr = dc[b, j0:j1], c_prev[b, j0:j1], c_t[b, j0:j1]
+        for u in range(w):
+            do[u] = cast(_tanh(cr[u]))
+        for u in range(w):
+            o = go[u]
+            tc = do[u]
+            dcr[u] += dhr[u] * o * (one - tc * tc)
+            do[u] = dhr[u] * tc * o * (one - o)
+        for u in range(w):
+            di[u] = dcr[u] * gg[u] * gi[u] * (one - gi[u])
+        for u in range(w):
+            df[u] = dcr[u] * cpr[u] * gf[u] * (one - gf[u])
+        for u in range(w):
+            dg[u] = dcr[u] * gi[u] * (one - gg[u] * gg[u])
+        for u in range(w):
+            dcr[u] *= gf[u]
+
+
+@njit(**_JIT)
+def _take_dh_units(mask_tm, t, part, dh, j0, j1):
+    """dh[:, j0:j1] <- part (B, w) on the rows that took step t."""
+    for b in range(dh.shape[0]):
+        if _taken(mask_tm, t, b):
+            dh[b, j0:j1] = part[b]
+
+
+@njit(**_JIT)
+def _lstm_chunk_grad_steps_units(U, mask_tm, cs, gates, d_out, dh, dc, dz, t0,
+                                 t1, j0, j1, bar, n, sense):
+    """Steps t1-1 down to t0 of the backward time loop for units [j0, j1)
+    of every row, meeting the other threads after each step's gate pass
+    (dh_{t-1}'s product reads every unit of dz_t)."""
+    UjT = U[j0:j1].T                       # (4H, w), F-contiguous
+    part = np.empty((dh.shape[0], j1 - j0), dh.dtype)
+    for t in range(t1 - 1, t0 - 1, -1):
+        dzt = dz[t - t0]
+        _lstm_cell_grad_units(mask_tm, t, gates[t], cs[t], cs[t + 1],
+                              d_out[:, t], dh, dc, dzt, j0, j1)
+        sense = _barrier(bar, n, sense)
+        _recurrent(dzt, UjT, part)
+        _take_dh_units(mask_tm, t, part, dh, j0, j1)
+    return sense
+
+
+
+@njit(**_JIT)
+def _part(n_items, k, i, align):
+    """Part i of k of range(n_items), cut at multiples of align (``_split``)."""
+    chunks = (n_items + align - 1) // align
+    lo, hi = chunks * i // k * align, chunks * (i + 1) // k * align
+    return min(lo, n_items), min(hi, n_items)
+
+
+@njit(**_JIT)
+def _mask_rows(mask_tm, b0, b1):
+    """The mask's columns for rows [b0, b1) ((0, 0): no mask)."""
+    return mask_tm if mask_tm.shape[0] == 0 else mask_tm[:, b0:b1]
+
+
+@njit(**_JIT)
+def _lstm_forward_part(i, n, units, p0, p1, x_tm, W, U, bias, mask_tm, hs, cs,
+                       gates, training, bar):
+    """Part i of n of a threaded forward pass (one call per thread, all at
+    once): its rows of the input projection, then, once all are done, the
+    time loop for units [p0, p1) of every row (units) or for rows [p0, p1)."""
+    T, B, I = x_tm.shape
+    r0, r1 = _part(T * B, n, i, 1)
+    _gemm_rows(x_tm.reshape(T * B, I), W, gates.reshape(T * B, gates.shape[2]),
+               r0, r1)
+    sense = _barrier(bar, n, 0)
+    if units:
+        _lstm_steps_units(mask_tm, U, bias, hs, cs, gates, training, p0, p1, bar,
+                          n, sense)
+    else:
+        _lstm_steps(_mask_rows(mask_tm, p0, p1), U, bias, hs, cs, gates, training,
+                    p0, p1)
+
+
+@njit(**_JIT)
+def _lstm_backward_part(i, n, units, p0, p1, x, reverse, W, U, mask_tm, hs, cs,
+                        gates, d_out, dh, dc, dx, dW, dU, db, dz, work, xs, bar):
+    """Part i of n of a threaded backward pass (one call per thread, all at
+    once), chunk by chunk: the time loop (units or rows [p0, p1)), then,
+    meeting the others between phases, its rows of dx (x gathered) and its
+    columns of dW, dU and db."""
+    T, Tc, B, GH = gates.shape[0], dz.shape[0], dh.shape[0], dz.shape[2]
+    sense = 0
+    for t1 in range(T, 0, -Tc):
+        t0 = max(t1 - Tc, 0)
+        if units:
+            sense = _lstm_chunk_grad_steps_units(U, mask_tm, cs, gates, d_out, dh,
+                                                 dc, dz, t0, t1, p0, p1, bar, n,
+                                                 sense)
+        else:
+            _lstm_chunk_grad_steps(U, _mask_rows(mask_tm, p0, p1), cs, gates,
+                                   d_out, dh, dc, dz, work, t0, t1, p0, p1)
+        sense = _weight_grads_part(i, n, x, reverse, W, hs, dz, t0, t1, t1 == T,
+                                   xs, dx, dW, dU, db, bar, sense)
+
+
+@njit(**_JIT)
+def _weight_grads_part(i, n, x, reverse, W, hs, dz, t0, t1, first, xs, dx, dW,
+                       dU, db, bar, sense):
+    """Part i of n of a chunk's weight gradients, between meetings of the n
+    threads (the chunk's dz complete; x's rows gathered; done)."""
+    R, GH = (t1 - t0) * x.shape[0], dz.shape[2]
+    sense = _barrier(bar, n, sense)
+    r0, r1 = _part(R, n, i, 1)
+    _grads_rows(x, reverse, W, dz, t0, t1, r0, r1, xs, dx)
+    sense = _barrier(bar, n, sense)
+    c0, c1 = _part(GH, n, i, UNIT_CHUNK)
+    _grads_cols(hs, dz, t0, t1, c0, c1, first, xs, dW, dU, db)
+    return _barrier(bar, n, sense)
+
+
+def _run_parts(fn, split, blocks):
+    """fn(i, n, units, p0, p1, bar) for every part, all at once (they meet
+    at bar): the first on this thread, the rest on the pool's threads."""
+    n = len(blocks)
+    bar = np.zeros(2, np.int64)
+    _run_parallel(lambda i: fn(i, n, split == "units", *blocks[i], bar),
+                  [(i,) for i in range(n)])
+
+
 def lstm_forward(x_tm, W, U, bias, mask_tm, hs, cs, gates, work, training,
                  nthreads):
     """LSTM forward.  hs (T+1, B, H) and cs ((T+1 if training else 2), B, H)
@@ -467,15 +777,14 @@ def lstm_forward(x_tm, W, U, bias, mask_tm, hs, cs, gates, work, training,
     (T, B, 4H): when training, on exit the activated gates i, f, g, o of
     taken rows.  work (the cython kernel's scratch for packed weights) is
     not used: each thread's row block multiplies by U in place."""
-    blocks = _row_blocks(x_tm.shape[1], nthreads)
+    split, blocks = _split_plan(x_tm.shape[1], 4, U.shape[0], nthreads)
     if len(blocks) == 1:
         _input_gemm(x_tm, W, gates)
         _lstm_steps(mask_tm, U, bias, hs, cs, gates, training, 0, x_tm.shape[1])
         return
-    _parallel_input_gemm(x_tm, W, gates, len(blocks))
-    _run_parallel(lambda b0, b1: _lstm_steps(
-        _rows(mask_tm, b0, b1), U, bias, hs, cs, gates, training, b0, b1),
-        blocks)
+    _run_parts(lambda i, n, units, p0, p1, bar: _lstm_forward_part(
+        i, n, units, p0, p1, x_tm, W, U, bias, mask_tm, hs, cs, gates, training,
+        bar), split, blocks)
 
 
 def lstm_backward(x, reverse, W, U, mask_tm, hs, cs, gates, d_out, dh, dc,
@@ -487,56 +796,155 @@ def lstm_backward(x, reverse, W, U, mask_tm, hs, cs, gates, d_out, dh, dc,
     dz (Tc, B, 4H), for chunks of 1 <= Tc <= T steps, work (B, H) and
     xs (2 * Tc * B * I,) are scratch; pack (the cython kernel's packed
     weights) is not used."""
-    blocks = _row_blocks(x.shape[0], nthreads)
+    split, blocks = _split_plan(x.shape[0], 4, U.shape[0], nthreads)
     if len(blocks) == 1:
         _lstm_grad_steps(x, reverse, W, U, mask_tm, hs, cs, gates, d_out, dh,
                          dc, dx, dW, dU, db, dz, work, xs)
         return
-    T, Tc = x.shape[1], dz.shape[0]
-    for t1 in range(T, 0, -Tc):
-        t0 = max(t1 - Tc, 0)
-        _run_parallel(lambda b0, b1: _lstm_chunk_grad_steps(
-            U, _rows(mask_tm, b0, b1), cs, gates, d_out, dh, dc, dz, work,
-            t0, t1, b0, b1), blocks)
-        _parallel_weight_grads(x, reverse, W, hs, dz, t0, t1, xs, dx, dW, dU,
-                               db, len(blocks))
+    _run_parts(lambda i, n, units, p0, p1, bar: _lstm_backward_part(
+        i, n, units, p0, p1, x, reverse, W, U, mask_tm, hs, cs, gates, d_out, dh,
+        dc, dx, dW, dU, db, dz, work, xs, bar), split, blocks)
 
 
 # -------------------------------------------------------------------- RNN ---
 @njit(**_JIT)
-def _rnn_cell(mask_tm, t, z_t, rec, bias, act, h_prev, h_next):
-    """One step's fused pass: h_next = act(z_t + rec + bias) (B, H) on taken
-    rows; masked rows carry h_prev.  z_t may be h_next itself (each element
-    is read before it is written)."""
+def _rnn_cell(mask_tm, t, rec, bias, act, h_prev, h):
+    """One step's fused pass, in place: h (B, H) holds x_t W on entry and
+    act(x_t W + rec + bias) on exit on taken rows; masked rows carry h_prev.
+    Row by row over views, one array read and written: LLVM vectorises it
+    (with x_t W in a second array aliasing h it did not)."""
     B, H = h_prev.shape
     cast = h_prev.dtype.type
     zero = cast(0)
     for b in range(B):
+        hr, hp, r = h[b], h_prev[b], rec[b]
         if not _taken(mask_tm, t, b):
             for j in range(H):
-                h_next[b, j] = h_prev[b, j]
+                hr[j] = hp[j]
         elif act == TANH:
             for j in range(H):
-                h_next[b, j] = cast(_tanh(z_t[b, j] + rec[b, j] + bias[j]))
+                hr[j] = cast(_tanh(hr[j] + r[j] + bias[j]))
         elif act == RELU:
             for j in range(H):
-                z = z_t[b, j] + rec[b, j] + bias[j]
-                h_next[b, j] = zero if z < zero else z   # NaN propagates
+                v = hr[j] + r[j] + bias[j]
+                hr[j] = zero if v < zero else v   # NaN propagates
         else:
             for j in range(H):
-                h_next[b, j] = z_t[b, j] + rec[b, j] + bias[j]
+                hr[j] += r[j] + bias[j]
 
 
 @njit(**_JIT)
-def _rnn_steps(mask_tm, U, bias, hs, z, act, b0, b1):
+def _rnn_steps(mask_tm, U, bias, hs, act, b0, b1):
     """The forward time loop over batch rows [b0, b1) (mask_tm: those rows'
-    columns); z (T, B, H) holds x_t W on entry (it may be hs[1:])."""
-    T, _, H = z.shape
-    rec = np.empty((b1 - b0, H), z.dtype)
+    columns); hs[1:] holds x_t W on entry."""
+    T, H = hs.shape[0] - 1, hs.shape[2]
+    rec = np.empty((b1 - b0, H), hs.dtype)
     for t in range(T):
         _recurrent(hs[t, b0:b1], U, rec)
-        _rnn_cell(mask_tm, t, z[t, b0:b1], rec, bias, act, hs[t, b0:b1],
-                  hs[t + 1, b0:b1])
+        _rnn_cell(mask_tm, t, rec, bias, act, hs[t, b0:b1], hs[t + 1, b0:b1])
+
+
+# ------------------------------------------------------ RNN, unit split ---
+@njit(**_JIT)
+def _rnn_steps_units(mask_tm, U, bias, hs, act, j0, j1, bar, n, sense):
+    """The forward time loop for units [j0, j1) of every row (hs[1:] holds
+    x W on entry, as in ``_rnn_steps``), meeting the other n - 1 threads at
+    bar after each step."""
+    T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+    w = j1 - j0
+    Uj = _packed_columns(U, 1, j0, j1)
+    rec = np.empty((B, w), hs.dtype)
+    cast = hs.dtype.type
+    zero = cast(0)
+    bj = bias[j0:j1]
+    for t in range(T):
+        _recurrent(hs[t], Uj, rec)
+        for b in range(B):
+            hn, hp, r = hs[t + 1, b, j0:j1], hs[t, b, j0:j1], rec[b]
+            if not _taken(mask_tm, t, b):
+                for u in range(w):
+                    hn[u] = hp[u]
+            elif act == TANH:
+                for u in range(w):
+                    hn[u] = cast(_tanh(hn[u] + r[u] + bj[u]))
+            elif act == RELU:
+                for u in range(w):
+                    v = hn[u] + r[u] + bj[u]
+                    hn[u] = zero if v < zero else v   # NaN propagates
+            else:
+                for u in range(w):
+                    hn[u] += r[u] + bj[u]
+        sense = _barrier(bar, n, sense)
+    return sense
+
+
+@njit(**_JIT)
+def _rnn_chunk_grad_steps_units(U, mask_tm, hs, act, d_out, dh, dz, t0, t1, j0,
+                                j1, bar, n, sense):
+    """Steps t1-1 down to t0 of the backward time loop for units [j0, j1)
+    of every row (as ``_lstm_chunk_grad_steps_units``)."""
+    B = dh.shape[0]
+    w = j1 - j0
+    UjT = U[j0:j1].T
+    part = np.empty((B, w), dh.dtype)
+    zero = dh.dtype.type(0)
+    one = dh.dtype.type(1)
+    for t in range(t1 - 1, t0 - 1, -1):
+        dzt = dz[t - t0]
+        for b in range(B):
+            dhr, dor = dh[b, j0:j1], d_out[b, t, j0:j1]
+            dzr, hr = dzt[b, j0:j1], hs[t + 1, b, j0:j1]
+            for u in range(w):
+                dhr[u] += dor[u]
+            if not _taken(mask_tm, t, b):
+                dzr[:] = zero
+            elif act == TANH:
+                for u in range(w):
+                    dzr[u] = dhr[u] * (one - hr[u] * hr[u])
+            elif act == RELU:
+                for u in range(w):
+                    dzr[u] = dhr[u] if hr[u] > zero else zero
+            else:
+                dzr[:] = dhr
+        sense = _barrier(bar, n, sense)
+        _recurrent(dzt, UjT, part)
+        _take_dh_units(mask_tm, t, part, dh, j0, j1)
+    return sense
+
+
+@njit(**_JIT)
+def _rnn_forward_part(i, n, units, p0, p1, x_tm, W, U, bias, mask_tm, hs, act,
+                      bar):
+    """Part i of n of a threaded RNN forward pass (as ``_lstm_forward_part``;
+    the input projection goes into hs[1:])."""
+    T, B, I = x_tm.shape
+    H = hs.shape[2]
+    r0, r1 = _part(T * B, n, i, 1)
+    _gemm_rows(x_tm.reshape(T * B, I), W, hs[1:].reshape(T * B, H), r0, r1)
+    sense = _barrier(bar, n, 0)
+    if units:
+        _rnn_steps_units(mask_tm, U, bias, hs, act, p0, p1, bar, n, sense)
+    else:
+        _rnn_steps(_mask_rows(mask_tm, p0, p1), U, bias, hs, act, p0, p1)
+
+
+@njit(**_JIT)
+def _rnn_backward_part(i, n, units, p0, p1, x, reverse, W, U, mask_tm, hs, act,
+                       d_out, dh, dx, dW, dU, db, dz, work, xs, bar):
+    """Part i of n of a threaded RNN backward pass (as
+    ``_lstm_backward_part``)."""
+    T, Tc = hs.shape[0] - 1, dz.shape[0]
+    sense = 0
+    for t1 in range(T, 0, -Tc):
+        t0 = max(t1 - Tc, 0)
+        if units:
+            sense = _rnn_chunk_grad_steps_units(U, mask_tm, hs, act, d_out, dh, dz,
+                                                t0, t1, p0, p1, bar, n, sense)
+        else:
+            _rnn_chunk_grad_steps(U, _mask_rows(mask_tm, p0, p1), hs, act, d_out,
+                                  dh, dz, work, t0, t1, p0, p1)
+        sense = _weight_grads_part(i, n, x, reverse, W, hs, dz, t0, t1, t1 == T,
+                                   xs, dx, dW, dU, db, bar, sense)
 
 
 def rnn_forward(x_tm, W, U, bias, mask_tm, hs, work, act, nthreads):
@@ -544,15 +952,14 @@ def rnn_forward(x_tm, W, U, bias, mask_tm, hs, work, act, nthreads):
     hs[1:] holds x_t @ W while it is computed (no other buffer).  act 0 tanh,
     1 relu, 2 linear.  work (the cython kernel's packed weights) is not
     used."""
-    z = hs[1:]
-    blocks = _row_blocks(x_tm.shape[1], nthreads)
+    split, blocks = _split_plan(x_tm.shape[1], 1, U.shape[0], nthreads)
     if len(blocks) == 1:
-        _input_gemm(x_tm, W, z)
-        _rnn_steps(mask_tm, U, bias, hs, z, act, 0, x_tm.shape[1])
+        _input_gemm(x_tm, W, hs[1:])
+        _rnn_steps(mask_tm, U, bias, hs, act, 0, x_tm.shape[1])
         return
-    _parallel_input_gemm(x_tm, W, z, len(blocks))
-    _run_parallel(lambda b0, b1: _rnn_steps(
-        _rows(mask_tm, b0, b1), U, bias, hs, z, act, b0, b1), blocks)
+    _run_parts(lambda i, n, units, p0, p1, bar: _rnn_forward_part(
+        i, n, units, p0, p1, x_tm, W, U, bias, mask_tm, hs, act, bar),
+        split, blocks)
 
 
 @njit(**_JIT)
@@ -609,19 +1016,14 @@ def rnn_backward(x, reverse, W, U, mask_tm, hs, act, d_out, dh, dx, dW, dU,
     """RNN backward through time; arguments as ``lstm_backward`` without the
     cell state (dz (Tc, B, H)).  dh (B, H): dL/dh_T on entry, dL/dh0 on
     exit."""
-    blocks = _row_blocks(x.shape[0], nthreads)
+    split, blocks = _split_plan(x.shape[0], 1, U.shape[0], nthreads)
     if len(blocks) == 1:
         _rnn_grad_steps(x, reverse, W, U, mask_tm, hs, act, d_out, dh, dx, dW,
                         dU, db, dz, work, xs)
         return
-    T, Tc = x.shape[1], dz.shape[0]
-    for t1 in range(T, 0, -Tc):
-        t0 = max(t1 - Tc, 0)
-        _run_parallel(lambda b0, b1: _rnn_chunk_grad_steps(
-            U, _rows(mask_tm, b0, b1), hs, act, d_out, dh, dz, work, t0, t1,
-            b0, b1), blocks)
-        _parallel_weight_grads(x, reverse, W, hs, dz, t0, t1, xs, dx, dW, dU,
-                               db, len(blocks))
+    _run_parts(lambda i, n, units, p0, p1, bar: _rnn_backward_part(
+        i, n, units, p0, p1, x, reverse, W, U, mask_tm, hs, act, d_out, dh, dx,
+        dW, dU, db, dz, work, xs, bar), split, blocks)
 
 
 # -------------------------------------------------------------- threads ---
@@ -642,9 +1044,35 @@ def _row_blocks(B, nthreads):
     return [_split(B, n, i) for i in range(n)]
 
 
-def _rows(mask_tm, b0, b1):
-    """The mask's columns for rows [b0, b1) ((0, 0): no mask)."""
-    return mask_tm if mask_tm.shape[0] == 0 else mask_tm[:, b0:b1]
+UNIT_CHUNK = 16       # unit slices are multiples of this
+
+
+# When the units are split (measured here, 2 threads, numba 0.68): never
+# with 16 rows or more per thread (each thread's per-step GEMM is efficient:
+# LSTM 64x50x256x256 fwd+bwd 37 ms by rows, 44 by units); with fewer, when
+# a step's recurrent product (B*G*H*H multiply-adds) is at least
+# UNITS_WORK (LSTM 16x100x128x512 fwd 33 -> 22 ms by units; SimpleRNN
+# 32x100x64x128 fwd 0.8 ms by rows, 1.8 by units), or, when the rows cannot
+# be split at all (fewer than 4 per thread), at least UNITS_WORK_FEW_ROWS
+# (LSTM 1x100x128x256 fwd 1.4 -> 0.8 ms; SimpleRNN 1x100x128x256 at 64K
+# was slower than one thread).
+ROWS_PER_THREAD = 16
+UNITS_WORK = 1 << 22
+UNITS_WORK_FEW_ROWS = 1 << 17
+
+
+def _split_plan(B, G, H, nthreads):
+    """("units", [(j0, j1)]) or ("rows", [(b0, b1)]): how a call's threads
+    share its work (see ``UNITS_WORK``); one part runs serially."""
+    n = max(1, int(nthreads))
+    chunks = -(-H // UNIT_CHUNK)
+    work = B * G * H * H
+    if n > 1 and chunks > 1 and B < n * ROWS_PER_THREAD:
+        rows_fit = B >= n * MIN_ROWS
+        if work >= (UNITS_WORK if rows_fit else UNITS_WORK_FEW_ROWS):
+            k = min(n, chunks)
+            return "units", [_split(H, k, i, UNIT_CHUNK) for i in range(k)]
+    return "rows", _row_blocks(B, n)
 
 
 _executor = None
@@ -685,25 +1113,3 @@ def _run_parallel(fn, parts):
             f.exception()           # wait for every part
     for f in futures:
         f.result()
-
-
-def _parallel_input_gemm(x_tm, W, out, n):
-    """out = x_tm @ W as in ``_input_gemm``, its rows split n ways."""
-    T, B, I = x_tm.shape
-    a, o = x_tm.reshape(T * B, I), out.reshape(T * B, out.shape[2])
-    _run_parallel(lambda r0, r1: _gemm_rows(a, W, o, r0, r1),
-                  [_split(T * B, n, i) for i in range(n)])
-
-
-def _parallel_weight_grads(x, reverse, W, hs, dz, t0, t1, xs, dx, dW, dU, db,
-                           n):
-    """``_weight_grads`` split n ways: the rows (x gathered, dx), then, once
-    all of x's rows are in xs, the columns of dW, dU and db."""
-    R, GH = (t1 - t0) * x.shape[0], dz.shape[2]
-    _run_parallel(lambda r0, r1: _grads_rows(x, reverse, W, dz, t0, t1, r0, r1,
-                                             xs, dx),
-                  [_split(R, n, i) for i in range(n)])
-    T = x.shape[1]
-    _run_parallel(lambda c0, c1: _grads_cols(hs, dz, t0, t1, c0, c1, t1 == T, xs,
-                                             dW, dU, db),
-                  [_split(GH, n, i, 16) for i in range(n)])

@@ -25,6 +25,9 @@ def threads(request, monkeypatch):
     """1 or 3 threads, the kernels' team used whatever the size."""
     monkeypatch.setattr(_backend, "_num_threads", None)
     monkeypatch.setattr(_backend, "PARALLEL_STEP_WORK", 0)
+    if "numba" in fastrnn.available_backends():   # its unit split, too
+        from fastrnn import _numba_kernels
+        monkeypatch.setattr(_numba_kernels, "UNITS_WORK_FEW_ROWS", 0)
     fastrnn.set_num_threads(request.param)
     return request.param
 

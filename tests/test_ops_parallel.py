@@ -19,9 +19,18 @@ from fastrnn import _backend, ops
 COMPILED = [b for b in ("cython", "numba") if b in fastrnn.available_backends()]
 
 
+def _threads_at_any_size(monkeypatch):
+    """Kernel threads whatever the work per step: cython's team, numba's
+    unit split whenever the rows cannot be split (its row split otherwise)."""
+    monkeypatch.setattr(_backend, "PARALLEL_STEP_WORK", 0)
+    if "numba" in fastrnn.available_backends():
+        from fastrnn import _numba_kernels
+        monkeypatch.setattr(_numba_kernels, "UNITS_WORK_FEW_ROWS", 0)
+
+
 @pytest.fixture
 def threaded(monkeypatch):
-    monkeypatch.setattr(_backend, "PARALLEL_STEP_WORK", 0)
+    _threads_at_any_size(monkeypatch)
     old = _backend.get_num_threads()
     yield
     fastrnn.set_num_threads(old)
@@ -85,6 +94,26 @@ def test_team_plan(threads, B, H, plan, monkeypatch):
     """Which split the tests above exercise (and the rule itself)."""
     from fastrnn import _cykernels
     assert _cykernels.team_plan(threads, B, H) == plan
+
+
+@pytest.mark.skipif("numba" not in fastrnn.available_backends(),
+                    reason="numba is not installed")
+@pytest.mark.parametrize("threads, B, G, H, plan", [
+    (1, 64, 4, 256, ("rows", [(0, 64)])),               # one thread: serial
+    (2, 1, 4, 256, ("units", [(0, 128), (128, 256)])),  # batch 1, 262K
+    (2, 1, 1, 256, ("rows", [(0, 1)])),                 # batch 1, 65K: serial
+    (2, 16, 4, 512, ("units", [(0, 256), (256, 512)])),     # 16.8M
+    (2, 64, 4, 256, ("rows", [(0, 32), (32, 64)])),     # 16.8M, 32 rows each
+    (2, 32, 4, 128, ("rows", [(0, 16), (16, 32)])),     # 2.1M, rows fit
+    (8, 3, 4, 40, ("rows", [(0, 3)])),                  # 19K: serial
+    (2, 7, 4, 64, ("rows", [(0, 7)])),                  # too few rows, 115K: serial
+    (2, 7, 4, 96, ("units", [(0, 48), (48, 96)])),      # too few rows, 258K
+    (2, 13, 1, 1, ("rows", [(0, 6), (6, 13)])),         # one unit slice
+])
+def test_numba_split_plan(threads, B, G, H, plan):
+    """The numba backend's split (the tests above run both)."""
+    from fastrnn import _numba_kernels
+    assert _numba_kernels._split_plan(B, G, H, threads) == plan
 
 
 @pytest.mark.skipif("cython" not in fastrnn.available_backends(),

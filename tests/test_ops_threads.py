@@ -69,6 +69,9 @@ def test_thread_count_does_not_change_results(backend, kind, rng, kernels,
 def _team_everywhere(monkeypatch, n=2):
     """Every call asks for the kernels' own team of n threads."""
     monkeypatch.setattr(_backend, "PARALLEL_STEP_WORK", 0)
+    if "numba" in fastrnn.available_backends():   # its unit split, too
+        from fastrnn import _numba_kernels
+        monkeypatch.setattr(_numba_kernels, "UNITS_WORK_FEW_ROWS", 0)
     monkeypatch.setattr(_backend, "_num_threads", n)
 
 
