@@ -382,168 +382,6 @@ def _taken(mask_tm, t, b):
 
 # ------------------------------------------------------------------- LSTM ---
 @njit(**_JIT)
-def _lstm_carry(h_prev, c_prev, h_next, c_next, b):
-    """Masked row b: h and c carry over."""
-    for j in range(h_prev.shape[1]):
-        h_next[b, j] = h_prev[b, j]
-        c_next[b, j] = c_prev[b, j]
-
-
-@njit(**_JIT)
-def _lstm_cell(mask_tm, t, gates_t, rec, bias, h_prev, c_prev, h_next,
-               c_next):
-    """One inference step's fused pass over (b, j): gate pre-activations
-    gates_t + rec + bias (B, 4H), activations, new c and h (gates_t is left
-    as is).  Masked rows carry h and c."""
-    B, H = h_prev.shape
-    cast = h_prev.dtype.type
-    for b in range(B):
-        if not _taken(mask_tm, t, b):
-            _lstm_carry(h_prev, c_prev, h_next, c_next, b)
-            continue
-        for j in range(H):
-            zi = gates_t[b, j] + rec[b, j] + bias[j]
-            zf = gates_t[b, H + j] + rec[b, H + j] + bias[H + j]
-            zg = gates_t[b, 2 * H + j] + rec[b, 2 * H + j] + bias[2 * H + j]
-            zo = gates_t[b, 3 * H + j] + rec[b, 3 * H + j] + bias[3 * H + j]
-            c = (cast(_sigmoid(zf)) * c_prev[b, j]
-                 + cast(_sigmoid(zi)) * cast(_tanh(zg)))
-            c_next[b, j] = c
-            h_next[b, j] = cast(_sigmoid(zo)) * cast(_tanh(c))
-
-
-@njit(inline="always", **_JIT)
-def _blocks(a, H):
-    """The four gate blocks (H,) of a row a (4H,), as views: indexing them
-    from 0 lets LLVM drop numba's negative-index wraparound and vectorise."""
-    return a[:H], a[H:2 * H], a[2 * H:3 * H], a[3 * H:]
-
-
-@njit(**_JIT)
-def _lstm_cell_train(mask_tm, t, gates_t, rec, bias, h_prev, c_prev, h_next,
-                     c_next):
-    """As ``_lstm_cell``, and the activated i, f, g, o of taken rows go back
-    to gates_t.  Row by row, in loops that each touch few arrays: with the
-    gate stores in the fused loop LLVM no longer vectorises it."""
-    B, H = h_prev.shape
-    cast = h_prev.dtype.type
-    bi, bf, bg, bo = _blocks(bias, H)
-    for b in range(B):
-        if not _taken(mask_tm, t, b):
-            _lstm_carry(h_prev, c_prev, h_next, c_next, b)
-            continue
-        gi, gf, gg, go = _blocks(gates_t[b], H)
-        ri, rf, rg, ro = _blocks(rec[b], H)
-        hn, cn, cp = h_next[b], c_next[b], c_prev[b]
-        for j in range(H):
-            gi[j] = cast(_sigmoid(gi[j] + ri[j] + bi[j]))
-        for j in range(H):
-            gf[j] = cast(_sigmoid(gf[j] + rf[j] + bf[j]))
-        for j in range(H):
-            gg[j] = cast(_tanh(gg[j] + rg[j] + bg[j]))
-        for j in range(H):
-            go[j] = cast(_sigmoid(go[j] + ro[j] + bo[j]))
-        for j in range(H):
-            cn[j] = gf[j] * cp[j] + gi[j] * gg[j]
-        for j in range(H):
-            hn[j] = go[j] * cast(_tanh(cn[j]))
-
-
-@njit(**_JIT)
-def _lstm_steps(mask_tm, U, bias, hs, cs, gates, training, b0, b1):
-    """The forward time loop over batch rows [b0, b1) (a thread's block);
-    gates (T, B, 4H) hold x_t W on entry.  mask_tm holds those rows'
-    columns only."""
-    T = gates.shape[0]
-    rec = np.empty((b1 - b0, gates.shape[2]), gates.dtype)
-    for t in range(T):
-        _recurrent(hs[t, b0:b1], U, rec)
-        if training:
-            _lstm_cell_train(mask_tm, t, gates[t, b0:b1], rec, bias,
-                             hs[t, b0:b1], cs[t, b0:b1], hs[t + 1, b0:b1],
-                             cs[t + 1, b0:b1])
-        else:
-            _lstm_cell(mask_tm, t, gates[t, b0:b1], rec, bias, hs[t, b0:b1],
-                       cs[t % 2, b0:b1], hs[t + 1, b0:b1],
-                       cs[(t + 1) % 2, b0:b1])
-
-
-@njit(**_JIT)
-def _lstm_cell_grad(mask_tm, t, gates_t, c_prev, c_t, d_out_t, dh, dc, dz_t):
-    """One backward step's pass: dh += d_out_t; for taken rows the gate
-    pre-activation gradients dz_t (B, 4H) and dc <- dc at c_prev; masked rows
-    get dz_t = 0 and keep dc.  Row by row, in short loops that LLVM
-    vectorises (dz_t's o block holds tanh(c) until its last use)."""
-    B, H = dh.shape
-    cast = dh.dtype.type
-    one = cast(1)
-    for b in range(B):
-        dhr, dor = dh[b], d_out_t[b]
-        for j in range(H):
-            dhr[j] += dor[j]
-        if not _taken(mask_tm, t, b):
-            dz_t[b, :] = 0
-            continue
-        gi, gf, gg, go = _blocks(gates_t[b], H)
-        di, df, dg, do = _blocks(dz_t[b], H)
-        dcr, cpr, cr = dc[b], c_prev[b], c_t[b]
-        for j in range(H):
-            do[j] = cast(_tanh(cr[j]))
-        for j in range(H):
-            o = go[j]
-            tc = do[j]
-            dcr[j] += dhr[j] * o * (one - tc * tc)
-            do[j] = dhr[j] * tc * o * (one - o)
-        for j in range(H):
-            di[j] = dcr[j] * gg[j] * gi[j] * (one - gi[j])
-        for j in range(H):
-            df[j] = dcr[j] * cpr[j] * gf[j] * (one - gf[j])
-        for j in range(H):
-            dg[j] = dcr[j] * gi[j] * (one - gg[j] * gg[j])
-        for j in range(H):
-            dcr[j] *= gf[j]
-
-
-@njit(**_JIT)
-def _take_dh(mask_tm, t, work, dh):
-    """dh <- work (= dz_t @ U.T) on the rows that took step t."""
-    B = dh.shape[0]
-    for b in range(B):
-        if _taken(mask_tm, t, b):
-            dh[b, :] = work[b, :]
-
-
-@njit(**_JIT)
-def _lstm_chunk_grad_steps(U, mask_tm, cs, gates, d_out, dh, dc, dz, work,
-                           t0, t1, b0, b1):
-    """Steps t1-1 down to t0 of the backward time loop for batch rows
-    [b0, b1) (dz[t - t0] gets step t's pre-activation gradients; mask_tm
-    holds those rows' columns only)."""
-    UT = U.T
-    for t in range(t1 - 1, t0 - 1, -1):
-        dzt = dz[t - t0, b0:b1]
-        _lstm_cell_grad(mask_tm, t, gates[t, b0:b1], cs[t, b0:b1],
-                        cs[t + 1, b0:b1], d_out[b0:b1, t], dh[b0:b1],
-                        dc[b0:b1], dzt)
-        _recurrent(dzt, UT, work[b0:b1])
-        _take_dh(mask_tm, t, work[b0:b1], dh[b0:b1])
-
-
-@njit(**_JIT)
-def _lstm_grad_steps(x, reverse, W, U, mask_tm, hs, cs, gates, d_out, dh, dc,
-                     dx, dW, dU, db, dz, work, xs):
-    """The backward time loop, in chunks of dz.shape[0] steps from the end,
-    each followed by its weight gradients; dh, dc end at step 0."""
-    T, Tc = gates.shape[0], dz.shape[0]
-    for t1 in range(T, 0, -Tc):
-        t0 = max(t1 - Tc, 0)
-        _lstm_chunk_grad_steps(U, mask_tm, cs, gates, d_out, dh, dc, dz, work,
-                               t0, t1, 0, dh.shape[0])
-        _weight_grads(x, reverse, W, hs, dz, t0, t1, t1 == T, xs, dx, dW, dU, db)
-
-
-# ----------------------------------------------------- LSTM, unit split ---
-@njit(**_JIT)
 def _gate_blocks(a, H, j0, j1):
     """Units [j0, j1) of the four gate blocks (H each) of a row a (4H,)."""
     return a[j0:j1], a[H + j0:H + j1], a[2 * H + j0:2 * H + j1], a[3 * H + j0:3 * H + j1]
@@ -563,10 +401,14 @@ def _packed_columns(U, G, j0, j1):
 
 
 @njit(**_JIT)
-def _lstm_cell_units(mask_tm, t, gates_t, rec, bias, h_prev, c_prev, h_next,
-                     c_next, training, j0, j1):
-    """``_lstm_cell_train`` (or the inference cell when not training) for
-    units [j0, j1) only; rec (B, 4w) holds their h U, gate blocks of w."""
+def _lstm_cell(mask_tm, t, gates_t, rec, bias, h_prev, c_prev, h_next,
+               c_next, j0, j1):
+    """One step's fused pass for hidden units [j0, j1) of every row: gate
+    pre-activations gates_t + rec + bias, activations (stored back into
+    gates_t: kept for the backward pass when training, scratch otherwise),
+    new c and h.  rec (B, 4w) holds the units' h U, gate blocks of w.
+    Masked rows carry h and c.  Row by row over views, in loops that each
+    touch few arrays, which LLVM vectorises (one fused loop it does not)."""
     B, H = h_prev.shape
     w = j1 - j0
     cast = h_prev.dtype.type
@@ -582,53 +424,45 @@ def _lstm_cell_units(mask_tm, t, gates_t, rec, bias, h_prev, c_prev, h_next,
         gi, gf, gg, go = _gate_blocks(gates_t[b], H, j0, j1)
         r = rec[b]
         ri, rf, rg, ro = r[:w], r[w:2 * w], r[2 * w:3 * w], r[3 * w:]
-        if training:
-            for u in range(w):
-                gi[u] = cast(_sigmoid(gi[u] + ri[u] + bi[u]))
-            for u in range(w):
-                gf[u] = cast(_sigmoid(gf[u] + rf[u] + bf[u]))
-            for u in range(w):
-                gg[u] = cast(_tanh(gg[u] + rg[u] + bg[u]))
-            for u in range(w):
-                go[u] = cast(_sigmoid(go[u] + ro[u] + bo[u]))
-            for u in range(w):
-                cn[u] = gf[u] * cp[u] + gi[u] * gg[u]
-            for u in range(w):
-                hn[u] = go[u] * cast(_tanh(cn[u]))
-        else:
-            for u in range(w):
-                c = (cast(_sigmoid(gf[u] + rf[u] + bf[u])) * cp[u]
-                     + cast(_sigmoid(gi[u] + ri[u] + bi[u]))
-                     * cast(_tanh(gg[u] + rg[u] + bg[u])))
-                cn[u] = c
-                hn[u] = cast(_sigmoid(go[u] + ro[u] + bo[u])) * cast(_tanh(c))
+        for u in range(w):
+            gi[u] = cast(_sigmoid(gi[u] + ri[u] + bi[u]))
+        for u in range(w):
+            gf[u] = cast(_sigmoid(gf[u] + rf[u] + bf[u]))
+        for u in range(w):
+            gg[u] = cast(_tanh(gg[u] + rg[u] + bg[u]))
+        for u in range(w):
+            go[u] = cast(_sigmoid(go[u] + ro[u] + bo[u]))
+        for u in range(w):
+            cn[u] = gf[u] * cp[u] + gi[u] * gg[u]
+        for u in range(w):
+            hn[u] = go[u] * cast(_tanh(cn[u]))
 
 
 @njit(**_JIT)
-def _lstm_steps_units(mask_tm, U, bias, hs, cs, gates, training, j0, j1, bar,
-                      n, sense):
-    """The forward time loop for units [j0, j1) of every row, meeting the
-    call's other n - 1 threads at bar after each step (the next step reads
-    every unit of h)."""
-    T = gates.shape[0]
-    Uj = _packed_columns(U, 4, j0, j1)
-    rec = np.empty((hs.shape[1], Uj.shape[1]), gates.dtype)
+def _lstm_steps(mask_tm, U, bias, hs, cs, gates, training, b0, b1):
+    """The forward time loop over batch rows [b0, b1) (a thread's block);
+    gates (T, B, 4H) hold x_t W on entry.  mask_tm holds those rows'
+    columns only."""
+    T, H = gates.shape[0], hs.shape[2]
+    rec = np.empty((b1 - b0, gates.shape[2]), gates.dtype)
     for t in range(T):
-        _recurrent(hs[t], Uj, rec)
+        _recurrent(hs[t, b0:b1], U, rec)
         if training:
-            _lstm_cell_units(mask_tm, t, gates[t], rec, bias, hs[t], cs[t],
-                             hs[t + 1], cs[t + 1], True, j0, j1)
+            _lstm_cell(mask_tm, t, gates[t, b0:b1], rec, bias, hs[t, b0:b1],
+                       cs[t, b0:b1], hs[t + 1, b0:b1], cs[t + 1, b0:b1], 0, H)
         else:
-            _lstm_cell_units(mask_tm, t, gates[t], rec, bias, hs[t], cs[t % 2],
-                             hs[t + 1], cs[(t + 1) % 2], False, j0, j1)
-        sense = _barrier(bar, n, sense)
-    return sense
+            _lstm_cell(mask_tm, t, gates[t, b0:b1], rec, bias, hs[t, b0:b1],
+                       cs[t % 2, b0:b1], hs[t + 1, b0:b1],
+                       cs[(t + 1) % 2, b0:b1], 0, H)
 
 
 @njit(**_JIT)
-def _lstm_cell_grad_units(mask_tm, t, gates_t, c_prev, c_t, d_out_t, dh, dc,
+def _lstm_cell_grad(mask_tm, t, gates_t, c_prev, c_t, d_out_t, dh, dc,
                           dz_t, j0, j1):
-    """``_lstm_cell_grad`` for units [j0, j1) only."""
+    """One backward step's pass for units [j0, j1): dh += d_out_t; for taken
+    rows the gate pre-activation gradients dz_t and dc <- dc at c_prev;
+    masked rows get dz_t = 0 and keep dc.  Row by row, in short loops that
+    LLVM vectorises (dz_t's o block holds tanh(c) until its last use)."""
     B, H = dh.shape
     w = j1 - j0
     cast = dh.dtype.type
@@ -664,11 +498,63 @@ def _lstm_cell_grad_units(mask_tm, t, gates_t, c_prev, c_t, d_out_t, dh, dc,
 
 
 @njit(**_JIT)
-def _take_dh_units(mask_tm, t, part, dh, j0, j1):
+def _take_dh(mask_tm, t, part, dh, j0, j1):
     """dh[:, j0:j1] <- part (B, w) on the rows that took step t."""
     for b in range(dh.shape[0]):
         if _taken(mask_tm, t, b):
             dh[b, j0:j1] = part[b]
+
+
+@njit(**_JIT)
+def _lstm_chunk_grad_steps(U, mask_tm, cs, gates, d_out, dh, dc, dz, work,
+                           t0, t1, b0, b1):
+    """Steps t1-1 down to t0 of the backward time loop for batch rows
+    [b0, b1) (dz[t - t0] gets step t's pre-activation gradients; mask_tm
+    holds those rows' columns only)."""
+    UT = U.T
+    H = U.shape[0]
+    for t in range(t1 - 1, t0 - 1, -1):
+        dzt = dz[t - t0, b0:b1]
+        _lstm_cell_grad(mask_tm, t, gates[t, b0:b1], cs[t, b0:b1],
+                        cs[t + 1, b0:b1], d_out[b0:b1, t], dh[b0:b1],
+                        dc[b0:b1], dzt, 0, H)
+        _recurrent(dzt, UT, work[b0:b1])
+        _take_dh(mask_tm, t, work[b0:b1], dh[b0:b1], 0, H)
+
+
+@njit(**_JIT)
+def _lstm_grad_steps(x, reverse, W, U, mask_tm, hs, cs, gates, d_out, dh, dc,
+                     dx, dW, dU, db, dz, work, xs):
+    """The backward time loop, in chunks of dz.shape[0] steps from the end,
+    each followed by its weight gradients; dh, dc end at step 0."""
+    T, Tc = gates.shape[0], dz.shape[0]
+    for t1 in range(T, 0, -Tc):
+        t0 = max(t1 - Tc, 0)
+        _lstm_chunk_grad_steps(U, mask_tm, cs, gates, d_out, dh, dc, dz, work,
+                               t0, t1, 0, dh.shape[0])
+        _weight_grads(x, reverse, W, hs, dz, t0, t1, t1 == T, xs, dx, dW, dU, db)
+
+
+# ----------------------------------------------------- LSTM, unit split ---
+@njit(**_JIT)
+def _lstm_steps_units(mask_tm, U, bias, hs, cs, gates, training, j0, j1, bar,
+                      n, sense):
+    """The forward time loop for units [j0, j1) of every row, meeting the
+    call's other n - 1 threads at bar after each step (the next step reads
+    every unit of h)."""
+    T = gates.shape[0]
+    Uj = _packed_columns(U, 4, j0, j1)
+    rec = np.empty((hs.shape[1], Uj.shape[1]), gates.dtype)
+    for t in range(T):
+        _recurrent(hs[t], Uj, rec)
+        if training:
+            _lstm_cell(mask_tm, t, gates[t], rec, bias, hs[t], cs[t],
+                       hs[t + 1], cs[t + 1], j0, j1)
+        else:
+            _lstm_cell(mask_tm, t, gates[t], rec, bias, hs[t], cs[t % 2],
+                       hs[t + 1], cs[(t + 1) % 2], j0, j1)
+        sense = _barrier(bar, n, sense)
+    return sense
 
 
 @njit(**_JIT)
@@ -681,11 +567,11 @@ def _lstm_chunk_grad_steps_units(U, mask_tm, cs, gates, d_out, dh, dc, dz, t0,
     part = np.empty((dh.shape[0], j1 - j0), dh.dtype)
     for t in range(t1 - 1, t0 - 1, -1):
         dzt = dz[t - t0]
-        _lstm_cell_grad_units(mask_tm, t, gates[t], cs[t], cs[t + 1],
-                              d_out[:, t], dh, dc, dzt, j0, j1)
+        _lstm_cell_grad(mask_tm, t, gates[t], cs[t], cs[t + 1], d_out[:, t], dh,
+                        dc, dzt, j0, j1)
         sense = _barrier(bar, n, sense)
         _recurrent(dzt, UjT, part)
-        _take_dh_units(mask_tm, t, part, dh, j0, j1)
+        _take_dh(mask_tm, t, part, dh, j0, j1)
     return sense
 
 
@@ -808,29 +694,32 @@ def lstm_backward(x, reverse, W, U, mask_tm, hs, cs, gates, d_out, dh, dc,
 
 # -------------------------------------------------------------------- RNN ---
 @njit(**_JIT)
-def _rnn_cell(mask_tm, t, rec, bias, act, h_prev, h):
-    """One step's fused pass, in place: h (B, H) holds x_t W on entry and
-    act(x_t W + rec + bias) on exit on taken rows; masked rows carry h_prev.
-    Row by row over views, one array read and written: LLVM vectorises it
-    (with x_t W in a second array aliasing h it did not)."""
-    B, H = h_prev.shape
+def _rnn_cell(mask_tm, t, rec, bias, act, h_prev, h, j0, j1):
+    """One step's fused pass for units [j0, j1), in place: h (B, H) holds
+    x_t W on entry and act(x_t W + rec + bias) on exit on taken rows (rec
+    (B, j1 - j0): the units' h U); masked rows carry h_prev.  Row by row
+    over views, one array read and written: LLVM vectorises it (with x_t W
+    in a second array aliasing h it did not)."""
+    B = h_prev.shape[0]
+    w = j1 - j0
     cast = h_prev.dtype.type
     zero = cast(0)
+    bj = bias[j0:j1]
     for b in range(B):
-        hr, hp, r = h[b], h_prev[b], rec[b]
+        hr, hp, r = h[b, j0:j1], h_prev[b, j0:j1], rec[b]
         if not _taken(mask_tm, t, b):
-            for j in range(H):
-                hr[j] = hp[j]
+            for u in range(w):
+                hr[u] = hp[u]
         elif act == TANH:
-            for j in range(H):
-                hr[j] = cast(_tanh(hr[j] + r[j] + bias[j]))
+            for u in range(w):
+                hr[u] = cast(_tanh(hr[u] + r[u] + bj[u]))
         elif act == RELU:
-            for j in range(H):
-                v = hr[j] + r[j] + bias[j]
-                hr[j] = zero if v < zero else v   # NaN propagates
+            for u in range(w):
+                v = hr[u] + r[u] + bj[u]
+                hr[u] = zero if v < zero else v   # NaN propagates
         else:
-            for j in range(H):
-                hr[j] += r[j] + bias[j]
+            for u in range(w):
+                hr[u] += r[u] + bj[u]
 
 
 @njit(**_JIT)
@@ -841,7 +730,7 @@ def _rnn_steps(mask_tm, U, bias, hs, act, b0, b1):
     rec = np.empty((b1 - b0, H), hs.dtype)
     for t in range(T):
         _recurrent(hs[t, b0:b1], U, rec)
-        _rnn_cell(mask_tm, t, rec, bias, act, hs[t, b0:b1], hs[t + 1, b0:b1])
+        _rnn_cell(mask_tm, t, rec, bias, act, hs[t, b0:b1], hs[t + 1, b0:b1], 0, H)
 
 
 # ------------------------------------------------------ RNN, unit split ---
@@ -850,30 +739,13 @@ def _rnn_steps_units(mask_tm, U, bias, hs, act, j0, j1, bar, n, sense):
     """The forward time loop for units [j0, j1) of every row (hs[1:] holds
     x W on entry, as in ``_rnn_steps``), meeting the other n - 1 threads at
     bar after each step."""
-    T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+    T, B = hs.shape[0] - 1, hs.shape[1]
     w = j1 - j0
     Uj = _packed_columns(U, 1, j0, j1)
     rec = np.empty((B, w), hs.dtype)
-    cast = hs.dtype.type
-    zero = cast(0)
-    bj = bias[j0:j1]
     for t in range(T):
         _recurrent(hs[t], Uj, rec)
-        for b in range(B):
-            hn, hp, r = hs[t + 1, b, j0:j1], hs[t, b, j0:j1], rec[b]
-            if not _taken(mask_tm, t, b):
-                for u in range(w):
-                    hn[u] = hp[u]
-            elif act == TANH:
-                for u in range(w):
-                    hn[u] = cast(_tanh(hn[u] + r[u] + bj[u]))
-            elif act == RELU:
-                for u in range(w):
-                    v = hn[u] + r[u] + bj[u]
-                    hn[u] = zero if v < zero else v   # NaN propagates
-            else:
-                for u in range(w):
-                    hn[u] += r[u] + bj[u]
+        _rnn_cell(mask_tm, t, rec, bias, act, hs[t], hs[t + 1], j0, j1)
         sense = _barrier(bar, n, sense)
     return sense
 
@@ -887,28 +759,12 @@ def _rnn_chunk_grad_steps_units(U, mask_tm, hs, act, d_out, dh, dz, t0, t1, j0,
     w = j1 - j0
     UjT = U[j0:j1].T
     part = np.empty((B, w), dh.dtype)
-    zero = dh.dtype.type(0)
-    one = dh.dtype.type(1)
     for t in range(t1 - 1, t0 - 1, -1):
         dzt = dz[t - t0]
-        for b in range(B):
-            dhr, dor = dh[b, j0:j1], d_out[b, t, j0:j1]
-            dzr, hr = dzt[b, j0:j1], hs[t + 1, b, j0:j1]
-            for u in range(w):
-                dhr[u] += dor[u]
-            if not _taken(mask_tm, t, b):
-                dzr[:] = zero
-            elif act == TANH:
-                for u in range(w):
-                    dzr[u] = dhr[u] * (one - hr[u] * hr[u])
-            elif act == RELU:
-                for u in range(w):
-                    dzr[u] = dhr[u] if hr[u] > zero else zero
-            else:
-                dzr[:] = dhr
+        _rnn_cell_grad(mask_tm, t, act, hs[t + 1], d_out[:, t], dh, dzt, j0, j1)
         sense = _barrier(bar, n, sense)
         _recurrent(dzt, UjT, part)
-        _take_dh_units(mask_tm, t, part, dh, j0, j1)
+        _take_dh(mask_tm, t, part, dh, j0, j1)
     return sense
 
 
@@ -963,23 +819,26 @@ def rnn_forward(x_tm, W, U, bias, mask_tm, hs, work, act, nthreads):
 
 
 @njit(**_JIT)
-def _rnn_cell_grad(mask_tm, t, act, h_t, d_out_t, dh, dz_t):
-    """dh += d_out_t; dz_t = dh * act'(h_t) on taken rows, 0 on masked rows."""
-    B, H = dh.shape
+def _rnn_cell_grad(mask_tm, t, act, h_t, d_out_t, dh, dz_t, j0, j1):
+    """For units [j0, j1): dh += d_out_t; dz_t = dh * act'(h_t) on taken
+    rows, 0 on masked rows."""
+    B = dh.shape[0]
+    w = j1 - j0
     zero = dh.dtype.type(0)
     one = dh.dtype.type(1)
     for b in range(B):
-        dhr, dor, dzr, hr = dh[b], d_out_t[b], dz_t[b], h_t[b]
-        for j in range(H):
-            dhr[j] += dor[j]
+        dhr, dor = dh[b, j0:j1], d_out_t[b, j0:j1]
+        dzr, hr = dz_t[b, j0:j1], h_t[b, j0:j1]
+        for u in range(w):
+            dhr[u] += dor[u]
         if not _taken(mask_tm, t, b):
             dzr[:] = zero
         elif act == TANH:
-            for j in range(H):
-                dzr[j] = dhr[j] * (one - hr[j] * hr[j])
+            for u in range(w):
+                dzr[u] = dhr[u] * (one - hr[u] * hr[u])
         elif act == RELU:
-            for j in range(H):
-                dzr[j] = dhr[j] if hr[j] > zero else zero
+            for u in range(w):
+                dzr[u] = dhr[u] if hr[u] > zero else zero
         else:
             dzr[:] = dhr
 
@@ -990,12 +849,13 @@ def _rnn_chunk_grad_steps(U, mask_tm, hs, act, d_out, dh, dz, work, t0, t1,
     """Steps t1-1 down to t0 of the backward time loop for batch rows
     [b0, b1) (as ``_lstm_chunk_grad_steps``)."""
     UT = U.T
+    H = U.shape[0]
     for t in range(t1 - 1, t0 - 1, -1):
         dzt = dz[t - t0, b0:b1]
         _rnn_cell_grad(mask_tm, t, act, hs[t + 1, b0:b1], d_out[b0:b1, t],
-                       dh[b0:b1], dzt)
+                       dh[b0:b1], dzt, 0, H)
         _recurrent(dzt, UT, work[b0:b1])
-        _take_dh(mask_tm, t, work[b0:b1], dh[b0:b1])
+        _take_dh(mask_tm, t, work[b0:b1], dh[b0:b1], 0, H)
 
 
 @njit(**_JIT)
