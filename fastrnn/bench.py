@@ -466,6 +466,18 @@ def _contenders(args):
     return names
 
 
+# Environment variables that change what is measured (thread counts, which
+# kernels OpenBLAS runs, fastrnn's own knobs): recorded in the report.
+ENVIRONMENT = ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OPENBLAS_L2_SIZE",
+               "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS",
+               "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS",
+               "FASTRNN_BACKEND", "FASTRNN_SPLIT", "FASTRNN_BUFFER_POOL_MB")
+
+
+def _environment():
+    return {k: os.environ[k] for k in ENVIRONMENT if k in os.environ}
+
+
 def _versions():
     out = {"python": platform.python_version(), "numpy": np.__version__,
            "fastrnn": fastrnn.__version__}
@@ -524,7 +536,8 @@ def run(cases, contenders, repeats, memory=True, threads=0, progress=True):
     peaks.append(sgemm_gflops())
     load.append(os.getloadavg()[0])
     report.update(sgemm_gflops=max(peaks), sgemm_gflops_start_end=peaks,
-                  loadavg_start_end=load, versions=_versions())
+                  loadavg_start_end=load, versions=_versions(),
+                  environment=_environment())
     for g in report["groups"]:
         for r in g["rows"]:
             r["peak_fraction"] = r["gflops"] / report["sgemm_gflops"]
@@ -586,8 +599,14 @@ def format_report(report):
              f"load average at start and end: {report['loadavg_start_end'][0]:.2f}, "
              f"{report['loadavg_start_end'][1]:.2f} on {report['cpus']} CPUs"
              + ("  (a busy machine: timings are noisy)"
-                if max(report["loadavg_start_end"]) > 0.5 * (report["cpus"] or 1) else ""),
-             ""]
+                if max(report["loadavg_start_end"]) > 0.5 * (report["cpus"] or 1) else "")]
+    env = report.get("environment") or {}
+    if env:
+        lines.append("environment: " + ", ".join(f"{k}={v}" for k, v in env.items())
+                     + ("  (OPENBLAS_CORETYPE forces OpenBLAS's kernels for that CPU type:"
+                        " BLAS, and the sgemm peak, may run slower than this CPU can)"
+                        if "OPENBLAS_CORETYPE" in env else ""))
+    lines.append("")
     for g in report["groups"]:
         anchor = (f"; Keras anchor {g['keras_anchor_ms']} ms"
                   if g["keras_anchor_ms"] is not None else "")

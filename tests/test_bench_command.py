@@ -128,6 +128,21 @@ def test_quick_json_report_with_keras_and_memory(tmp_path, capsys):
     assert "Speed-up of fastrnn.keras over stock Keras" in out
 
 
+def test_report_records_the_environment(tmp_path, monkeypatch, capsys):
+    """Variables that change what is measured are in the report and its
+    header (OPENBLAS_CORETYPE with a warning); unset ones are not."""
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    monkeypatch.delenv("FASTRNN_SPLIT", raising=False)
+    rc, report = _run(tmp_path, "--shapes", TINY_RNN, "--no-keras",
+                      "--no-memory", "--backend", "numpy")
+    assert rc == 0
+    assert report["environment"]["OPENBLAS_CORETYPE"] == "Haswell"
+    assert "FASTRNN_SPLIT" not in report["environment"]
+    out = capsys.readouterr().out
+    assert "environment: " in out and "OPENBLAS_CORETYPE=Haswell" in out
+    assert "may run slower than this CPU can" in out
+
+
 def test_time_alternating_settles_each_contender_before_timing_it():
     calls = []
     runners = {name: (lambda name=name: calls.append(name)) for name in "abc"}
