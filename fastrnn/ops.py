@@ -184,7 +184,7 @@ def _pack_len(backend, B, H, threads, kind="lstm"):
 # steps only, and runs the weight-gradient GEMMs after each chunk: a chunk has
 # at least _CHUNK_ROWS (t, b) rows (so the GEMMs stay efficient) and at least
 # _MIN_CHUNK_STEPS steps.  256 rows: as fast as 1024 on the issue-4 grid
-# (ops[cython] fwd+bwd, 2 threads) and the chunk's dz is 4x smaller (LSTM
+# (ops[cython] fwd+bwd, 2 threads) and the chunk's dz is up to 6x smaller (LSTM
 # 16x100x128x512: 2.2 MB instead of 13).
 _CHUNK_ROWS = 256
 _MIN_CHUNK_STEPS = 4
