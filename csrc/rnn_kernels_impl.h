@@ -530,12 +530,13 @@ static void FN(recurrent_grad)(const BLAS_T *blas, int G, int B, int H, int j0,
                 dh[(size_t)b * H + j] = work[(size_t)b * H + j];
 }
 
-/* The arguments of one LSTM backward call; rows and items as in the
- * forward's (items: three fr_work phases per chunk: row blocks, then the
- * weight gradients' rows and columns). */
+/* The arguments of one backward call, LSTM (G = 4) or RNN (G = 1, act; cs
+ * and gates NULL); rows and items as in the forward's (items: three fr_work
+ * phases per chunk: row blocks, then the weight gradients' rows and
+ * columns). */
 typedef struct {
     const BLAS_T *blas;
-    int T, Tc, B, I, H;
+    int G, act, T, Tc, B, I, H;
     const REAL *x, *W, *U;
     const unsigned char *mask;
     const REAL *hs, *cs, *gates, *d_out;
@@ -543,13 +544,13 @@ typedef struct {
     int reverse, nthreads, rows, nblocks;
     fr_barrier bar;
     fr_work *items;
-} FN(lstm_bwd_args);
+} FN(bwd_args);
 
 /* Steps t1-1 down to t0 for batch rows [b0, b1) and units [j0, j1): add
  * the output gradient, the gate pass, and (after the team meets, when bar
  * is given: the unit split, where the product reads every thread's dz_t)
  * dh_{t-1} = dz_t U^T, on Pk (float32 packed panels, through tmp) or BLAS. */
-static void FN(lstm_grad_steps)(FN(lstm_bwd_args) *a, int t0, int t1, int b0, int b1,
+static void FN(lstm_grad_steps)(FN(bwd_args) *a, int t0, int t1, int b0, int b1,
                                 int j0, int j1, const REAL *Pk, REAL *tmp, int ldt,
                                 fr_barrier *bar, int n, int *sense)
 {
@@ -579,107 +580,6 @@ static void FN(lstm_grad_steps)(FN(lstm_bwd_args) *a, int t0, int t1, int b0, in
                                a->dh + oh, a->work + oh);
         }
     }
-}
-
-static void FN(lstm_backward_job)(void *arg, int tid, int n)
-{
-    FN(lstm_bwd_args) *a = arg;
-    const int T = a->T, Tc = a->Tc, B = a->B, H = a->H;
-    int sense = 0, j0 = 0, j1 = H;
-    if (!a->rows)
-        fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
-    const int w = j1 - j0;
-    (void)w;   /* float64: BLAS only */
-    /* float32 with pack: dz U^T on U's rows packed once (transposed, in
-     * panels; the row split shares one copy the caller packed) into tmp, as
-     * in the forward pass; else BLAS. */
-    REAL *Pk = NULL, *tmp = NULL;
-    int ldt = 0;
-#ifdef FR_F32
-    if (a->pack && w > 0 && !a->rows) {
-        FN(scratch_slots)(a->pack, 4 * H, 1, H, B, a->nthreads, tid, 0, j0, w, 0,
-                          &Pk, &tmp, &ldt);
-        fr_pack_t_panels(4 * H, j0, w, a->U, Pk);
-    }
-#endif
-    /* chunks [t0, t1) of Tc steps from the end; step t's dz is dz[t - t0] */
-    fr_work *items = a->items;
-    for (int t1 = T; t1 > 0; t1 -= Tc) {
-        const int t0 = t1 > Tc ? t1 - Tc : 0;
-        if (!a->rows) {
-            /* units split: the last step's meeting completes the chunk's dz */
-            FN(lstm_grad_steps)(a, t0, t1, 0, B, j0, j1, Pk, tmp, ldt, &a->bar, n,
-                                &sense);
-        } else {
-            int k;
-            while ((k = fr_work_claim(&items[0], a->nblocks)) >= 0) {
-                int b0, b1;
-                fr_split(B, 1, k, a->nblocks, &b0, &b1);
-#ifdef FR_F32
-                if (a->pack)
-                    FN(scratch_slots)(a->pack, 4 * H, 1, H, B, a->nthreads, 0, 1, 0,
-                                      H, b0, &Pk, &tmp, &ldt);
-#endif
-                FN(lstm_grad_steps)(a, t0, t1, b0, b1, 0, H, Pk, tmp, ldt, NULL, 1,
-                                    &sense);
-                fr_work_finish(&items[0]);
-            }
-            fr_work_wait(&items[0], a->nblocks);
-        }
-        FN(weight_grads)(a->blas, tid, n, &a->bar, &sense, a->rows ? items + 1 : NULL,
-                         t1 == T, t0, t1, T, B, a->I, H, 4, a->reverse, a->x, a->W,
-                         a->hs, a->dz, a->xs, a->dx, a->dW, a->dU, a->db);
-        if (a->rows)
-            items += 3;
-        else if (t0 > 0)
-            fr_barrier_wait(&a->bar, n, &sense);   /* the next chunk overwrites dz */
-    }
-}
-
-/* Run a backward job: on a team that splits the hidden units, or, for the
- * row split, a flexible team with three fr_work phases per chunk (returns
- * nonzero when they cannot be allocated). */
-static int FN(run_backward)(int n, int rows, int T, int Tc, fr_job_fn job, void *a,
-                            fr_work **items)
-{
-    if (!rows) {
-        fr_pool_run(n, job, a);
-        return 0;
-    }
-    const int nchunks = (T + Tc - 1) / Tc;
-    fr_work *w = malloc((size_t)3 * nchunks * sizeof *w);
-    if (!w)
-        return 1;
-    for (int i = 0; i < 3 * nchunks; i++)
-        fr_work_init(&w[i]);
-    *items = w;
-    fr_pool_run_flexible(n, job, a);
-    free(w);
-    return 0;
-}
-
-int FN(fr_lstm_backward)(const BLAS_T *blas, int nthreads, int reverse, int T, int Tc,
-                         int B, int I, int H, const REAL *x, const REAL *W,
-                         const REAL *U, const unsigned char *mask, const REAL *hs,
-                         const REAL *cs, const REAL *gates, const REAL *d_out,
-                         REAL *dh, REAL *dc, REAL *dx, REAL *dW, REAL *dU,
-                         REAL *db, REAL *dz, REAL *work, REAL *pack, REAL *xs)
-{
-    if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 4) ||
-        Tc < 1 || Tc > T || (I > 0 && !xs))
-        return 1;
-    const int n = fr_team(nthreads, B, H);
-    FN(lstm_bwd_args) a = {blas, T, Tc, B, I, H, x, W, U, mask, hs, cs, gates,
-                           d_out, dh, dc, dx, dW, dU, db, dz, work, pack, xs,
-                           reverse != 0, nthreads < 1 ? 1 : nthreads,
-                           n > 1 && fr_split_rows(B, H, n)};
-    fr_barrier_init(&a.bar);
-    a.nblocks = fr_pieces(B, FR_MIN_ROWS, n);
-#ifdef FR_F32
-    if (a.rows && pack)   /* one shared copy, before the team starts */
-        fr_pack_t_panels(4 * H, 0, H, U, pack);
-#endif
-    return FN(run_backward)(n, a.rows, T, Tc, FN(lstm_backward_job), &a, &a.items);
 }
 
 /* -------------------------------------------------------------- RNN --- */
@@ -869,21 +769,8 @@ int FN(fr_rnn_forward)(const BLAS_T *blas, int nthreads, int act, int T, int B, 
     return 0;
 }
 
-/* The arguments of one RNN backward call; rows and items as in the LSTM's. */
-typedef struct {
-    const BLAS_T *blas;
-    int act, T, Tc, B, I, H;
-    const REAL *x, *W, *U;
-    const unsigned char *mask;
-    const REAL *hs, *d_out;
-    REAL *dh, *dx, *dW, *dU, *db, *dz, *work, *pack, *xs;
-    int reverse, nthreads, rows, nblocks;
-    fr_barrier bar;
-    fr_work *items;
-} FN(rnn_bwd_args);
-
 /* As lstm_grad_steps, for the RNN. */
-static void FN(rnn_grad_steps)(FN(rnn_bwd_args) *a, int t0, int t1, int b0, int b1,
+static void FN(rnn_grad_steps)(FN(bwd_args) *a, int t0, int t1, int b0, int b1,
                                int j0, int j1, const REAL *Pk, REAL *tmp, int ldt,
                                fr_barrier *bar, int n, int *sense)
 {
@@ -913,32 +800,45 @@ static void FN(rnn_grad_steps)(FN(rnn_bwd_args) *a, int t0, int t1, int b0, int 
     }
 }
 
-static void FN(rnn_backward_job)(void *arg, int tid, int n)
+/* -------------------------------------------------- backward, both --- */
+
+/* A backward pass's team job, LSTM or RNN: chunks of Tc steps from the
+ * end, each a time loop (units split: this thread's units of every row,
+ * meeting per step; row split: row blocks claimed from the chunk's items)
+ * followed by the chunk's weight gradients. */
+static void FN(backward_job)(void *arg, int tid, int n)
 {
-    FN(rnn_bwd_args) *a = arg;
-    const int T = a->T, Tc = a->Tc, B = a->B, H = a->H;
+    FN(bwd_args) *a = arg;
+    const int T = a->T, Tc = a->Tc, B = a->B, H = a->H, GH = a->G * H;
     int sense = 0, j0 = 0, j1 = H;
     if (!a->rows)
         fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
     const int w = j1 - j0;
-    (void)w;   /* float64: BLAS only */
-    /* float32 with pack: dz U^T on U's rows packed once, as in the LSTM */
+    (void)w, (void)GH;   /* float64: BLAS only */
+    /* float32 with pack: dz U^T on U's rows packed once (transposed, in
+     * panels; the row split shares one copy the caller packed) into tmp, as
+     * in the forward pass; else BLAS. */
     REAL *Pk = NULL, *tmp = NULL;
     int ldt = 0;
 #ifdef FR_F32
     if (a->pack && w > 0 && !a->rows) {
-        FN(scratch_slots)(a->pack, H, 1, H, B, a->nthreads, tid, 0, j0, w, 0,
+        FN(scratch_slots)(a->pack, GH, 1, H, B, a->nthreads, tid, 0, j0, w, 0,
                           &Pk, &tmp, &ldt);
-        fr_pack_t_panels(H, j0, w, a->U, Pk);
+        fr_pack_t_panels(GH, j0, w, a->U, Pk);
     }
 #endif
-    /* chunks as in the LSTM's backward pass */
+    /* chunks [t0, t1) of Tc steps from the end; step t's dz is dz[t - t0] */
     fr_work *items = a->items;
     for (int t1 = T; t1 > 0; t1 -= Tc) {
         const int t0 = t1 > Tc ? t1 - Tc : 0;
         if (!a->rows) {
-            FN(rnn_grad_steps)(a, t0, t1, 0, B, j0, j1, Pk, tmp, ldt, &a->bar, n,
-                               &sense);
+            /* units split: the last step's meeting completes the chunk's dz */
+            if (a->G == 4)
+                FN(lstm_grad_steps)(a, t0, t1, 0, B, j0, j1, Pk, tmp, ldt, &a->bar,
+                                    n, &sense);
+            else
+                FN(rnn_grad_steps)(a, t0, t1, 0, B, j0, j1, Pk, tmp, ldt, &a->bar,
+                                   n, &sense);
         } else {
             int k;
             while ((k = fr_work_claim(&items[0], a->nblocks)) >= 0) {
@@ -946,23 +846,76 @@ static void FN(rnn_backward_job)(void *arg, int tid, int n)
                 fr_split(B, 1, k, a->nblocks, &b0, &b1);
 #ifdef FR_F32
                 if (a->pack)
-                    FN(scratch_slots)(a->pack, H, 1, H, B, a->nthreads, 0, 1, 0, H,
-                                      b0, &Pk, &tmp, &ldt);
+                    FN(scratch_slots)(a->pack, GH, 1, H, B, a->nthreads, 0, 1, 0,
+                                      H, b0, &Pk, &tmp, &ldt);
 #endif
-                FN(rnn_grad_steps)(a, t0, t1, b0, b1, 0, H, Pk, tmp, ldt, NULL, 1,
-                                   &sense);
+                if (a->G == 4)
+                    FN(lstm_grad_steps)(a, t0, t1, b0, b1, 0, H, Pk, tmp, ldt, NULL,
+                                        1, &sense);
+                else
+                    FN(rnn_grad_steps)(a, t0, t1, b0, b1, 0, H, Pk, tmp, ldt, NULL,
+                                       1, &sense);
                 fr_work_finish(&items[0]);
             }
             fr_work_wait(&items[0], a->nblocks);
         }
         FN(weight_grads)(a->blas, tid, n, &a->bar, &sense, a->rows ? items + 1 : NULL,
-                         t1 == T, t0, t1, T, B, a->I, H, 1, a->reverse, a->x, a->W,
-                         a->hs, a->dz, a->xs, a->dx, a->dW, a->dU, a->db);
+                         t1 == T, t0, t1, T, B, a->I, H, a->G, a->reverse, a->x,
+                         a->W, a->hs, a->dz, a->xs, a->dx, a->dW, a->dU, a->db);
         if (a->rows)
             items += 3;
         else if (t0 > 0)
-            fr_barrier_wait(&a->bar, n, &sense);
+            fr_barrier_wait(&a->bar, n, &sense);   /* the next chunk overwrites dz */
     }
+}
+
+/* Run a backward pass whose arguments a are filled in but for the team
+ * fields: on a team that splits the hidden units, or, for the row split, a
+ * flexible team with three fr_work phases per chunk and the weights packed
+ * once by the caller (returns nonzero when the phases cannot be
+ * allocated). */
+static int FN(run_backward)(FN(bwd_args) *a, int nthreads)
+{
+    const int B = a->B, H = a->H, n = fr_team(nthreads, B, H);
+    a->nthreads = nthreads < 1 ? 1 : nthreads;
+    a->rows = n > 1 && fr_split_rows(B, H, n);
+    a->nblocks = fr_pieces(B, FR_MIN_ROWS, n);
+    a->items = NULL;
+    fr_barrier_init(&a->bar);
+    if (!a->rows) {
+        fr_pool_run(n, FN(backward_job), a);
+        return 0;
+    }
+    const int nchunks = (a->T + a->Tc - 1) / a->Tc;
+    fr_work *w = malloc((size_t)3 * nchunks * sizeof *w);
+    if (!w)
+        return 1;
+    for (int i = 0; i < 3 * nchunks; i++)
+        fr_work_init(&w[i]);
+    a->items = w;
+#ifdef FR_F32
+    if (a->pack)   /* one shared copy, before the team starts */
+        fr_pack_t_panels(a->G * H, 0, H, a->U, a->pack);
+#endif
+    fr_pool_run_flexible(n, FN(backward_job), a);
+    free(w);
+    return 0;
+}
+
+int FN(fr_lstm_backward)(const BLAS_T *blas, int nthreads, int reverse, int T, int Tc,
+                         int B, int I, int H, const REAL *x, const REAL *W,
+                         const REAL *U, const unsigned char *mask, const REAL *hs,
+                         const REAL *cs, const REAL *gates, const REAL *d_out,
+                         REAL *dh, REAL *dc, REAL *dx, REAL *dW, REAL *dU,
+                         REAL *db, REAL *dz, REAL *work, REAL *pack, REAL *xs)
+{
+    if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 4) ||
+        Tc < 1 || Tc > T || (I > 0 && !xs))
+        return 1;
+    FN(bwd_args) a = {blas, 4, 0, T, Tc, B, I, H, x, W, U, mask, hs, cs, gates,
+                      d_out, dh, dc, dx, dW, dU, db, dz, work, pack, xs,
+                      reverse != 0};
+    return FN(run_backward)(&a, nthreads);
 }
 
 int FN(fr_rnn_backward)(const BLAS_T *blas, int nthreads, int act, int reverse, int T,
@@ -974,17 +927,10 @@ int FN(fr_rnn_backward)(const BLAS_T *blas, int nthreads, int act, int reverse, 
     if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 1) ||
         Tc < 1 || Tc > T || act < 0 || act > 2 || (I > 0 && !xs))
         return 1;
-    const int n = fr_team(nthreads, B, H);
-    FN(rnn_bwd_args) a = {blas, act, T, Tc, B, I, H, x, W, U, mask, hs, d_out,
-                          dh, dx, dW, dU, db, dz, work, pack, xs, reverse != 0,
-                          nthreads < 1 ? 1 : nthreads, n > 1 && fr_split_rows(B, H, n)};
-    fr_barrier_init(&a.bar);
-    a.nblocks = fr_pieces(B, FR_MIN_ROWS, n);
-#ifdef FR_F32
-    if (a.rows && pack)
-        fr_pack_t_panels(H, 0, H, U, pack);
-#endif
-    return FN(run_backward)(n, a.rows, T, Tc, FN(rnn_backward_job), &a, &a.items);
+    FN(bwd_args) a = {blas, 1, act, T, Tc, B, I, H, x, W, U, mask, hs, NULL, NULL,
+                      d_out, dh, NULL, dx, dW, dU, db, dz, work, pack, xs,
+                      reverse != 0};
+    return FN(run_backward)(&a, nthreads);
 }
 
 #undef FN
