@@ -116,6 +116,17 @@ def test_numba_split_plan(threads, B, G, H, plan):
     assert _numba_kernels._split_plan(B, G, H, threads) == plan
 
 
+def _lstm_kernel_inputs(rng, T, B, I, H, dtype):
+    """x (T, B, I) time-major, W, U, bias and a uint8 mask (T, B) for the C
+    LSTM kernels called directly."""
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    W = (rng.standard_normal((I, 4 * H)) / 3).astype(dtype)
+    U = (rng.standard_normal((H, 4 * H)) / 7).astype(dtype)
+    b = (rng.standard_normal(4 * H) / 5).astype(dtype)
+    mask = (rng.random((T, B)) > 0.2).astype(np.uint8)
+    return x, W, U, b, mask
+
+
 @pytest.mark.skipif("cython" not in fastrnn.available_backends(),
                     reason="the cython backend is not built")
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
@@ -125,17 +136,13 @@ def test_numba_split_plan(threads, B, G, H, plan):
 def test_forward_with_packed_weights_matches_plain_blas(training, threads, B, H,
                                                         dtype):
     """The C LSTM forward with its work scratch (float32: the threads' U
-    packed in panels for the register-blocked product; batch 1 with
-    threads: one GEMV per step on packed columns) against the same call
-    without it (BLAS on U as it is)."""
+    packed in panels for the register-blocked product, one-row path at
+    batch 1; float64 at batch 1 with threads: one GEMV per step on packed
+    columns) against the same call without it (BLAS on U as it is)."""
     from fastrnn import _cykernels
     rng = np.random.default_rng(B * 100 + H + threads)
     T, I = 7, 5
-    x = rng.standard_normal((T, B, I)).astype(dtype)
-    W = (rng.standard_normal((I, 4 * H)) / 3).astype(dtype)
-    U = (rng.standard_normal((H, 4 * H)) / 7).astype(dtype)
-    b = (rng.standard_normal(4 * H) / 5).astype(dtype)
-    mask = (rng.random((T, B)) > 0.2).astype(np.uint8)
+    x, W, U, b, mask = _lstm_kernel_inputs(rng, T, B, I, H, dtype)
     runs = []
     for work in (np.empty(_cykernels.lstm_forward_work_len(B, H, threads), dtype),
                  np.empty(0, dtype)):
@@ -182,11 +189,7 @@ def test_backward_with_packed_weights_matches_plain_blas(threads, B, H, Tc):
     dt = np.float32
     rng = np.random.default_rng(B * 100 + H + threads + Tc)
     T, I = 7, 5
-    x = rng.standard_normal((T, B, I)).astype(dt)
-    W = (rng.standard_normal((I, 4 * H)) / 3).astype(dt)
-    U = (rng.standard_normal((H, 4 * H)) / 7).astype(dt)
-    b = (rng.standard_normal(4 * H) / 5).astype(dt)
-    mask = (rng.random((T, B)) > 0.2).astype(np.uint8)
+    x, W, U, b, mask = _lstm_kernel_inputs(rng, T, B, I, H, dt)
     hs = np.zeros((T + 1, B, H), dt)
     hs[0] = rng.standard_normal((B, H))
     cs = np.zeros((T + 1, B, H), dt)
