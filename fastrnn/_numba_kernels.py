@@ -9,9 +9,11 @@ mask"; the backward's ``x`` and ``dx`` (B, T, I) and ``d_out`` (B, T, H) are
 batch-major (x and dx in the caller's time order, reversed when
 ``reverse``; a chunk's rows are gathered into scratch).
 
-Per call: one GEMM for the input projection of all steps; per step one GEMM
-(GEMV for batch 1) for the recurrent projection, into a buffer allocated once
-per call, and one elementwise pass; in the backward pass, after each chunk
+Per call: one GEMM for the input projection of all steps; per step the
+recurrent product on weights packed once per call (float32: register-blocked
+tiles in LLVM vector code, ``_numba_panels``; float64: BLAS, GEMV at batch
+1), into a buffer allocated once per call, and one elementwise pass; in the
+backward pass, after each chunk
 of time steps (it keeps one chunk's pre-activation gradients), the weight
 gradients as GEMMs over that chunk's rows.  Compilation is lazy (on first
 call per dtype and read-only-ness of the arguments) and cached on disk.
@@ -34,6 +36,8 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
+
+from ._numba_panels import cols, pack_columns, pack_rows_t, product
 
 # Fast-math flags that keep NaN/inf semantics (no "nnan"/"ninf").
 _JIT = dict(nogil=True, cache=True, error_model="numpy",
@@ -277,16 +281,6 @@ def _input_gemm(x_tm, W, out):
         np.dot(x_tm.reshape(T * B, I), W, out2)
 
 
-@njit(inline="always", **_JIT)
-def _recurrent(a, M, out):
-    """out (B, N) = a (B, K) @ M (K, N); one row by GEMV (GEMM would pack M
-    on every step)."""
-    if a.shape[0] == 1:
-        np.dot(a[0], M, out[0])
-    else:
-        np.dot(a, M, out)
-
-
 @njit(**_JIT)
 def _gemm_rows(a, b, out, r0, r1):
     """out[r0:r1] = a[r0:r1] @ b (a, out C-contiguous 2-D)."""
@@ -388,19 +382,6 @@ def _gate_blocks(a, H, j0, j1):
 
 
 @njit(**_JIT)
-def _packed_columns(U, G, j0, j1):
-    """The columns of U (K, G*H) of units [j0, j1) in each gate block, as a
-    contiguous (K, G*w): one thread's share, which stays in its cache."""
-    K, GH = U.shape
-    H, w = GH // G, j1 - j0
-    out = np.empty((K, G * w), U.dtype)
-    for k in range(K):
-        for q in range(G):
-            out[k, q * w:(q + 1) * w] = U[k, q * H + j0:q * H + j1]
-    return out
-
-
-@njit(**_JIT)
 def _lstm_cell(mask_tm, t, gates_t, rec, bias, h_prev, c_prev, h_next,
                c_next, j0, j1):
     """One step's fused pass for hidden units [j0, j1) of every row: gate
@@ -439,14 +420,14 @@ def _lstm_cell(mask_tm, t, gates_t, rec, bias, h_prev, c_prev, h_next,
 
 
 @njit(**_JIT)
-def _lstm_steps(mask_tm, U, bias, hs, cs, gates, training, b0, b1):
+def _lstm_steps(mask_tm, Up, bias, hs, cs, gates, training, b0, b1):
     """The forward time loop over batch rows [b0, b1) (a thread's block);
-    gates (T, B, 4H) hold x_t W on entry.  mask_tm holds those rows'
-    columns only."""
+    gates (T, B, 4H) hold x_t W on entry; Up is all of U packed
+    (``pack_columns``).  mask_tm holds those rows' columns only."""
     T, H = gates.shape[0], hs.shape[2]
-    rec = np.empty((b1 - b0, gates.shape[2]), gates.dtype)
+    rec = np.empty((b1 - b0, cols(Up)), gates.dtype)
     for t in range(T):
-        _recurrent(hs[t, b0:b1], U, rec)
+        product(hs[t, b0:b1], Up, rec)
         if training:
             _lstm_cell(mask_tm, t, gates[t, b0:b1], rec, bias, hs[t, b0:b1],
                        cs[t, b0:b1], hs[t + 1, b0:b1], cs[t + 1, b0:b1], 0, H)
@@ -499,38 +480,40 @@ def _lstm_cell_grad(mask_tm, t, gates_t, c_prev, c_t, d_out_t, dh, dc,
 
 @njit(**_JIT)
 def _take_dh(mask_tm, t, part, dh, j0, j1):
-    """dh[:, j0:j1] <- part (B, w) on the rows that took step t."""
+    """dh[:, j0:j1] <- part[:, :j1 - j0] on the rows that took step t."""
     for b in range(dh.shape[0]):
         if _taken(mask_tm, t, b):
-            dh[b, j0:j1] = part[b]
+            dh[b, j0:j1] = part[b, :j1 - j0]
 
 
 @njit(**_JIT)
-def _lstm_chunk_grad_steps(U, mask_tm, cs, gates, d_out, dh, dc, dz, work,
+def _lstm_chunk_grad_steps(UT, mask_tm, cs, gates, d_out, dh, dc, dz, work,
                            t0, t1, b0, b1):
     """Steps t1-1 down to t0 of the backward time loop for batch rows
     [b0, b1) (dz[t - t0] gets step t's pre-activation gradients; mask_tm
-    holds those rows' columns only)."""
-    UT = U.T
-    H = U.shape[0]
+    holds those rows' columns only); UT is U.T packed (``pack_rows_t``),
+    work (b1 - b0, cols(UT)) scratch."""
+    H = dh.shape[1]
     for t in range(t1 - 1, t0 - 1, -1):
         dzt = dz[t - t0, b0:b1]
         _lstm_cell_grad(mask_tm, t, gates[t, b0:b1], cs[t, b0:b1],
                         cs[t + 1, b0:b1], d_out[b0:b1, t], dh[b0:b1],
                         dc[b0:b1], dzt, 0, H)
-        _recurrent(dzt, UT, work[b0:b1])
-        _take_dh(mask_tm, t, work[b0:b1], dh[b0:b1], 0, H)
+        product(dzt, UT, work)
+        _take_dh(mask_tm, t, work, dh[b0:b1], 0, H)
 
 
 @njit(**_JIT)
 def _lstm_grad_steps(x, reverse, W, U, mask_tm, hs, cs, gates, d_out, dh, dc,
-                     dx, dW, dU, db, dz, work, xs):
+                     dx, dW, dU, db, dz, xs):
     """The backward time loop, in chunks of dz.shape[0] steps from the end,
     each followed by its weight gradients; dh, dc end at step 0."""
     T, Tc = gates.shape[0], dz.shape[0]
+    UT = pack_rows_t(U, 0, U.shape[0])
+    work = np.empty((dh.shape[0], cols(UT)), dh.dtype)
     for t1 in range(T, 0, -Tc):
         t0 = max(t1 - Tc, 0)
-        _lstm_chunk_grad_steps(U, mask_tm, cs, gates, d_out, dh, dc, dz, work,
+        _lstm_chunk_grad_steps(UT, mask_tm, cs, gates, d_out, dh, dc, dz, work,
                                t0, t1, 0, dh.shape[0])
         _weight_grads(x, reverse, W, hs, dz, t0, t1, t1 == T, xs, dx, dW, dU, db)
 
@@ -543,10 +526,10 @@ def _lstm_steps_units(mask_tm, U, bias, hs, cs, gates, training, j0, j1, bar,
     call's other n - 1 threads at bar after each step (the next step reads
     every unit of h)."""
     T = gates.shape[0]
-    Uj = _packed_columns(U, 4, j0, j1)
-    rec = np.empty((hs.shape[1], Uj.shape[1]), gates.dtype)
+    Uj = pack_columns(U, 4, j0, j1)
+    rec = np.empty((hs.shape[1], cols(Uj)), gates.dtype)
     for t in range(T):
-        _recurrent(hs[t], Uj, rec)
+        product(hs[t], Uj, rec)
         if training:
             _lstm_cell(mask_tm, t, gates[t], rec, bias, hs[t], cs[t],
                        hs[t + 1], cs[t + 1], j0, j1)
@@ -563,14 +546,14 @@ def _lstm_chunk_grad_steps_units(U, mask_tm, cs, gates, d_out, dh, dc, dz, t0,
     """Steps t1-1 down to t0 of the backward time loop for units [j0, j1)
     of every row, meeting the other threads after each step's gate pass
     (dh_{t-1}'s product reads every unit of dz_t)."""
-    UjT = U[j0:j1].T                       # (4H, w), F-contiguous
-    part = np.empty((dh.shape[0], j1 - j0), dh.dtype)
+    UjT = pack_rows_t(U, j0, j1)           # U[j0:j1].T, (4H, w)
+    part = np.empty((dh.shape[0], cols(UjT)), dh.dtype)
     for t in range(t1 - 1, t0 - 1, -1):
         dzt = dz[t - t0]
         _lstm_cell_grad(mask_tm, t, gates[t], cs[t], cs[t + 1], d_out[:, t], dh,
                         dc, dzt, j0, j1)
         sense = _barrier(bar, n, sense)
-        _recurrent(dzt, UjT, part)
+        product(dzt, UjT, part)
         _take_dh(mask_tm, t, part, dh, j0, j1)
     return sense
 
@@ -591,11 +574,12 @@ def _mask_rows(mask_tm, b0, b1):
 
 
 @njit(**_JIT)
-def _lstm_forward_part(i, n, units, p0, p1, x_tm, W, U, bias, mask_tm, hs, cs,
-                       gates, training, bar):
+def _lstm_forward_part(i, n, units, p0, p1, x_tm, W, U, Up, bias, mask_tm, hs,
+                       cs, gates, training, bar):
     """Part i of n of a threaded forward pass (one call per thread, all at
     once): its rows of the input projection, then, once all are done, the
-    time loop for units [p0, p1) of every row (units) or for rows [p0, p1)."""
+    time loop for units [p0, p1) of every row (units: each thread packs its
+    own columns of U) or for rows [p0, p1) (on Up, all of U packed once)."""
     T, B, I = x_tm.shape
     r0, r1 = _part(T * B, n, i, 1)
     _gemm_rows(x_tm.reshape(T * B, I), W, gates.reshape(T * B, gates.shape[2]),
@@ -605,19 +589,20 @@ def _lstm_forward_part(i, n, units, p0, p1, x_tm, W, U, bias, mask_tm, hs, cs,
         _lstm_steps_units(mask_tm, U, bias, hs, cs, gates, training, p0, p1, bar,
                           n, sense)
     else:
-        _lstm_steps(_mask_rows(mask_tm, p0, p1), U, bias, hs, cs, gates, training,
+        _lstm_steps(_mask_rows(mask_tm, p0, p1), Up, bias, hs, cs, gates, training,
                     p0, p1)
 
 
 @njit(**_JIT)
-def _lstm_backward_part(i, n, units, p0, p1, x, reverse, W, U, mask_tm, hs, cs,
-                        gates, d_out, dh, dc, dx, dW, dU, db, dz, work, xs, bar):
+def _lstm_backward_part(i, n, units, p0, p1, x, reverse, W, U, UT, mask_tm, hs,
+                        cs, gates, d_out, dh, dc, dx, dW, dU, db, dz, xs, bar):
     """Part i of n of a threaded backward pass (one call per thread, all at
-    once), chunk by chunk: the time loop (units or rows [p0, p1)), then,
-    meeting the others between phases, its rows of dx (x gathered) and its
-    columns of dW, dU and db."""
+    once), chunk by chunk: the time loop (units, or rows [p0, p1) on UT, U.T
+    packed once), then, meeting the others between phases, its rows of dx
+    (x gathered) and its columns of dW, dU and db."""
     T, Tc, B, GH = gates.shape[0], dz.shape[0], dh.shape[0], dz.shape[2]
     sense = 0
+    work = np.empty((0 if units else p1 - p0, cols(UT)), dh.dtype)
     for t1 in range(T, 0, -Tc):
         t0 = max(t1 - Tc, 0)
         if units:
@@ -625,7 +610,7 @@ def _lstm_backward_part(i, n, units, p0, p1, x, reverse, W, U, mask_tm, hs, cs,
                                                  dc, dz, t0, t1, p0, p1, bar, n,
                                                  sense)
         else:
-            _lstm_chunk_grad_steps(U, _mask_rows(mask_tm, p0, p1), cs, gates,
+            _lstm_chunk_grad_steps(UT, _mask_rows(mask_tm, p0, p1), cs, gates,
                                    d_out, dh, dc, dz, work, t0, t1, p0, p1)
         sense = _weight_grads_part(i, n, x, reverse, W, hs, dz, t0, t1, t1 == T,
                                    xs, dx, dW, dU, db, bar, sense)
@@ -646,6 +631,20 @@ def _weight_grads_part(i, n, x, reverse, W, hs, dz, t0, t1, first, xs, dx, dW,
     return _barrier(bar, n, sense)
 
 
+@njit(**_JIT)
+def _pack_all(U, G, units):
+    """All of U packed for the row split's blocks (``pack_columns``), or,
+    when the units are split (each thread packs its own), an empty pack."""
+    return pack_columns(U, G, 0, 0 if units else U.shape[1] // G)
+
+
+@njit(**_JIT)
+def _pack_all_t(U, units):
+    """U.T packed for the row split's backward blocks (``pack_rows_t``), or
+    an empty pack when the units are split."""
+    return pack_rows_t(U, 0, 0 if units else U.shape[0])
+
+
 def _run_parts(fn, split, blocks):
     """fn(i, n, units, p0, p1, bar) for every part, all at once (they meet
     at bar): the first on this thread, the rest on the pool's threads."""
@@ -662,15 +661,16 @@ def lstm_forward(x_tm, W, U, bias, mask_tm, hs, cs, gates, work, training,
     c after step t is at cs[t+1] (training) or cs[(t+1) % 2].  gates
     (T, B, 4H): when training, on exit the activated gates i, f, g, o of
     taken rows.  work (the cython kernel's scratch for packed weights) is
-    not used: each thread's row block multiplies by U in place."""
+    not used: the weights are packed here (``_numba_panels``)."""
     split, blocks = _split_plan(x_tm.shape[1], 4, U.shape[0], nthreads)
+    Up = _pack_all(U, 4, split == "units" and len(blocks) > 1)
     if len(blocks) == 1:
         _input_gemm(x_tm, W, gates)
-        _lstm_steps(mask_tm, U, bias, hs, cs, gates, training, 0, x_tm.shape[1])
+        _lstm_steps(mask_tm, Up, bias, hs, cs, gates, training, 0, x_tm.shape[1])
         return
     _run_parts(lambda i, n, units, p0, p1, bar: _lstm_forward_part(
-        i, n, units, p0, p1, x_tm, W, U, bias, mask_tm, hs, cs, gates, training,
-        bar), split, blocks)
+        i, n, units, p0, p1, x_tm, W, U, Up, bias, mask_tm, hs, cs, gates,
+        training, bar), split, blocks)
 
 
 def lstm_backward(x, reverse, W, U, mask_tm, hs, cs, gates, d_out, dh, dc,
@@ -679,17 +679,18 @@ def lstm_backward(x, reverse, W, U, mask_tm, hs, cs, gates, d_out, dh, dc,
     batch-major; x and dx in the caller's time order (reading order is
     reversed when reverse), d_out in reading order.  dh, dc (B, H): dL/dh_T,
     dL/dc_T on entry, dL/dh0, dL/dc0 on exit.  Writes dx, dW, dU and db;
-    dz (Tc, B, 4H), for chunks of 1 <= Tc <= T steps, work (B, H) and
-    xs (2 * Tc * B * I,) are scratch; pack (the cython kernel's packed
-    weights) is not used."""
+    dz (Tc, B, 4H), for chunks of 1 <= Tc <= T steps, and xs
+    (2 * Tc * B * I,) are scratch; work and pack (the cython kernel's
+    scratch) are not used."""
     split, blocks = _split_plan(x.shape[0], 4, U.shape[0], nthreads)
     if len(blocks) == 1:
         _lstm_grad_steps(x, reverse, W, U, mask_tm, hs, cs, gates, d_out, dh,
-                         dc, dx, dW, dU, db, dz, work, xs)
+                         dc, dx, dW, dU, db, dz, xs)
         return
+    UT = _pack_all_t(U, split == "units")
     _run_parts(lambda i, n, units, p0, p1, bar: _lstm_backward_part(
-        i, n, units, p0, p1, x, reverse, W, U, mask_tm, hs, cs, gates, d_out, dh,
-        dc, dx, dW, dU, db, dz, work, xs, bar), split, blocks)
+        i, n, units, p0, p1, x, reverse, W, U, UT, mask_tm, hs, cs, gates, d_out,
+        dh, dc, dx, dW, dU, db, dz, xs, bar), split, blocks)
 
 
 # -------------------------------------------------------------------- RNN ---
@@ -723,13 +724,13 @@ def _rnn_cell(mask_tm, t, rec, bias, act, h_prev, h, j0, j1):
 
 
 @njit(**_JIT)
-def _rnn_steps(mask_tm, U, bias, hs, act, b0, b1):
+def _rnn_steps(mask_tm, Up, bias, hs, act, b0, b1):
     """The forward time loop over batch rows [b0, b1) (mask_tm: those rows'
-    columns); hs[1:] holds x_t W on entry."""
+    columns); hs[1:] holds x_t W on entry; Up is U packed."""
     T, H = hs.shape[0] - 1, hs.shape[2]
-    rec = np.empty((b1 - b0, H), hs.dtype)
+    rec = np.empty((b1 - b0, cols(Up)), hs.dtype)
     for t in range(T):
-        _recurrent(hs[t, b0:b1], U, rec)
+        product(hs[t, b0:b1], Up, rec)
         _rnn_cell(mask_tm, t, rec, bias, act, hs[t, b0:b1], hs[t + 1, b0:b1], 0, H)
 
 
@@ -741,10 +742,10 @@ def _rnn_steps_units(mask_tm, U, bias, hs, act, j0, j1, bar, n, sense):
     bar after each step."""
     T, B = hs.shape[0] - 1, hs.shape[1]
     w = j1 - j0
-    Uj = _packed_columns(U, 1, j0, j1)
-    rec = np.empty((B, w), hs.dtype)
+    Uj = pack_columns(U, 1, j0, j1)
+    rec = np.empty((B, cols(Uj)), hs.dtype)
     for t in range(T):
-        _recurrent(hs[t], Uj, rec)
+        product(hs[t], Uj, rec)
         _rnn_cell(mask_tm, t, rec, bias, act, hs[t], hs[t + 1], j0, j1)
         sense = _barrier(bar, n, sense)
     return sense
@@ -757,20 +758,20 @@ def _rnn_chunk_grad_steps_units(U, mask_tm, hs, act, d_out, dh, dz, t0, t1, j0,
     of every row (as ``_lstm_chunk_grad_steps_units``)."""
     B = dh.shape[0]
     w = j1 - j0
-    UjT = U[j0:j1].T
-    part = np.empty((B, w), dh.dtype)
+    UjT = pack_rows_t(U, j0, j1)
+    part = np.empty((B, cols(UjT)), dh.dtype)
     for t in range(t1 - 1, t0 - 1, -1):
         dzt = dz[t - t0]
         _rnn_cell_grad(mask_tm, t, act, hs[t + 1], d_out[:, t], dh, dzt, j0, j1)
         sense = _barrier(bar, n, sense)
-        _recurrent(dzt, UjT, part)
+        product(dzt, UjT, part)
         _take_dh(mask_tm, t, part, dh, j0, j1)
     return sense
 
 
 @njit(**_JIT)
-def _rnn_forward_part(i, n, units, p0, p1, x_tm, W, U, bias, mask_tm, hs, act,
-                      bar):
+def _rnn_forward_part(i, n, units, p0, p1, x_tm, W, U, Up, bias, mask_tm, hs,
+                      act, bar):
     """Part i of n of a threaded RNN forward pass (as ``_lstm_forward_part``;
     the input projection goes into hs[1:])."""
     T, B, I = x_tm.shape
@@ -781,23 +782,24 @@ def _rnn_forward_part(i, n, units, p0, p1, x_tm, W, U, bias, mask_tm, hs, act,
     if units:
         _rnn_steps_units(mask_tm, U, bias, hs, act, p0, p1, bar, n, sense)
     else:
-        _rnn_steps(_mask_rows(mask_tm, p0, p1), U, bias, hs, act, p0, p1)
+        _rnn_steps(_mask_rows(mask_tm, p0, p1), Up, bias, hs, act, p0, p1)
 
 
 @njit(**_JIT)
-def _rnn_backward_part(i, n, units, p0, p1, x, reverse, W, U, mask_tm, hs, act,
-                       d_out, dh, dx, dW, dU, db, dz, work, xs, bar):
+def _rnn_backward_part(i, n, units, p0, p1, x, reverse, W, U, UT, mask_tm, hs,
+                       act, d_out, dh, dx, dW, dU, db, dz, xs, bar):
     """Part i of n of a threaded RNN backward pass (as
     ``_lstm_backward_part``)."""
     T, Tc = hs.shape[0] - 1, dz.shape[0]
     sense = 0
+    work = np.empty((0 if units else p1 - p0, cols(UT)), dh.dtype)
     for t1 in range(T, 0, -Tc):
         t0 = max(t1 - Tc, 0)
         if units:
             sense = _rnn_chunk_grad_steps_units(U, mask_tm, hs, act, d_out, dh, dz,
                                                 t0, t1, p0, p1, bar, n, sense)
         else:
-            _rnn_chunk_grad_steps(U, _mask_rows(mask_tm, p0, p1), hs, act, d_out,
+            _rnn_chunk_grad_steps(UT, _mask_rows(mask_tm, p0, p1), hs, act, d_out,
                                   dh, dz, work, t0, t1, p0, p1)
         sense = _weight_grads_part(i, n, x, reverse, W, hs, dz, t0, t1, t1 == T,
                                    xs, dx, dW, dU, db, bar, sense)
@@ -807,14 +809,15 @@ def rnn_forward(x_tm, W, U, bias, mask_tm, hs, work, act, nthreads):
     """RNN forward: hs[t+1] = act(x_t @ W + hs[t] @ U + bias) for taken rows;
     hs[1:] holds x_t @ W while it is computed (no other buffer).  act 0 tanh,
     1 relu, 2 linear.  work (the cython kernel's packed weights) is not
-    used."""
+    used: the weights are packed here."""
     split, blocks = _split_plan(x_tm.shape[1], 1, U.shape[0], nthreads)
+    Up = _pack_all(U, 1, split == "units" and len(blocks) > 1)
     if len(blocks) == 1:
         _input_gemm(x_tm, W, hs[1:])
-        _rnn_steps(mask_tm, U, bias, hs, act, 0, x_tm.shape[1])
+        _rnn_steps(mask_tm, Up, bias, hs, act, 0, x_tm.shape[1])
         return
     _run_parts(lambda i, n, units, p0, p1, bar: _rnn_forward_part(
-        i, n, units, p0, p1, x_tm, W, U, bias, mask_tm, hs, act, bar),
+        i, n, units, p0, p1, x_tm, W, U, Up, bias, mask_tm, hs, act, bar),
         split, blocks)
 
 
@@ -844,29 +847,30 @@ def _rnn_cell_grad(mask_tm, t, act, h_t, d_out_t, dh, dz_t, j0, j1):
 
 
 @njit(**_JIT)
-def _rnn_chunk_grad_steps(U, mask_tm, hs, act, d_out, dh, dz, work, t0, t1,
+def _rnn_chunk_grad_steps(UT, mask_tm, hs, act, d_out, dh, dz, work, t0, t1,
                           b0, b1):
     """Steps t1-1 down to t0 of the backward time loop for batch rows
     [b0, b1) (as ``_lstm_chunk_grad_steps``)."""
-    UT = U.T
-    H = U.shape[0]
+    H = dh.shape[1]
     for t in range(t1 - 1, t0 - 1, -1):
         dzt = dz[t - t0, b0:b1]
         _rnn_cell_grad(mask_tm, t, act, hs[t + 1, b0:b1], d_out[b0:b1, t],
                        dh[b0:b1], dzt, 0, H)
-        _recurrent(dzt, UT, work[b0:b1])
-        _take_dh(mask_tm, t, work[b0:b1], dh[b0:b1], 0, H)
+        product(dzt, UT, work)
+        _take_dh(mask_tm, t, work, dh[b0:b1], 0, H)
 
 
 @njit(**_JIT)
 def _rnn_grad_steps(x, reverse, W, U, mask_tm, hs, act, d_out, dh, dx, dW, dU,
-                    db, dz, work, xs):
+                    db, dz, xs):
     """The backward time loop, in chunks as ``_lstm_grad_steps``; dh ends at
     step 0."""
     T, Tc = x.shape[1], dz.shape[0]
+    UT = pack_rows_t(U, 0, U.shape[0])
+    work = np.empty((dh.shape[0], cols(UT)), dh.dtype)
     for t1 in range(T, 0, -Tc):
         t0 = max(t1 - Tc, 0)
-        _rnn_chunk_grad_steps(U, mask_tm, hs, act, d_out, dh, dz, work, t0, t1,
+        _rnn_chunk_grad_steps(UT, mask_tm, hs, act, d_out, dh, dz, work, t0, t1,
                               0, dh.shape[0])
         _weight_grads(x, reverse, W, hs, dz, t0, t1, t1 == T, xs, dx, dW, dU, db)
 
@@ -879,11 +883,12 @@ def rnn_backward(x, reverse, W, U, mask_tm, hs, act, d_out, dh, dx, dW, dU,
     split, blocks = _split_plan(x.shape[0], 1, U.shape[0], nthreads)
     if len(blocks) == 1:
         _rnn_grad_steps(x, reverse, W, U, mask_tm, hs, act, d_out, dh, dx, dW,
-                        dU, db, dz, work, xs)
+                        dU, db, dz, xs)
         return
+    UT = _pack_all_t(U, split == "units")
     _run_parts(lambda i, n, units, p0, p1, bar: _rnn_backward_part(
-        i, n, units, p0, p1, x, reverse, W, U, mask_tm, hs, act, d_out, dh, dx,
-        dW, dU, db, dz, work, xs, bar), split, blocks)
+        i, n, units, p0, p1, x, reverse, W, U, UT, mask_tm, hs, act, d_out, dh,
+        dx, dW, dU, db, dz, xs, bar), split, blocks)
 
 
 # -------------------------------------------------------------- threads ---

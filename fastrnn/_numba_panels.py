@@ -1,0 +1,362 @@
+"""The Numba backend's float32 recurrent product on packed weights.
+
+Each time step multiplies a few rows (the batch) by the same weights.  A
+BLAS GEMM packs its operands again on every call, which for one step's
+small product is as much memory traffic as the product itself (and at
+batch 1 a GEMV cannot use the same weights twice).  As in the C kernels
+(``csrc/rnn_kernels.c``), the weights are packed once per call, in panels
+of ``NR`` = 32 columns, each ``K x NR`` contiguous and zero-padded, and a
+register-blocked tile multiplies them: ``R`` rows by 32 columns, the
+accumulators held in LLVM vector registers (``<16 x float>``, which LLVM
+lowers to AVX-512, AVX2 or SSE as the CPU has), emitted through a Numba
+``@intrinsic`` because Numba's loops over arrays keep accumulators in
+memory.  Tiles of 8 rows (16 accumulators), then 4, 2 and 1 for the rest;
+the narrow ones take several k steps at once into separate accumulators,
+so that the multiply-add latency is covered at batch 1.
+
+float64 keeps BLAS on the weights as they are (as the C kernels do):
+``pack_columns``/``pack_rows_t`` return plain matrices for it, and
+``product`` dispatches on the packed operand's shape at compile time.
+"""
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+NR = 32          # columns per panel: two vectors of 16 floats
+_VW = 16         # floats per vector
+_JIT = dict(nogil=True, cache=True, error_model="numpy")
+
+# rows per tile -> k steps at once (R * 2 * KU accumulators)
+_TILES = {8: 1, 4: 2, 2: 4, 1: 4}
+
+
+def _tile_function(module, R, KU):
+    """The LLVM function C[r, 0:32] = sum_k A[r*lda + k] * P[k*32 + 0:32]
+    for r < R: void (float *A, i64 lda, float *P, i64 K, float *C, i64 ldc),
+    defined in module once."""
+    name = f"fastrnn_panel_tile_f32_r{R}_u{KU}"
+    try:
+        return module.get_global(name)
+    except KeyError:
+        pass
+    f32, i64 = ir.FloatType(), ir.IntType(64)
+    vec = ir.VectorType(f32, _VW)
+    ptr = f32.as_pointer()
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [ptr, i64, ptr, i64, ptr, i64]),
+                     name)
+    fn.linkage = "internal"
+    A, lda, P, K, C, ldc = fn.args
+    try:
+        fma = module.get_global("llvm.fmuladd.v16f32")
+    except KeyError:
+        fma = ir.Function(module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fmuladd.v16f32")
+    vptr = vec.as_pointer()
+    zero_v = ir.Constant(vec, [ir.Constant(f32, 0.0)] * _VW)
+    splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), _VW), [0] * _VW)
+    nv = NR // _VW
+
+    entry = fn.append_basic_block("entry")
+    loop = fn.append_basic_block("loop")
+    after = fn.append_basic_block("after")
+    rem = fn.append_basic_block("rem")
+    done = fn.append_basic_block("done")
+    b = ir.IRBuilder(entry)
+
+    def c64(v):
+        return ir.Constant(i64, v)
+
+    def load_b(builder, k, v):
+        off = builder.add(builder.mul(k, c64(NR)), c64(v * _VW))
+        p = builder.bitcast(builder.gep(P, [off], inbounds=True), vptr)
+        return builder.load(p, align=4)
+
+    def splat_a(builder, r, k):
+        off = builder.add(builder.mul(c64(r), lda), k)
+        a = builder.load(builder.gep(A, [off], inbounds=True), align=4)
+        one = builder.insert_element(ir.Constant(vec, ir.Undefined), a, ir.Constant(ir.IntType(32), 0))
+        return builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), splat_mask)
+
+    nacc = R * nv * KU
+    kmain = b.mul(b.udiv(K, c64(KU)), c64(KU)) if KU > 1 else K
+    b.cbranch(b.icmp_signed(">", kmain, c64(0)), loop, after)
+
+    # main loop: KU k-steps per iteration, accumulator (r, v, u)
+    b = ir.IRBuilder(loop)
+    k = b.phi(i64)
+    k.add_incoming(c64(0), entry)
+    accs = []
+    for _ in range(nacc):
+        ph = b.phi(vec)
+        ph.add_incoming(zero_v, entry)
+        accs.append(ph)
+    new = list(accs)
+    for u in range(KU):
+        ku = b.add(k, c64(u))
+        bv = [load_b(b, ku, v) for v in range(nv)]
+        for r in range(R):
+            a = splat_a(b, r, ku)
+            for v in range(nv):
+                i = (r * nv + v) * KU + u
+                new[i] = b.call(fma, [a, bv[v], new[i]])
+    k_next = b.add(k, c64(KU))
+    k.add_incoming(k_next, loop)
+    for ph, nw in zip(accs, new):
+        ph.add_incoming(nw, loop)
+    b.cbranch(b.icmp_signed("<", k_next, kmain), loop, after)
+
+    # after: sum the KU partial accumulators of each (r, v)
+    b = ir.IRBuilder(after)
+    merged = []
+    for i in range(nacc):
+        ph = b.phi(vec)
+        ph.add_incoming(zero_v, entry)
+        ph.add_incoming(new[i], loop)
+        merged.append(ph)
+    acc = []
+    for rv in range(R * nv):
+        s = merged[rv * KU]
+        for u in range(1, KU):
+            s = b.fadd(s, merged[rv * KU + u])
+        acc.append(s)
+    b.cbranch(b.icmp_signed("<", kmain, K), rem, done)
+
+    # rem: the last K % KU steps, one at a time
+    b = ir.IRBuilder(rem)
+    kr = b.phi(i64)
+    kr.add_incoming(kmain, after)
+    racc = []
+    for i in range(R * nv):
+        ph = b.phi(vec)
+        ph.add_incoming(acc[i], after)
+        racc.append(ph)
+    bv = [load_b(b, kr, v) for v in range(nv)]
+    rnew = list(racc)
+    for r in range(R):
+        a = splat_a(b, r, kr)
+        for v in range(nv):
+            rnew[r * nv + v] = b.call(fma, [a, bv[v], racc[r * nv + v]])
+    kr_next = b.add(kr, c64(1))
+    kr.add_incoming(kr_next, rem)
+    for ph, nw in zip(racc, rnew):
+        ph.add_incoming(nw, rem)
+    b.cbranch(b.icmp_signed("<", kr_next, K), rem, done)
+
+    # done: store the tile
+    b = ir.IRBuilder(done)
+    final = []
+    for i in range(R * nv):
+        ph = b.phi(vec)
+        ph.add_incoming(acc[i], after)
+        ph.add_incoming(rnew[i], rem)
+        final.append(ph)
+    for r in range(R):
+        for v in range(nv):
+            off = b.add(b.mul(c64(r), ldc), c64(v * _VW))
+            p = b.bitcast(b.gep(C, [off], inbounds=True), vptr)
+            b.store(final[r * nv + v], p, align=4)
+    b.ret_void()
+    return fn
+
+
+def _make_tile(R, KU):
+    @intrinsic
+    def tile(typingctx, A, a_off, lda, P, p_off, K, C, c_off, ldc):
+        arrays = (A, P, C)
+        if not all(isinstance(t, types.Array) and t.dtype == types.float32
+                   for t in arrays):
+            return None
+        sig = types.void(A, types.intp, types.intp, P, types.intp, types.intp,
+                         C, types.intp, types.intp)
+
+        def codegen(context, builder, sig, args):
+            fn = _tile_function(builder.module, R, KU)
+            ptrs = []
+            for ty, val, off in ((sig.args[0], args[0], args[1]),
+                                 (sig.args[3], args[3], args[4]),
+                                 (sig.args[6], args[6], args[7])):
+                data = context.make_array(ty)(context, builder, val).data
+                ptrs.append(builder.gep(data, [off], inbounds=True))
+            builder.call(fn, [ptrs[0], args[2], ptrs[1], args[5], ptrs[2], args[8]])
+            return context.get_dummy_value()
+        return sig, codegen
+    return tile
+
+
+_tile8, _tile4, _tile2, _tile1 = (_make_tile(R, _TILES[R]) for R in (8, 4, 2, 1))
+
+
+@intrinsic
+def _copy(typingctx, dst, dst_off, src, src_off, n):
+    """dst[dst_off:dst_off + n] = src[src_off:src_off + n] as one memcpy,
+    offsets in elements of two float32 arrays (contiguous from there).
+    (Numba's own loops over computed offsets keep a negative-index check
+    per element that stops LLVM from vectorising them.)"""
+    if not all(isinstance(t, types.Array) and t.dtype == types.float32
+               and t.layout == "C" for t in (dst, src)):
+        return None
+    sig = types.void(dst, types.intp, src, types.intp, types.intp)
+
+    def codegen(context, builder, sig, args):
+        d = context.make_array(sig.args[0])(context, builder, args[0]).data
+        s_ = context.make_array(sig.args[2])(context, builder, args[2]).data
+        d = builder.gep(d, [args[1]], inbounds=True)
+        s_ = builder.gep(s_, [args[3]], inbounds=True)
+        cgutils.raw_memcpy(builder, d, s_, args[4], 4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@njit(**_JIT)
+def _panel_product(A, P, C):
+    """C[:, :np*NR] = A (M, K) @ the panels P (np, K, NR); A's and C's rows
+    are contiguous (any row stride), P contiguous."""
+    M, K = A.shape
+    npn = P.shape[0]
+    if M == 0:
+        return
+    assert P.shape[1] == K and P.shape[2] == NR and C.shape[0] == M
+    assert C.shape[1] >= npn * NR
+    assert A.strides[1] == 4 and C.strides[1] == 4 and P.strides[2] == 4
+    assert P.strides[1] == NR * 4 and P.strides[0] == K * NR * 4
+    lda, ldc = A.strides[0] // 4, C.strides[0] // 4
+    for p in range(npn):
+        po = p * K * NR
+        co = p * NR
+        r = 0
+        while r + 8 <= M:
+            _tile8(A, r * lda, lda, P, po, K, C, r * ldc + co, ldc)
+            r += 8
+        if r + 4 <= M:
+            _tile4(A, r * lda, lda, P, po, K, C, r * ldc + co, ldc)
+            r += 4
+        if r + 2 <= M:
+            _tile2(A, r * lda, lda, P, po, K, C, r * ldc + co, ldc)
+            r += 2
+        if r < M:
+            _tile1(A, r * lda, lda, P, po, K, C, r * ldc + co, ldc)
+
+
+@njit(**_JIT)
+def _empty_panels(npn, K):
+    """An uninitialised (npn, K, NR) float32 array, 64-byte aligned (so that
+    no vector load of a panel straddles two cache lines; Numba aligns to 32)."""
+    size = npn * K * NR
+    raw = np.empty(size + 16, np.float32)
+    off = (16 - (raw.ctypes.data // 4) % 16) % 16
+    return raw[off:off + size].reshape((npn, K, NR))
+
+
+@njit(**_JIT)
+def _zero_padding(out, n):
+    """Zero the columns past n of the last panel of out (np, K, NR)."""
+    if n % NR:
+        last = out[out.shape[0] - 1]
+        for k in range(last.shape[0]):
+            for c in range(n % NR, NR):
+                last[k, c] = 0
+
+
+@njit(**_JIT)
+def _pack_panels(U, G, j0, j1):
+    """The columns of units [j0, j1) of U's G gate blocks (U (K, G*H)), as
+    n = G*w columns q*w + u in panels (np, K, NR), padding zero."""
+    K, GH = U.shape
+    H, w = GH // G, j1 - j0
+    n = G * w
+    out = _empty_panels((n + NR - 1) // NR, K)
+    _zero_padding(out, n)
+    for p in range(out.shape[0]):
+        c = 0
+        while c < NR and p * NR + c < n:   # the panel's runs of one gate block
+            j = p * NR + c
+            q = j // w
+            run = min(NR - c, w - (j - q * w))
+            src = q * H + j0 + j - q * w
+            for k in range(K):
+                _copy(out[p, k], c, U[k], src, run)
+            c += run
+    return out
+
+
+@njit(**_JIT)
+def _pack_t_panels(U, j0, j1):
+    """The transpose of U's rows [j0, j1) (U (H, K)): the K x w matrix of
+    columns u = U[j0 + u, :], in panels (np, K, NR), padding zero."""
+    K = U.shape[1]
+    w = j1 - j0
+    out = _empty_panels((w + NR - 1) // NR, K)
+    _zero_padding(out, w)
+    for p in range(out.shape[0]):
+        panel = out[p]
+        for c in range(min(NR, w - p * NR)):
+            row = U[j0 + p * NR + c]
+            for k in range(K):
+                panel[k, c] = row[k]
+    return out
+
+
+def pack_columns(U, G, j0, j1):
+    """A thread's columns of U (units [j0, j1) of each of the G gate
+    blocks), packed for ``product``: panels for float32, a contiguous
+    (K, G*w) matrix for float64 (typing stub)."""
+
+
+def pack_rows_t(U, j0, j1):
+    """U[j0:j1].T packed for ``product`` (the backward's dz U^T): panels for
+    float32, the transposed view for float64 (typing stub)."""
+
+
+def product(a, P, out):
+    """out[:, :cols(P)] = a @ P for a P from ``pack_columns``/``pack_rows_t``
+    (typing stub)."""
+
+
+def cols(P):
+    """The columns ``product`` writes for P (panels: a multiple of NR)
+    (typing stub)."""
+
+
+@overload(pack_columns, jit_options=_JIT)
+def _pack_columns_impl(U, G, j0, j1):
+    if U.dtype == types.float32:
+        return lambda U, G, j0, j1: _pack_panels(U, G, j0, j1)
+
+    def plain(U, G, j0, j1):
+        K, GH = U.shape
+        H, w = GH // G, j1 - j0
+        out = np.empty((K, G * w), U.dtype)
+        for k in range(K):
+            for q in range(G):
+                out[k, q * w:(q + 1) * w] = U[k, q * H + j0:q * H + j1]
+        return out
+    return plain
+
+
+@overload(pack_rows_t, jit_options=_JIT)
+def _pack_rows_t_impl(U, j0, j1):
+    if U.dtype == types.float32:
+        return lambda U, j0, j1: _pack_t_panels(U, j0, j1)
+    return lambda U, j0, j1: U[j0:j1].T
+
+
+@overload(product, jit_options=_JIT)
+def _product_impl(a, P, out):
+    if P.ndim == 3:
+        return lambda a, P, out: _panel_product(a, P, out)
+
+    def blas(a, P, out):
+        # one row by GEMV (GEMM would pack P on every step)
+        if a.shape[0] == 1:
+            np.dot(a[0], P, out[0])
+        else:
+            np.dot(a, P, out)
+    return blas
+
+
+@overload(cols, jit_options=_JIT)
+def _cols_impl(P):
+    if P.ndim == 3:
+        return lambda P: P.shape[0] * NR
+    return lambda P: P.shape[1]

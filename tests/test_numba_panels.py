@@ -1,0 +1,125 @@
+"""The Numba backend's packed-weight product (fastrnn/_numba_panels.py):
+packing and the register-blocked tiles against NumPy, at every row count
+the tiles cut (8, 4, 2, 1 and their sums), with padding columns, gate
+blocks, row strides and read-only inputs."""
+import numpy as np
+import pytest
+
+import fastrnn
+
+if "numba" not in fastrnn.available_backends():   # pragma: no cover
+    pytest.skip("numba is not installed", allow_module_level=True)
+
+from numba import njit  # noqa: E402
+from numba.core.errors import TypingError  # noqa: E402
+
+from fastrnn import _numba_panels as panels  # noqa: E402
+
+
+@njit
+def _pack_columns(U, G, j0, j1):
+    return panels.pack_columns(U, G, j0, j1)
+
+
+@njit
+def _pack_rows_t(U, j0, j1):
+    return panels.pack_rows_t(U, j0, j1)
+
+
+@njit
+def _product(a, P, out):
+    panels.product(a, P, out)
+
+
+@njit
+def _cols(P):
+    return panels.cols(P)
+
+
+def _gate_columns(U, G, j0, j1):
+    H = U.shape[1] // G
+    return np.concatenate([U[:, q * H + j0:q * H + j1] for q in range(G)], axis=1)
+
+
+# (K, H, G, j0, j1): whole layers and one thread's slices, widths that do and
+# do not fill whole panels of 32 columns
+SLICES = [(1, 16, 4, 0, 16), (7, 48, 4, 16, 48), (64, 64, 4, 0, 64),
+          (130, 100, 4, 0, 100), (128, 256, 1, 32, 96), (5, 3, 1, 0, 3),
+          (33, 40, 4, 16, 40)]
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 21])
+@pytest.mark.parametrize("K,H,G,j0,j1", SLICES,
+                         ids=[f"K{s[0]}-H{s[1]}-G{s[2]}-{s[3]}:{s[4]}" for s in SLICES])
+def test_float32_product_on_packed_columns_matches_numpy(M, K, H, G, j0, j1):
+    rng = np.random.default_rng(M * 1000 + K)
+    U = rng.standard_normal((K, G * H)).astype(np.float32)
+    P = _pack_columns(U, G, j0, j1)
+    n = G * (j1 - j0)
+    assert P.ndim == 3 and P.shape == (-(-n // 32), K, 32)
+    assert P.ctypes.data % 64 == 0
+    flat = P.transpose(1, 0, 2).reshape(K, -1)
+    np.testing.assert_array_equal(flat[:, :n], _gate_columns(U, G, j0, j1))
+    np.testing.assert_array_equal(flat[:, n:], 0)          # padding
+    # rows of a with a stride longer than K (a view into a wider array)
+    a = rng.standard_normal((M, K + 3)).astype(np.float32)[:, 1:K + 1]
+    a.flags.writeable = False
+    out = np.full((M, _cols(P)), np.nan, np.float32)
+    _product(a, P, out)
+    expected = a.astype(np.float64) @ _gate_columns(U, G, j0, j1).astype(np.float64)
+    np.testing.assert_allclose(out[:, :n], expected, rtol=2e-5,
+                               atol=2e-5 * np.sqrt(K))
+    np.testing.assert_array_equal(out[:, n:], 0)
+
+
+@pytest.mark.parametrize("M", [1, 3, 8, 13])
+@pytest.mark.parametrize("H,K,j0,j1", [(17, 68, 0, 17), (64, 256, 32, 64), (40, 9, 0, 40)])
+def test_float32_product_on_packed_transposed_rows_matches_numpy(M, H, K, j0, j1):
+    rng = np.random.default_rng(M + H)
+    U = rng.standard_normal((H, K)).astype(np.float32)
+    P = _pack_rows_t(U, j0, j1)
+    a = rng.standard_normal((M, K)).astype(np.float32)
+    out = np.empty((M, _cols(P)), np.float32)
+    _product(a, P, out)
+    np.testing.assert_allclose(out[:, :j1 - j0], a.astype(np.float64) @ U[j0:j1].T,
+                               rtol=2e-5, atol=2e-5 * np.sqrt(K))
+
+
+def test_float64_keeps_plain_matrices_and_blas():
+    rng = np.random.default_rng(0)
+    U = rng.standard_normal((12, 4 * 20))
+    P = _pack_columns(U, 4, 4, 20)
+    assert P.ndim == 2 and P.shape == (12, 64)
+    np.testing.assert_array_equal(P, _gate_columns(U, 4, 4, 20))
+    for M in (1, 5):
+        a = rng.standard_normal((M, 12))
+        out = np.empty((M, _cols(P)))
+        _product(a, P, out)
+        np.testing.assert_allclose(out, a @ P, rtol=1e-13)
+    Ut = _pack_rows_t(rng.standard_normal((20, 80)), 4, 20)
+    assert Ut.ndim == 2 and Ut.shape == (80, 16)
+
+
+def test_nan_and_inf_propagate_through_the_tiles():
+    rng = np.random.default_rng(1)
+    U = rng.standard_normal((10, 64)).astype(np.float32)
+    P = _pack_columns(U, 1, 0, 64)
+    a = rng.standard_normal((9, 10)).astype(np.float32)
+    a[0, 3], a[8, 9] = np.nan, np.inf
+    out = np.empty((9, 64), np.float32)
+    _product(a, P, out)
+    assert np.isnan(out[0]).all()
+    assert not np.isfinite(out[8]).any()
+    assert np.isfinite(out[1:8]).all()
+
+
+def test_copy_refuses_arrays_that_are_not_contiguous():
+    @njit
+    def copy(d, s):
+        panels._copy(d, 0, s, 0, 2)
+
+    d = np.zeros(4, np.float32)
+    with pytest.raises(TypingError):
+        copy(d, np.zeros((4, 4), np.float32)[:, 0])   # a strided column
+    copy(d, np.ones(4, np.float32))
+    np.testing.assert_array_equal(d, [1, 1, 0, 0])
