@@ -919,11 +919,12 @@ UNIT_CHUNK = 16       # unit slices are multiples of this
 # UNITS_WORK (LSTM 16x100x128x512 fwd 33 -> 22 ms by units; SimpleRNN
 # 32x100x64x128 fwd 0.8 ms by rows, 1.8 by units), or, when the rows cannot
 # be split at all (fewer than 4 per thread), at least UNITS_WORK_FEW_ROWS
-# (LSTM 1x100x128x256 fwd 1.4 -> 0.8 ms; SimpleRNN 1x100x128x256 at 64K
-# was slower than one thread).
+# (LSTM 1x100x128x256 fwd 1.4 -> 0.8 ms; SimpleRNN 1x100x128x256, 64K, fwd
+# 0.34 -> 0.28 ms, fwd+bwd 0.83 -> 0.68 on the packed float32 product: with
+# BLAS's GEMV it was slower than one thread).
 ROWS_PER_THREAD = 16
 UNITS_WORK = 1 << 22
-UNITS_WORK_FEW_ROWS = 1 << 17
+UNITS_WORK_FEW_ROWS = 1 << 15
 
 
 def _split_plan(B, G, H, nthreads):

@@ -101,12 +101,14 @@ def test_team_plan(threads, B, H, plan, monkeypatch):
 @pytest.mark.parametrize("threads, B, G, H, plan", [
     (1, 64, 4, 256, ("rows", [(0, 64)])),               # one thread: serial
     (2, 1, 4, 256, ("units", [(0, 128), (128, 256)])),  # batch 1, 262K
-    (2, 1, 1, 256, ("rows", [(0, 1)])),                 # batch 1, 65K: serial
+    (2, 1, 1, 256, ("units", [(0, 128), (128, 256)])),  # batch 1, 65K
+    (2, 1, 1, 128, ("rows", [(0, 1)])),                 # batch 1, 16K: serial
     (2, 16, 4, 512, ("units", [(0, 256), (256, 512)])),     # 16.8M
     (2, 64, 4, 256, ("rows", [(0, 32), (32, 64)])),     # 16.8M, 32 rows each
     (2, 32, 4, 128, ("rows", [(0, 16), (16, 32)])),     # 2.1M, rows fit
     (8, 3, 4, 40, ("rows", [(0, 3)])),                  # 19K: serial
-    (2, 7, 4, 64, ("rows", [(0, 7)])),                  # too few rows, 115K: serial
+    (2, 7, 4, 64, ("units", [(0, 32), (32, 64)])),      # too few rows, 115K
+    (2, 7, 1, 64, ("rows", [(0, 7)])),                  # too few rows, 29K: serial
     (2, 7, 4, 96, ("units", [(0, 48), (48, 96)])),      # too few rows, 258K
     (2, 13, 1, 1, ("rows", [(0, 6), (6, 13)])),         # one unit slice
 ])
