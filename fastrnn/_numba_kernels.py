@@ -254,16 +254,21 @@ _SPINS = 1 << 14      # spins (a few tens of microseconds) before yielding
 @njit(**_JIT)
 def _barrier(state, n, sense):
     """Wait until all n threads of a call have arrived; state is the call's
-    int64 array [count, sense] (zeros at first), sense this thread's last
-    (0 at first).  Returns this thread's new sense."""
+    int64 array [count, sense, meetings, slow waits] (zeros at first),
+    sense this thread's last (0 at first).  Returns this thread's new
+    sense.  Counts the meetings, and the waits that outlasted the spinning
+    (another thread of the call was not running: see ``_note_call``)."""
     s = 1 - sense
     if _atomic_add(state, 0, 1) == n - 1:
         _atomic_store(state, 0, 0)
+        _atomic_add(state, 2, 1)
         _atomic_store(state, 1, s)
         return s
     i = 0
     while _atomic_load(state, 1) != s:
         i += 1
+        if i == _SPINS:
+            _atomic_add(state, 3, 1)
         if i > _SPINS:
             _sched_yield()
     return s
@@ -649,9 +654,11 @@ def _run_parts(fn, split, blocks):
     """fn(i, n, units, p0, p1, bar) for every part, all at once (they meet
     at bar): the first on this thread, the rest on the pool's threads."""
     n = len(blocks)
-    bar = np.zeros(2, np.int64)
+    bar = np.zeros(4, np.int64)
     _run_parallel(lambda i: fn(i, n, split == "units", *blocks[i], bar),
                   [(i,) for i in range(n)])
+    if split == "units":
+        _note_call(bar[2], bar[3])
 
 
 def lstm_forward(x_tm, W, U, bias, mask_tm, hs, cs, gates, work, training,
@@ -662,7 +669,7 @@ def lstm_forward(x_tm, W, U, bias, mask_tm, hs, cs, gates, work, training,
     (T, B, 4H): when training, on exit the activated gates i, f, g, o of
     taken rows.  work (the cython kernel's scratch for packed weights) is
     not used: the weights are packed here (``_numba_panels``)."""
-    split, blocks = _split_plan(x_tm.shape[1], 4, U.shape[0], nthreads)
+    split, blocks = _plan(x_tm.shape[1], 4, U.shape[0], nthreads)
     Up = _pack_all(U, 4, split == "units" and len(blocks) > 1)
     if len(blocks) == 1:
         _input_gemm(x_tm, W, gates)
@@ -682,7 +689,7 @@ def lstm_backward(x, reverse, W, U, mask_tm, hs, cs, gates, d_out, dh, dc,
     dz (Tc, B, 4H), for chunks of 1 <= Tc <= T steps, and xs
     (2 * Tc * B * I,) are scratch; work and pack (the cython kernel's
     scratch) are not used."""
-    split, blocks = _split_plan(x.shape[0], 4, U.shape[0], nthreads)
+    split, blocks = _plan(x.shape[0], 4, U.shape[0], nthreads)
     if len(blocks) == 1:
         _lstm_grad_steps(x, reverse, W, U, mask_tm, hs, cs, gates, d_out, dh,
                          dc, dx, dW, dU, db, dz, xs)
@@ -810,7 +817,7 @@ def rnn_forward(x_tm, W, U, bias, mask_tm, hs, work, act, nthreads):
     hs[1:] holds x_t @ W while it is computed (no other buffer).  act 0 tanh,
     1 relu, 2 linear.  work (the cython kernel's packed weights) is not
     used: the weights are packed here."""
-    split, blocks = _split_plan(x_tm.shape[1], 1, U.shape[0], nthreads)
+    split, blocks = _plan(x_tm.shape[1], 1, U.shape[0], nthreads)
     Up = _pack_all(U, 1, split == "units" and len(blocks) > 1)
     if len(blocks) == 1:
         _input_gemm(x_tm, W, hs[1:])
@@ -880,7 +887,7 @@ def rnn_backward(x, reverse, W, U, mask_tm, hs, act, d_out, dh, dx, dW, dU,
     """RNN backward through time; arguments as ``lstm_backward`` without the
     cell state (dz (Tc, B, H)).  dh (B, H): dL/dh_T on entry, dL/dh0 on
     exit."""
-    split, blocks = _split_plan(x.shape[0], 1, U.shape[0], nthreads)
+    split, blocks = _plan(x.shape[0], 1, U.shape[0], nthreads)
     if len(blocks) == 1:
         _rnn_grad_steps(x, reverse, W, U, mask_tm, hs, act, d_out, dh, dx, dW,
                         dU, db, dz, xs)
@@ -939,6 +946,59 @@ def _split_plan(B, G, H, nthreads):
             k = min(n, chunks)
             return "units", [_split(H, k, i, UNIT_CHUNK) for i in range(k)]
     return "rows", _row_blocks(B, n)
+
+
+# Contention back-off (as the cython kernels' team, csrc/fr_pool.c): a
+# unit-split call (a meeting per step) "stalls" when more than a quarter of
+# its meetings had a thread wait past its spinning, i.e. a thread of the
+# call was not running (the cores are shared with other busy threads; on this project's
+# 2-core VM, threads of TensorFlow and of the cython kernels' team in the
+# same process sometimes left both of a call's threads on one core for the
+# whole process: LSTM 1x100x128x256 fwd+bwd 4.0-4.4 ms instead of 1.9).
+# After STALL_STREAK stalled calls in a row, the next unit-split calls run
+# on one thread (BACKOFF_FIRST calls, doubling while stalls persist, up to
+# BACKOFF_MAX); a clean one resets it.  (The row split meets a few times a
+# call, after long phases whose lengths differ: its waits say nothing.)
+STALL_STREAK = 3
+BACKOFF_FIRST = 4
+BACKOFF_MAX = 64
+_stall_lock = threading.Lock()
+_stall = {"team_calls": 0, "stalled_calls": 0, "backoff_calls": 0,
+          "streak": 0, "left": 0, "len": 0}
+
+
+def _plan(B, G, H, nthreads):
+    """``_split_plan``; a unit split runs on one thread while backing off."""
+    split, blocks = _split_plan(B, G, H, nthreads)
+    if split == "units":
+        with _stall_lock:
+            if _stall["left"] > 0:
+                _stall["left"] -= 1
+                _stall["backoff_calls"] += 1
+                return _split_plan(B, G, H, 1)
+    return split, blocks
+
+
+def _note_call(meetings, slow_waits):
+    """Count a threaded call; start or extend the back-off after stalls."""
+    with _stall_lock:
+        _stall["team_calls"] += 1
+        if slow_waits > max(1, meetings // 4):
+            _stall["stalled_calls"] += 1
+            _stall["streak"] += 1
+            if _stall["streak"] >= STALL_STREAK:
+                _stall["len"] = min(2 * _stall["len"] or BACKOFF_FIRST, BACKOFF_MAX)
+                _stall["left"] = _stall["len"]
+        else:
+            _stall["streak"] = _stall["len"] = 0
+
+
+def team_stats():
+    """Unit-split calls since the process started: {"team_calls",
+    "stalled_calls", "backoff_calls"} (calls run on one thread while
+    backing off)."""
+    with _stall_lock:
+        return {k: _stall[k] for k in ("team_calls", "stalled_calls", "backoff_calls")}
 
 
 _executor = None

@@ -194,13 +194,29 @@ def assert_results_close(actual, expected, label=""):
             assert_close(actual[key], want, err_msg=f"{label} {key}")
 
 
+def threads_at_any_size(monkeypatch, n=None):
+    """Kernel threads whatever the work per step (cython's team; numba's
+    unit split whenever the rows cannot be split, its row split otherwise),
+    with numba's contention back-off off so that the unit split really
+    runs; with n, every call asks for n threads."""
+    from fastrnn import _backend
+    monkeypatch.setattr(_backend, "PARALLEL_STEP_WORK", 0)
+    if "numba" in fastrnn.available_backends():
+        from fastrnn import _numba_kernels
+        monkeypatch.setattr(_numba_kernels, "UNITS_WORK_FEW_ROWS", 0)
+        monkeypatch.setattr(_numba_kernels, "STALL_STREAK", 1 << 30)
+    if n is not None:
+        monkeypatch.setattr(_backend, "_num_threads", n)
+
+
 @pytest.fixture(scope="session")
 def kernels():
     """The kernel-problem helpers above, for tests of fastrnn.ops:
     ``make_problem``, ``make_mask``, ``run_ops``, ``run_reference``,
-    ``assert_results_close``."""
+    ``assert_results_close``, ``threads_at_any_size``."""
     from types import SimpleNamespace
     return SimpleNamespace(make_problem=make_problem, make_mask=make_mask,
                            run_ops=run_ops, run_reference=run_reference,
                            assert_results_close=assert_results_close,
+                           threads_at_any_size=threads_at_any_size,
                            MASK_KINDS=MASK_KINDS)

@@ -21,13 +21,10 @@ def small_chunks(monkeypatch):
 
 
 @pytest.fixture(params=[1, 3], ids=["1thread", "3threads"])
-def threads(request, monkeypatch):
+def threads(request, monkeypatch, kernels):
     """1 or 3 threads, the kernels' team used whatever the size."""
     monkeypatch.setattr(_backend, "_num_threads", None)
-    monkeypatch.setattr(_backend, "PARALLEL_STEP_WORK", 0)
-    if "numba" in fastrnn.available_backends():   # its unit split, too
-        from fastrnn import _numba_kernels
-        monkeypatch.setattr(_numba_kernels, "UNITS_WORK_FEW_ROWS", 0)
+    kernels.threads_at_any_size(monkeypatch)
     fastrnn.set_num_threads(request.param)
     return request.param
 

@@ -19,18 +19,9 @@ from fastrnn import _backend, ops
 COMPILED = [b for b in ("cython", "numba") if b in fastrnn.available_backends()]
 
 
-def _threads_at_any_size(monkeypatch):
-    """Kernel threads whatever the work per step: cython's team, numba's
-    unit split whenever the rows cannot be split (its row split otherwise)."""
-    monkeypatch.setattr(_backend, "PARALLEL_STEP_WORK", 0)
-    if "numba" in fastrnn.available_backends():
-        from fastrnn import _numba_kernels
-        monkeypatch.setattr(_numba_kernels, "UNITS_WORK_FEW_ROWS", 0)
-
-
 @pytest.fixture
-def threaded(monkeypatch):
-    _threads_at_any_size(monkeypatch)
+def threaded(monkeypatch, kernels):
+    kernels.threads_at_any_size(monkeypatch)
     old = _backend.get_num_threads()
     yield
     fastrnn.set_num_threads(old)
@@ -267,3 +258,56 @@ def test_rnn_with_packed_weights_matches_plain_blas(act, threads, B, H):
     with pytest.raises(ValueError, match="work must have at least"):
         _cykernels.rnn_forward(x, W, U, b, mask, np.zeros((T + 1, B, H), dt),
                                np.empty(2, dt), act, threads)
+
+
+@pytest.mark.skipif("numba" not in fastrnn.available_backends(),
+                    reason="numba is not installed")
+def test_numba_barrier_counts_meetings_and_slow_waits():
+    """A thread that arrives 50 ms late makes the other wait past its
+    spinning: one meeting, one slow wait."""
+    import threading
+    import time
+    from fastrnn import _numba_kernels as nk
+    state = np.zeros(4, np.int64)
+    late = threading.Thread(target=lambda: (time.sleep(0.05), nk._barrier(state, 2, 0)))
+    late.start()
+    assert nk._barrier(state, 2, 0) == 1
+    late.join()
+    assert list(state) == [0, 1, 1, 1]
+    # both on time (two meetings in a row, sense flips back): no slow wait
+    t = threading.Thread(target=lambda: nk._barrier(state, 2, 1))
+    t.start()
+    nk._barrier(state, 2, 1)
+    t.join()
+    assert state[2] == 2 and state[1] == 0
+
+
+@pytest.mark.skipif("numba" not in fastrnn.available_backends(),
+                    reason="numba is not installed")
+def test_numba_backs_off_after_stalled_unit_split_calls(monkeypatch):
+    """Three stalled unit-split calls in a row: the next 4 run on one thread,
+    then threads again; stalls that persist double the back-off; a clean
+    call ends it.  Row-split plans are never backed off."""
+    from fastrnn import _numba_kernels as nk
+    monkeypatch.setattr(nk, "_stall", {"team_calls": 0, "stalled_calls": 0,
+                                       "backoff_calls": 0, "streak": 0, "left": 0,
+                                       "len": 0})
+    units = ("units", [(0, 128), (128, 256)])
+    serial = ("rows", [(0, 1)])
+    assert nk._plan(1, 4, 256, 2) == units
+    for _ in range(2):
+        nk._note_call(100, 60)                  # stalled: 60 of 100 meetings
+    nk._note_call(100, 20)                      # a quarter or less: clean
+    assert nk._plan(1, 4, 256, 2) == units
+    for _ in range(3):
+        nk._note_call(100, 60)
+    assert [nk._plan(1, 4, 256, 2) for _ in range(4)] == [serial] * 4
+    assert nk._plan(64, 4, 256, 2)[0] == "rows"          # never backed off
+    assert nk._plan(1, 4, 256, 2) == units
+    nk._note_call(100, 60)                                # stalls persist
+    assert [nk._plan(1, 4, 256, 2) for _ in range(8)] == [serial] * 8
+    assert nk._plan(1, 4, 256, 2) == units
+    nk._note_call(100, 0)                                 # clean: reset
+    assert nk._stall["len"] == 0 and nk._stall["streak"] == 0
+    stats = nk.team_stats()
+    assert stats == {"team_calls": 8, "stalled_calls": 6, "backoff_calls": 12}

@@ -66,15 +66,6 @@ def test_thread_count_does_not_change_results(backend, kind, rng, kernels,
     kernels.assert_results_close(kernels.run_ops(p, backend), one, backend)
 
 
-def _team_everywhere(monkeypatch, n=2):
-    """Every call asks for the kernels' own team of n threads."""
-    monkeypatch.setattr(_backend, "PARALLEL_STEP_WORK", 0)
-    if "numba" in fastrnn.available_backends():   # its unit split, too
-        from fastrnn import _numba_kernels
-        monkeypatch.setattr(_numba_kernels, "UNITS_WORK_FEW_ROWS", 0)
-    monkeypatch.setattr(_backend, "_num_threads", n)
-
-
 COMPILED = [b for b in ("cython", "numba") if b in fastrnn.available_backends()]
 
 
@@ -86,7 +77,7 @@ def test_concurrent_calls_share_the_team_safely(backend, kind, rng, kernels,
     gets the team, the others run on their own threads; numba: they share
     the worker pool); all results are right.  B = 5 splits hidden units,
     B = 9 and 12 batch rows."""
-    _team_everywhere(monkeypatch)
+    kernels.threads_at_any_size(monkeypatch, 2)
     problems = [kernels.make_problem(rng, kind, B, 30, 6, 40, np.float64,
                                      mask="random" if i else None)
                 for i, B in enumerate((5, 9, 12))]
@@ -116,7 +107,7 @@ def test_threads_work_in_a_forked_child(backend, B, H, rng, kernels, monkeypatch
     import multiprocessing as mp
     if "fork" not in mp.get_all_start_methods():
         pytest.skip("no fork() on this platform")
-    _team_everywhere(monkeypatch)
+    kernels.threads_at_any_size(monkeypatch, 2)
     p = kernels.make_problem(rng, "lstm", B, 12, 5, H, np.float64)
     parent = kernels.run_ops(p, backend)           # threads now exist
     ctx = mp.get_context("fork")
@@ -141,7 +132,7 @@ def test_late_workers(kind, dtype, B, H, split, rng, kernels, monkeypatch):
     for them; the results are right either way, forward and backward, with
     masks and go_backwards."""
     from fastrnn import _cykernels
-    _team_everywhere(monkeypatch)
+    kernels.threads_at_any_size(monkeypatch, 2)
     assert _cykernels.team_plan(2, B, H) == (2, split)
     p = kernels.make_problem(rng, kind, B, 9, 5, H, dtype, mask="random",
                              go_backwards=True)
