@@ -478,6 +478,18 @@ def _environment():
     return {k: os.environ[k] for k in ENVIRONMENT if k in os.environ}
 
 
+def _team_stats():
+    """The compiled backends' thread-team counters (each module's
+    ``team_stats()``: cython's team, csrc/fr_pool.h; numba's unit split)."""
+    out = {}
+    for name in ("cython", "numba"):
+        if name in fastrnn.available_backends():
+            stats = getattr(_backend.module(name), "team_stats", None)
+            if stats is not None:
+                out[name] = stats()
+    return out
+
+
 def _versions():
     out = {"python": platform.python_version(), "numpy": np.__version__,
            "fastrnn": fastrnn.__version__}
@@ -507,6 +519,7 @@ def run(cases, contenders, repeats, memory=True, threads=0, progress=True):
     """Benchmark ``cases`` x PASSES x ``contenders``; returns the report dict
     (the structure written by ``--json``)."""
     load = [os.getloadavg()[0]]
+    teams = _team_stats()
     peaks = [sgemm_gflops()]
     _let_blas_threads_idle()
     report = {"fastrnn": fastrnn.__version__, "machine": platform.machine(),
@@ -537,7 +550,9 @@ def run(cases, contenders, repeats, memory=True, threads=0, progress=True):
     load.append(os.getloadavg()[0])
     report.update(sgemm_gflops=max(peaks), sgemm_gflops_start_end=peaks,
                   loadavg_start_end=load, versions=_versions(),
-                  environment=_environment())
+                  environment=_environment(),
+                  teams={name: {k: v - teams[name].get(k, 0) for k, v in now.items()}
+                         for name, now in _team_stats().items()})
     for g in report["groups"]:
         for r in g["rows"]:
             r["peak_fraction"] = r["gflops"] / report["sgemm_gflops"]
@@ -639,6 +654,15 @@ def format_report(report):
     if summary:
         lines.append("Speed-up of fastrnn.keras over stock Keras:")
         lines += [f"  {case:<22}fwd {fwd:>6}   fwd+bwd {bwd:>6}" for case, fwd, bwd in summary]
+        lines.append("")
+    teams = report.get("teams") or {}
+    if teams:
+        lines.append("Kernel thread teams during the run (calls on several threads, those that "
+                     "stalled: a thread of the team not running, and calls run on one thread "
+                     "while backing off after stalls):")
+        for name, t in teams.items():
+            lines.append(f"  {name:<8}{t['team_calls']:>7} team calls, {t['stalled_calls']} "
+                         f"stalled, {t['backoff_calls']} backed off")
         lines.append("")
     for name, why in report["unavailable"].items():
         lines.append(f"skipped {name}: {why}")

@@ -201,3 +201,21 @@ def test_a_failing_contender_is_reported_not_fatal(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "FAILED ops[numpy] rnn-2x4x3x5-fwd+bwd: RuntimeError: boom" in out
     assert "ops[numpy]" in out.split("forward+backward")[0]   # the fwd rows ran
+
+
+def test_report_counts_the_kernel_thread_teams(tmp_path, capsys):
+    """The compiled backends' team counters over the run are in the report
+    and its text (what ran threaded, what stalled, what backed off)."""
+    compiled = [b for b in ("cython", "numba") if b in fastrnn.available_backends()]
+    args = ["--shapes", TINY_RNN, "--no-keras", "--no-memory", "--repeats", "2"]
+    for b in compiled:
+        args += ["--backend", b]
+    rc, report = _run(tmp_path, *args)
+    assert rc == 0
+    assert sorted(report["teams"]) == sorted(compiled)
+    for counts in report["teams"].values():
+        assert set(counts) >= {"team_calls", "stalled_calls", "backoff_calls"}
+        assert all(isinstance(v, int) and v >= 0 for v in counts.values())
+    out = capsys.readouterr().out
+    if compiled:
+        assert "Kernel thread teams during the run" in out
