@@ -58,10 +58,11 @@ enum { FR_ACT_TANH = 0, FR_ACT_RELU = 1, FR_ACT_LINEAR = 2 };
  *          cs[(t+1) % 2] (inference).
  *   gates  (T, B, 4H) scratch; when training, holds on exit the activated
  *          gates i, f, g, o that lstm_backward needs.
- *   work   fr_lstm_forward_work(B, H, nthreads) scratch, or NULL: the
+ *   work   fr_lstm_forward_work(B, I, H, nthreads) scratch, or NULL: the
  *          threads' packed copies of their columns of U and one step's h U
- *          (float32, or batch 1 with several threads).  With NULL, BLAS
- *          multiplies by U as it is (slower).
+ *          (float32, or batch 1 with several threads) and, in float32 from
+ *          8 rows on, of their columns of W for the input projection.  With
+ *          NULL, BLAS multiplies by U and W as they are (slower).
  *   nthreads  threads of the team (fr_pool.h) that split the hidden units;
  *          1 runs on the caller's thread only.
  */
@@ -118,8 +119,9 @@ int fr_lstm_backward_f64(const fr_dblas *blas, int nthreads, int reverse, int T,
  * Simple RNN forward: hs[t+1] = act(x[t] W + hs[t] U + bias).
  *   hs   (T+1, B, H): hs[0] = h0 on entry; hs[1:] also holds the
  *        pre-activations while they are computed (no other buffer)
- *   work fr_rnn_work(B, H, nthreads) scratch, or NULL: float32, the threads'
- *        packed columns of U (with NULL, BLAS on U as it is)
+ *   work fr_rnn_work(B, I, H, nthreads) scratch, or NULL: float32, the
+ *        threads' packed columns of U and, from 8 rows on, of W (with NULL,
+ *        BLAS on U and W as they are)
  *   act  FR_ACT_TANH, FR_ACT_RELU or FR_ACT_LINEAR
  */
 int fr_rnn_forward_f32(const fr_sblas *blas, int nthreads, int act, int T, int B, int I, int H,
@@ -135,7 +137,7 @@ int fr_rnn_forward_f64(const fr_dblas *blas, int nthreads, int act, int T, int B
  * Simple RNN backward, with the activation's derivative taken from the saved
  * outputs hs.  Arguments as for the LSTM (x and dx batch-major, reverse,
  * xs), without the cell state; dz is (Tc, B, H); pack is
- * fr_rnn_work(B, H, nthreads) long, or NULL.
+ * fr_rnn_work(B, I, H, nthreads) long, or NULL.
  */
 int fr_rnn_backward_f32(const fr_sblas *blas, int nthreads, int act, int reverse, int T,
                         int Tc, int B, int I, int H, const float *x, const float *W,
@@ -157,9 +159,9 @@ int fr_has_threads(void);
 
 /* The lengths of fr_lstm_forward's work and fr_lstm_backward's pack
  * buffers, in elements. */
-size_t fr_lstm_forward_work(int B, int H, int nthreads);
+size_t fr_lstm_forward_work(int B, int I, int H, int nthreads);
 size_t fr_lstm_backward_work(int B, int H, int nthreads);
-size_t fr_rnn_work(int B, int H, int nthreads);   /* the RNN's work and pack */
+size_t fr_rnn_work(int B, int I, int H, int nthreads);   /* the RNN's work and pack */
 
 /* Give the kernels' worker threads a function that sets the calling thread's
  * BLAS thread count (OpenBLAS's openblas_set_num_threads_local): each worker

@@ -12,10 +12,12 @@
  * block and the gate pass for its slice, then the team meets once at a
  * barrier; or (fr_split_rows) it owns a block of batch rows [b0, b1) and
  * runs the whole time loop for them without meeting the others.  The
- * large GEMMs outside the time loop (the input projection, and the
- * backward pass's weight-gradient GEMMs after each chunk of steps) are
- * split by rows or columns, with single-threaded BLAS calls.  With one
- * thread the code is the plain serial algorithm.
+ * large GEMMs outside the time loop are split by rows or columns: the
+ * input projection (float32 from FR_PROJ_MIN_B rows: each thread's own
+ * columns on its packed columns of W, so that the unit split starts its
+ * steps without a meeting; else BLAS by rows) and the backward pass's
+ * weight-gradient GEMMs after each chunk of steps (single-threaded BLAS
+ * calls).  With one thread the code is the plain serial algorithm.
  */
 #define FR_CAT_(a, b) a##_##b
 #define FR_CAT(a, b) FR_CAT_(a, b)
@@ -70,6 +72,18 @@ static void FN(scratch_slots)(REAL *buf, int K, int G, int H, int B, int nmax,
 }
 
 #ifdef FR_F32
+/* Where a forward's work buffer keeps the packed columns of W (float32,
+ * from FR_PROJ_MIN_B rows): after the packed U (H rows) and the product
+ * rows (B), I rows of G*H + FR_NR_ALL*nmax columns, a thread's slot as in
+ * scratch_slots (the row split's one shared copy at the start). */
+static REAL *FN(w_panels_slot)(REAL *buf, int G, int I, int H, int B, int nmax,
+                               int tid, int rows, int j0)
+{
+    const size_t cols = (size_t)G * H + (size_t)FR_NR_ALL * nmax;
+    const size_t slot = (size_t)G * j0 + (size_t)FR_NR_ALL * tid;
+    return buf + cols * ((size_t)H + B) + (rows ? 0 : slot * (size_t)I);
+}
+
 /* dh[b, j0:j0+w] = (dz U^T)[b, :] for the rows that took the step, the
  * product on U's rows packed by fr_pack_t_panels (K = G*H) through tmp. */
 static void FN(packed_recurrent_grad)(int Bk, int K, int H, int j0, int w,
@@ -237,9 +251,55 @@ typedef struct {
     const unsigned char *mask;
     REAL *hs, *cs, *gates, *work;
     int nthreads, rows, npieces, nblocks;
+    int proj;   /* float32: the input projection on packed W (fr_project_panels) */
     fr_barrier bar;
     fr_work items[2];
 } FN(lstm_fwd_args);
+
+/* Pieces [r0, r1) of a forward's input projection z = x W (G gate blocks),
+ * on the shared packed W when proj, else by BLAS. */
+static void FN(project_rows)(const BLAS_T *blas, int proj, REAL *work, int nmax,
+                             int r0, int r1, int G, int B, int I, int H,
+                             const REAL *x, const REAL *W, REAL *z)
+{
+#ifdef FR_F32
+    if (proj) {
+        fr_project_panels(r0, r1, I, H, G, 0, H, x,
+                          FN(w_panels_slot)(work, G, I, H, B, nmax, 0, 1, 0), z);
+        return;
+    }
+#else
+    (void)proj, (void)work, (void)nmax, (void)B;
+#endif
+    FN(input_projection)(blas, r0, r1, I, G * H, x, W, z);
+}
+
+/* The unit split's input projection: a thread's own columns (units
+ * [j0, j0 + w) of each gate block) of every row on its packed columns of
+ * W, so that no thread waits for another before the first step (proj);
+ * else its rows [r0, r1) of all columns by BLAS (and the team meets
+ * before the first step).  Returns whether the team must meet. */
+static int FN(project_own)(const BLAS_T *blas, int proj, REAL *work, int nmax, int tid,
+                           int n, int G, int T, int B, int I, int H, int j0, int w,
+                           const REAL *x, const REAL *W, REAL *z)
+{
+#ifdef FR_F32
+    if (proj) {
+        if (w > 0) {
+            REAL *Wp = FN(w_panels_slot)(work, G, I, H, B, nmax, tid, 0, j0);
+            fr_pack_panels(I, H, G, j0, w, W, Wp);
+            fr_project_panels(0, T * B, I, H, G, j0, w, x, Wp, z);
+        }
+        return 0;
+    }
+#else
+    (void)proj, (void)work, (void)nmax, (void)j0, (void)w;
+#endif
+    int r0, r1;
+    fr_split(T * B, 1, tid, n, &r0, &r1);
+    FN(input_projection)(blas, r0, r1, I, G * H, x, W, z);
+    return 1;
+}
 
 /* The row split: pieces of the input projection, then blocks of batch rows
  * that run the whole time loop, claimed by whichever threads are running
@@ -253,7 +313,8 @@ static void FN(lstm_forward_rows)(FN(lstm_fwd_args) *a)
     while ((k = fr_work_claim(&a->items[0], a->npieces)) >= 0) {
         int r0, r1;
         fr_split(T * B, 1, k, a->npieces, &r0, &r1);
-        FN(input_projection)(a->blas, r0, r1, a->I, 4 * H, a->x, a->W, a->gates);
+        FN(project_rows)(a->blas, a->proj, a->work, a->nthreads, r0, r1, 4, B, a->I,
+                         H, a->x, a->W, a->gates);
         fr_work_finish(&a->items[0]);
     }
     fr_work_wait(&a->items[0], a->npieces);
@@ -302,11 +363,11 @@ static void FN(lstm_forward_job)(void *arg, int tid, int n)
     const int T = a->T, B = a->B, H = a->H, training = a->training;
     const size_t BH = (size_t)B * H, BG = (size_t)B * 4 * H;
     int sense = 0;
-    int r0, r1, j0, j1;
-    fr_split(T * B, 1, tid, n, &r0, &r1);
-    FN(input_projection)(a->blas, r0, r1, a->I, 4 * H, a->x, a->W, a->gates);
+    int j0, j1;
     fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
     const int w = j1 - j0;
+    const int meet = FN(project_own)(a->blas, a->proj, a->work, a->nthreads, tid, n, 4,
+                                     T, B, a->I, H, j0, w, a->x, a->W, a->gates);
     /* The step's h U for this thread's units, by the fastest means:
      * - float32: this thread's columns of U packed once in panels
      *   (fr_sgemm_panels), one product per step into rec;
@@ -346,7 +407,8 @@ static void FN(lstm_forward_job)(void *arg, int tid, int n)
                        a->U + (size_t)k * 4 * H + (size_t)q * H + j0,
                        (size_t)w * sizeof(REAL));
     }
-    fr_barrier_wait(&a->bar, n, &sense);   /* input projection and packing done */
+    if (meet)   /* every row's input projection done */
+        fr_barrier_wait(&a->bar, n, &sense);
     for (int t = 0; t < T; t++) {
         REAL *z = a->gates + t * BG;
         const REAL *hp = a->hs + t * BH;
@@ -383,6 +445,9 @@ int FN(fr_lstm_forward)(const BLAS_T *blas, int nthreads, int training, int T, i
     FN(lstm_fwd_args) a = {blas, training, T, B, I, H, x, W, U, bias, mask,
                            hs, cs, gates, work, nthreads < 1 ? 1 : nthreads,
                            n > 1 && fr_split_rows(B, H, n)};
+#ifdef FR_F32
+    a.proj = work && I > 0 && B >= FR_PROJ_MIN_B;
+#endif
     fr_barrier_init(&a.bar);
     if (!a.rows) {
         fr_pool_run(n, FN(lstm_forward_job), &a);
@@ -393,8 +458,11 @@ int FN(fr_lstm_forward)(const BLAS_T *blas, int nthreads, int training, int T, i
     fr_work_init(&a.items[0]);
     fr_work_init(&a.items[1]);
 #ifdef FR_F32
-    if (work)   /* one shared copy of U in panels, before the team starts */
+    if (work)   /* one shared copy of U (and W) in panels, before the team starts */
         fr_pack_panels(H, H, 4, 0, H, U, work);
+    if (a.proj)
+        fr_pack_panels(I, H, 4, 0, H, W,
+                       FN(w_panels_slot)(work, 4, I, H, B, a.nthreads, 0, 1, 0));
 #endif
     fr_pool_run_flexible(n, FN(lstm_forward_job), &a);
     return 0;
@@ -654,6 +722,7 @@ typedef struct {
     const unsigned char *mask;
     REAL *hs, *work;
     int nthreads, rows, npieces, nblocks;
+    int proj;   /* as the LSTM's */
     fr_barrier bar;
     fr_work items[2];
 } FN(rnn_fwd_args);
@@ -704,7 +773,8 @@ static void FN(rnn_forward_job)(void *arg, int tid, int n)
         while ((k = fr_work_claim(&a->items[0], a->npieces)) >= 0) {
             int r0, r1;
             fr_split(T * B, 1, k, a->npieces, &r0, &r1);
-            FN(input_projection)(a->blas, r0, r1, a->I, H, a->x, a->W, a->hs + BH);
+            FN(project_rows)(a->blas, a->proj, a->work, a->nthreads, r0, r1, 1, B, a->I,
+                             H, a->x, a->W, a->hs + BH);
             fr_work_finish(&a->items[0]);
         }
         fr_work_wait(&a->items[0], a->npieces);
@@ -721,13 +791,12 @@ static void FN(rnn_forward_job)(void *arg, int tid, int n)
         }
         return;
     }
-    int r0, r1, j0, j1;
-    fr_split(T * B, 1, tid, n, &r0, &r1);
-    /* the pre-activations go straight into hs[1:] (see rnn_cell) */
-    FN(input_projection)(a->blas, r0, r1, a->I, H, a->x, a->W, a->hs + BH);
+    int j0, j1;
     fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
     const int w = j1 - j0;
-    (void)w;   /* float64: BLAS only */
+    /* the pre-activations go straight into hs[1:] (see rnn_cell) */
+    const int meet = FN(project_own)(a->blas, a->proj, a->work, a->nthreads, tid, n, 1,
+                                     T, B, a->I, H, j0, w, a->x, a->W, a->hs + BH);
     /* float32 with work: the step's h U on this thread's columns of U
      * packed once in panels, as in the LSTM forward (rec, then added into
      * hs[t+1]); else BLAS adds it there in place. */
@@ -738,7 +807,8 @@ static void FN(rnn_forward_job)(void *arg, int tid, int n)
         fr_pack_panels(H, H, 1, j0, w, a->U, Up);
     }
 #endif
-    fr_barrier_wait(&a->bar, n, &sense);
+    if (meet)
+        fr_barrier_wait(&a->bar, n, &sense);
     FN(rnn_steps)(a, 0, B, j0, j1, Up, rec, ldr, &a->bar, n, &sense);
 }
 
@@ -752,6 +822,9 @@ int FN(fr_rnn_forward)(const BLAS_T *blas, int nthreads, int act, int T, int B, 
     const int n = fr_team(nthreads, B, H);
     FN(rnn_fwd_args) a = {blas, act, T, B, I, H, x, W, U, bias, mask, hs, work,
                           nthreads < 1 ? 1 : nthreads, n > 1 && fr_split_rows(B, H, n)};
+#ifdef FR_F32
+    a.proj = work && I > 0 && B >= FR_PROJ_MIN_B;
+#endif
     fr_barrier_init(&a.bar);
     if (!a.rows) {
         fr_pool_run(n, FN(rnn_forward_job), &a);
@@ -764,6 +837,9 @@ int FN(fr_rnn_forward)(const BLAS_T *blas, int nthreads, int act, int T, int B, 
 #ifdef FR_F32
     if (work)
         fr_pack_panels(H, H, 1, 0, H, U, work);
+    if (a.proj)
+        fr_pack_panels(I, H, 1, 0, H, W,
+                       FN(w_panels_slot)(work, 1, I, H, B, a.nthreads, 0, 1, 0));
 #endif
     fr_pool_run_flexible(n, FN(rnn_forward_job), &a);
     return 0;

@@ -63,9 +63,9 @@ cdef extern from "fastrnn.h" nogil:
     long fr_team_skipped_workers()
     void fr_team_set_worker_delay_us(long us)
     int fr_team_plan(int nthreads, int B, int H, int *rows)
-    size_t fr_lstm_forward_work(int B, int H, int nthreads)
+    size_t fr_lstm_forward_work(int B, int I, int H, int nthreads)
     size_t fr_lstm_backward_work(int B, int H, int nthreads)
-    size_t fr_rnn_work(int B, int H, int nthreads)
+    size_t fr_rnn_work(int B, int I, int H, int nthreads)
 
 
 cdef fr_sblas _SBLAS
@@ -83,16 +83,16 @@ def build_info():
             "threads": "own team (POSIX threads)" if fr_has_threads() else "no"}
 
 
-def lstm_forward_work_len(int B, int H, int nthreads):
-    """Elements of the scratch lstm_forward takes for B rows, H units and
-    nthreads threads (its packed weights; see csrc/fastrnn.h)."""
-    return fr_lstm_forward_work(B, H, nthreads)
+def lstm_forward_work_len(int B, int I, int H, int nthreads):
+    """Elements of the scratch lstm_forward takes for B rows, I inputs, H
+    units and nthreads threads (its packed weights; see csrc/fastrnn.h)."""
+    return fr_lstm_forward_work(B, I, H, nthreads)
 
 
-def rnn_work_len(int B, int H, int nthreads):
+def rnn_work_len(int B, int I, int H, int nthreads):
     """Elements of the scratch rnn_forward (work) and rnn_backward (pack)
-    take for B rows, H units and nthreads threads."""
-    return fr_rnn_work(B, H, nthreads)
+    take for B rows, I inputs, H units and nthreads threads."""
+    return fr_rnn_work(B, I, H, nthreads)
 
 
 def lstm_backward_work_len(int B, int H, int nthreads):
@@ -176,7 +176,7 @@ def lstm_forward(const floating[:, :, ::1] x, const floating[:, ::1] W,
     _expect("hs", (hs.shape[0], hs.shape[1], hs.shape[2]), (T + 1, B, H))
     _expect("cs", (cs.shape[0], cs.shape[1], cs.shape[2]), (T + 1 if training else 2, B, H))
     _expect("gates", (gates.shape[0], gates.shape[1], gates.shape[2]), (T, B, 4 * H))
-    cdef size_t need = fr_lstm_forward_work(B, H, nthreads)
+    cdef size_t need = fr_lstm_forward_work(B, I, H, nthreads)
     if work.shape[0] != 0 and <size_t>work.shape[0] < need:
         raise ValueError(f"work must have at least {need} elements "
                          f"(lstm_forward_work_len), got {work.shape[0]}")
@@ -273,7 +273,7 @@ def rnn_forward(const floating[:, :, ::1] x, const floating[:, ::1] W,
         raise ValueError("T, B and H must be at least 1")
     if act < 0 or act > 2:
         raise ValueError(f"act must be 0 (tanh), 1 (relu) or 2 (linear), got {act}")
-    cdef floating* pwork = _scratch(work, "work", fr_rnn_work(B, H, nthreads))
+    cdef floating* pwork = _scratch(work, "work", fr_rnn_work(B, I, H, nthreads))
     cdef const unsigned char* m = _mask_ptr(mask, T, B)
     cdef const floating* px = &x[0, 0, 0] if I > 0 else NULL
     cdef const floating* pW = &W[0, 0] if I > 0 else NULL
@@ -319,7 +319,7 @@ def rnn_backward(const floating[:, :, ::1] x, bint reverse, const floating[:, ::
     if act < 0 or act > 2:
         raise ValueError(f"act must be 0 (tanh), 1 (relu) or 2 (linear), got {act}")
     cdef floating* pxs = _gather_scratch(xs, Tc, B, I)
-    cdef floating* ppack = _scratch(pack, "pack", fr_rnn_work(B, H, nthreads))
+    cdef floating* ppack = _scratch(pack, "pack", fr_rnn_work(B, I, H, nthreads))
     cdef const unsigned char* m = _mask_ptr(mask, T, B)
     cdef const floating* px = &x[0, 0, 0] if I > 0 else NULL
     cdef const floating* pW = &W[0, 0] if I > 0 else NULL

@@ -144,7 +144,7 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
     gates = _aligned_empty((T, B, 4 * H), dt)
     threads, blas = _backend.thread_plan(name, B, 4, H)
     # the kernel's packed copy of the weights (see csrc/fastrnn.h)
-    work = _aligned_empty((_pack_len(name, B, H, threads)
+    work = _aligned_empty((_pack_len(name, B, I, H, threads)
                            if dt == np.float32 or (B == 1 and threads > 1) else 0,), dt)
     with blas:
         _backend.module(name).lstm_forward(
@@ -166,7 +166,7 @@ def _saved_input(x, keep):
     return _pool.copy(x) if keep else None
 
 
-def _pack_len(backend, B, H, threads, kind="lstm"):
+def _pack_len(backend, B, I, H, threads, kind="lstm"):
     """Length of the scratch the cython kernels pack the weights into (0 for
     other backends): one size for the forward's ``work`` and the backward's
     ``pack``, so that the buffer pool hands the forward's, freed, to the
@@ -175,8 +175,8 @@ def _pack_len(backend, B, H, threads, kind="lstm"):
     if not hasattr(module, "lstm_forward_work_len"):
         return 0
     if kind == "rnn":
-        return module.rnn_work_len(B, H, threads)
-    return max(module.lstm_forward_work_len(B, H, threads),
+        return module.rnn_work_len(B, I, H, threads)
+    return max(module.lstm_forward_work_len(B, I, H, threads),
                module.lstm_backward_work_len(B, H, threads))
 
 
@@ -253,7 +253,7 @@ def lstm_backward(workspace, d_outputs, d_h=None, d_c=None):
     threads, blas = _backend.thread_plan(workspace.backend, B, 4, H)
     module = _backend.module(workspace.backend)
     # first, so that the pool hands it the forward's work buffer (same size)
-    pack = _aligned_empty((_pack_len(workspace.backend, B, H, threads)
+    pack = _aligned_empty((_pack_len(workspace.backend, B, I, H, threads)
                            if dt == np.float32 else 0,), dt)
     # aligned: fastrnn.keras hands them to TensorFlow without a copy
     dx = _aligned_empty((B, T, I), dt)
@@ -325,7 +325,7 @@ def rnn_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *,
     hs = _aligned_empty((T + 1, B, H), dt)
     hs[0] = h0
     threads, blas = _backend.thread_plan(name, B, 1, H)
-    work = _aligned_empty((_pack_len(name, B, H, threads, "rnn")
+    work = _aligned_empty((_pack_len(name, B, I, H, threads, "rnn")
                            if dt == np.float32 else 0,), dt)
     with blas:
         _backend.module(name).rnn_forward(
@@ -356,7 +356,7 @@ def rnn_backward(workspace, d_outputs, d_h=None):
     dh = np.array(d_h, dtype=dt, order="C", copy=True)
     threads, blas = _backend.thread_plan(workspace.backend, B, 1, H)
     # first, so that the pool hands it the forward's work buffer (same size)
-    pack = _aligned_empty((_pack_len(workspace.backend, B, H, threads, "rnn")
+    pack = _aligned_empty((_pack_len(workspace.backend, B, I, H, threads, "rnn")
                            if dt == np.float32 else 0,), dt)
     # aligned: fastrnn.keras hands them to TensorFlow without a copy
     dx = _aligned_empty((B, T, I), dt)

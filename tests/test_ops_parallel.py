@@ -124,7 +124,8 @@ def _lstm_kernel_inputs(rng, T, B, I, H, dtype):
                     reason="the cython backend is not built")
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("B, H", [(1, 40), (3, 40), (13, 40), (9, 67), (20, 16), (17, 1)])
+@pytest.mark.parametrize("B, H", [(1, 40), (3, 40), (13, 40), (9, 67), (20, 16), (17, 1),
+                                  (16, 64), (8, 96)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_forward_with_packed_weights_matches_plain_blas(training, threads, B, H,
                                                         dtype):
@@ -137,7 +138,7 @@ def test_forward_with_packed_weights_matches_plain_blas(training, threads, B, H,
     T, I = 7, 5
     x, W, U, b, mask = _lstm_kernel_inputs(rng, T, B, I, H, dtype)
     runs = []
-    for work in (np.empty(_cykernels.lstm_forward_work_len(B, H, threads), dtype),
+    for work in (np.empty(_cykernels.lstm_forward_work_len(B, I, H, threads), dtype),
                  np.empty(0, dtype)):
         hs = np.zeros((T + 1, B, H), dtype)
         hs[0] = rng.standard_normal((B, H)) if not runs else runs[0][0][0]
@@ -159,8 +160,10 @@ def test_forward_with_packed_weights_matches_plain_blas(training, threads, B, H,
 def test_forward_rejects_a_short_work_buffer():
     from fastrnn import _cykernels
     T, B, I, H = 3, 2, 4, 8
-    need = _cykernels.lstm_forward_work_len(B, H, 2)
+    need = _cykernels.lstm_forward_work_len(B, I, H, 2)
     assert need == (4 * H + 32 * 2) * (H + B)
+    # from 8 rows on, float32 also packs W there (the input projection)
+    assert _cykernels.lstm_forward_work_len(8, I, H, 2) == (4 * H + 32 * 2) * (H + 8 + I)
     with pytest.raises(ValueError, match=f"work must have at least {need} elements"):
         _cykernels.lstm_forward(np.zeros((T, B, I)), np.zeros((I, 4 * H)),
                                 np.zeros((H, 4 * H)), np.zeros(4 * H),
@@ -172,7 +175,8 @@ def test_forward_rejects_a_short_work_buffer():
 @pytest.mark.skipif("cython" not in fastrnn.available_backends(),
                     reason="the cython backend is not built")
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("B, H", [(1, 40), (3, 40), (13, 40), (9, 67), (20, 16), (17, 1)])
+@pytest.mark.parametrize("B, H", [(1, 40), (3, 40), (13, 40), (9, 67), (20, 16), (17, 1),
+                                  (16, 64), (8, 96)])
 @pytest.mark.parametrize("Tc", [3, 7], ids=["chunks", "one-chunk"])
 def test_backward_with_packed_weights_matches_plain_blas(threads, B, H, Tc):
     """The C LSTM backward with its pack scratch (float32: the threads'
@@ -221,7 +225,8 @@ def test_backward_with_packed_weights_matches_plain_blas(threads, B, H, Tc):
                     reason="the cython backend is not built")
 @pytest.mark.parametrize("act", [0, 1, 2], ids=["tanh", "relu", "linear"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("B, H", [(1, 40), (3, 40), (13, 40), (9, 67), (20, 16), (17, 1)])
+@pytest.mark.parametrize("B, H", [(1, 40), (3, 40), (13, 40), (9, 67), (20, 16), (17, 1),
+                                  (16, 64), (8, 96)])
 def test_rnn_with_packed_weights_matches_plain_blas(act, threads, B, H):
     """The C RNN forward (work) and backward (pack) with the float32 packed
     panels against the same calls without them (BLAS)."""
@@ -237,7 +242,7 @@ def test_rnn_with_packed_weights_matches_plain_blas(act, threads, B, H):
     h0 = rng.standard_normal((B, H)).astype(dt)
     d_out = rng.standard_normal((B, T, H)).astype(dt)
     d_h = rng.standard_normal((B, H)).astype(dt)
-    n = _cykernels.rnn_work_len(B, H, threads)
+    n = _cykernels.rnn_work_len(B, I, H, threads)
     runs = []
     for scratch in (np.empty(n, dt), np.empty(0, dt)):
         hs = np.zeros((T + 1, B, H), dt)
