@@ -32,6 +32,40 @@ _JIT = dict(nogil=True, cache=True, error_model="numpy")
 _TILES = {8: 1, 4: 2, 2: 4, 1: 4}
 
 
+def _k_loop(fn, b, name, k0, k1, step, accs0, body):
+    """Emit, after builder b's block in fn, a loop for k = k0, k0 + step, ...
+    while k < k1 (k1 - k0 a multiple of step; none when k0 >= k1) whose
+    body(builder, k, accs) returns the accumulators' new values; returns
+    the builder of the block after it and the accumulators' final values."""
+    i64 = ir.IntType(64)
+    pre = b.block
+    loop = fn.append_basic_block(name)
+    out = fn.append_basic_block(name + ".done")
+    b.cbranch(b.icmp_signed("<", k0, k1), loop, out)
+    lb = ir.IRBuilder(loop)
+    k = lb.phi(i64)
+    k.add_incoming(k0, pre)
+    accs = []
+    for a0 in accs0:
+        ph = lb.phi(a0.type)
+        ph.add_incoming(a0, pre)
+        accs.append(ph)
+    new = body(lb, k, accs)
+    k_next = lb.add(k, ir.Constant(i64, step))
+    k.add_incoming(k_next, loop)
+    for ph, nw in zip(accs, new):
+        ph.add_incoming(nw, loop)
+    lb.cbranch(lb.icmp_signed("<", k_next, k1), loop, out)
+    ob = ir.IRBuilder(out)
+    final = []
+    for a0, nw in zip(accs0, new):
+        ph = ob.phi(a0.type)
+        ph.add_incoming(a0, pre)
+        ph.add_incoming(nw, loop)
+        final.append(ph)
+    return ob, final
+
+
 def _tile_function(module, R, KU):
     """The LLVM function C[r, 0:32] = sum_k A[r*lda + k] * P[k*32 + 0:32]
     for r < R: void (float *A, i64 lda, float *P, i64 K, float *C, i64 ldc),
@@ -57,105 +91,50 @@ def _tile_function(module, R, KU):
     splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), _VW), [0] * _VW)
     nv = NR // _VW
 
-    entry = fn.append_basic_block("entry")
-    loop = fn.append_basic_block("loop")
-    after = fn.append_basic_block("after")
-    rem = fn.append_basic_block("rem")
-    done = fn.append_basic_block("done")
-    b = ir.IRBuilder(entry)
-
     def c64(v):
         return ir.Constant(i64, v)
 
-    def load_b(builder, k, v):
-        off = builder.add(builder.mul(k, c64(NR)), c64(v * _VW))
-        p = builder.bitcast(builder.gep(P, [off], inbounds=True), vptr)
-        return builder.load(p, align=4)
+    def steps(u_count):
+        """A loop body: u_count k-steps, accumulator (r, v, u) for step u."""
+        def body(b, k, accs):
+            new = list(accs)
+            for u in range(u_count):
+                ku = b.add(k, c64(u))
+                bv = []
+                for v in range(nv):   # the panel's row k: nv vectors
+                    off = b.add(b.mul(ku, c64(NR)), c64(v * _VW))
+                    bv.append(b.load(b.bitcast(b.gep(P, [off], inbounds=True), vptr),
+                                     align=4))
+                for r in range(R):    # A[r, k] broadcast
+                    off = b.add(b.mul(c64(r), lda), ku)
+                    a = b.load(b.gep(A, [off], inbounds=True), align=4)
+                    a = b.insert_element(ir.Constant(vec, ir.Undefined), a,
+                                         ir.Constant(ir.IntType(32), 0))
+                    a = b.shuffle_vector(a, ir.Constant(vec, ir.Undefined), splat_mask)
+                    for v in range(nv):
+                        i = (r * nv + v) * u_count + u
+                        new[i] = b.call(fma, [a, bv[v], new[i]])
+            return new
+        return body
 
-    def splat_a(builder, r, k):
-        off = builder.add(builder.mul(c64(r), lda), k)
-        a = builder.load(builder.gep(A, [off], inbounds=True), align=4)
-        one = builder.insert_element(ir.Constant(vec, ir.Undefined), a, ir.Constant(ir.IntType(32), 0))
-        return builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), splat_mask)
-
-    nacc = R * nv * KU
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
     kmain = b.mul(b.udiv(K, c64(KU)), c64(KU)) if KU > 1 else K
-    b.cbranch(b.icmp_signed(">", kmain, c64(0)), loop, after)
-
-    # main loop: KU k-steps per iteration, accumulator (r, v, u)
-    b = ir.IRBuilder(loop)
-    k = b.phi(i64)
-    k.add_incoming(c64(0), entry)
-    accs = []
-    for _ in range(nacc):
-        ph = b.phi(vec)
-        ph.add_incoming(zero_v, entry)
-        accs.append(ph)
-    new = list(accs)
-    for u in range(KU):
-        ku = b.add(k, c64(u))
-        bv = [load_b(b, ku, v) for v in range(nv)]
-        for r in range(R):
-            a = splat_a(b, r, ku)
-            for v in range(nv):
-                i = (r * nv + v) * KU + u
-                new[i] = b.call(fma, [a, bv[v], new[i]])
-    k_next = b.add(k, c64(KU))
-    k.add_incoming(k_next, loop)
-    for ph, nw in zip(accs, new):
-        ph.add_incoming(nw, loop)
-    b.cbranch(b.icmp_signed("<", k_next, kmain), loop, after)
-
-    # after: sum the KU partial accumulators of each (r, v)
-    b = ir.IRBuilder(after)
-    merged = []
-    for i in range(nacc):
-        ph = b.phi(vec)
-        ph.add_incoming(zero_v, entry)
-        ph.add_incoming(new[i], loop)
-        merged.append(ph)
+    # KU k-steps at a time into separate accumulators, then their sums ...
+    b, part = _k_loop(fn, b, "main", c64(0), kmain, KU, [zero_v] * (R * nv * KU),
+                      steps(KU))
     acc = []
     for rv in range(R * nv):
-        s = merged[rv * KU]
+        total = part[rv * KU]
         for u in range(1, KU):
-            s = b.fadd(s, merged[rv * KU + u])
-        acc.append(s)
-    b.cbranch(b.icmp_signed("<", kmain, K), rem, done)
-
-    # rem: the last K % KU steps, one at a time
-    b = ir.IRBuilder(rem)
-    kr = b.phi(i64)
-    kr.add_incoming(kmain, after)
-    racc = []
-    for i in range(R * nv):
-        ph = b.phi(vec)
-        ph.add_incoming(acc[i], after)
-        racc.append(ph)
-    bv = [load_b(b, kr, v) for v in range(nv)]
-    rnew = list(racc)
-    for r in range(R):
-        a = splat_a(b, r, kr)
-        for v in range(nv):
-            rnew[r * nv + v] = b.call(fma, [a, bv[v], racc[r * nv + v]])
-    kr_next = b.add(kr, c64(1))
-    kr.add_incoming(kr_next, rem)
-    for ph, nw in zip(racc, rnew):
-        ph.add_incoming(nw, rem)
-    b.cbranch(b.icmp_signed("<", kr_next, K), rem, done)
-
-    # done: store the tile
-    b = ir.IRBuilder(done)
-    final = []
-    for i in range(R * nv):
-        ph = b.phi(vec)
-        ph.add_incoming(acc[i], after)
-        ph.add_incoming(rnew[i], rem)
-        final.append(ph)
+            total = b.fadd(total, part[rv * KU + u])
+        acc.append(total)
+    # ... and the last K % KU steps one at a time
+    b, acc = _k_loop(fn, b, "rest", kmain, K, 1, acc, steps(1))
     for r in range(R):
         for v in range(nv):
             off = b.add(b.mul(c64(r), ldc), c64(v * _VW))
-            p = b.bitcast(b.gep(C, [off], inbounds=True), vptr)
-            b.store(final[r * nv + v], p, align=4)
+            b.store(acc[r * nv + v], b.bitcast(b.gep(C, [off], inbounds=True), vptr),
+                    align=4)
     b.ret_void()
     return fn
 
