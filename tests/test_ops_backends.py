@@ -1,7 +1,7 @@
 """Every backend of fastrnn.ops against fastrnn.reference: forward results
 (with and without a workspace) and every gradient, for the LSTM and the
 simple RNN, over shapes with size-1 dimensions, odd sizes, hidden sizes that
-are not a multiple of a SIMD width, I = 0, T = 1 and T >= 500; with masks of
+are not a multiple of a SIMD width, I = 0, T = 1, T >= 500 and 8+ batch rows; with masks of
 every kind and go_backwards.  Also Keras's masking rules checked directly."""
 import numpy as np
 import pytest
@@ -19,6 +19,8 @@ SHAPES = [
     (5, 6, 7, 17),
     (2, 4, 3, 33),
     (2, 520, 2, 3),    # long sequence, small everything else
+    (9, 4, 33, 20),    # 8+ rows: float32 input projection on packed W
+    (16, 3, 0, 40),    # 8+ rows, no input features
 ]
 SHAPE_IDS = ["B{}T{}I{}H{}".format(*s) for s in SHAPES]
 
