@@ -1,8 +1,9 @@
 """Every backend of fastrnn.ops against fastrnn.reference: forward results
 (with and without a workspace) and every gradient, for the LSTM and the
 simple RNN, over shapes with size-1 dimensions, odd sizes, hidden sizes that
-are not a multiple of a SIMD width, I = 0, T = 1, T >= 500 and 8+ batch rows; with masks of
-every kind and go_backwards.  Also Keras's masking rules checked directly."""
+are not a multiple of a SIMD width, I = 0, T = 1, T >= 500 and 8+ batch
+rows; with masks of every kind and go_backwards.  Also Keras's masking
+rules checked directly."""
 import numpy as np
 import pytest
 
