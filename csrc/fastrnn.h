@@ -97,8 +97,10 @@ int fr_lstm_forward_f64(const fr_dblas *blas, int nthreads, int training,
  *                      like x)
  *   dz     (Tc, B, 4H) scratch: one chunk's pre-activation gradients
  *   work   (B, H)      scratch
- *   pack   fr_lstm_backward_work(B, H, nthreads) scratch, or NULL: float32,
- *          the threads' packed (transposed) rows of U for dz U^T
+ *   pack   fr_lstm_backward_work(B, I, H, nthreads) scratch, or NULL:
+ *          float32, the threads' packed (transposed) rows of U for dz U^T
+ *          and, from 8 rows on when it fits in the length of the forward's
+ *          work, W^T packed for dx = dz W^T
  *   xs     2 * Tc * B * I scratch (NULL allowed when I = 0): one chunk's
  *          rows of x and of dx
  */
@@ -160,7 +162,7 @@ int fr_has_threads(void);
 /* The lengths of fr_lstm_forward's work and fr_lstm_backward's pack
  * buffers, in elements. */
 size_t fr_lstm_forward_work(int B, int I, int H, int nthreads);
-size_t fr_lstm_backward_work(int B, int H, int nthreads);
+size_t fr_lstm_backward_work(int B, int I, int H, int nthreads);
 size_t fr_rnn_work(int B, int I, int H, int nthreads);   /* the RNN's work and pack */
 
 /* Give the kernels' worker threads a function that sets the calling thread's

@@ -340,6 +340,11 @@ static void fr_project_panels(int r0, int r1, int K, int H, int G, int j0, int w
     }
 }
 
+/* Scratch sizes (defined at the end): whether a backward call's pack holds
+ * W^T packed for dx. */
+static size_t fr_forward_work(int G, int B, int I, int H, int nthreads);
+static int fr_backward_packs_wt(int G, int B, int I, int H, int nthreads);
+
 #define FR_F32 1
 #define REAL float
 #define SUF f32
@@ -374,13 +379,43 @@ const char *fr_compiler(void)
 #endif
 }
 
-size_t fr_lstm_backward_work(int B, int H, int nthreads)
+/* The backward's pack: the packed U^T (G*H rows of H + FR_NR_ALL*n
+ * columns) and the product rows (B); then, from FR_PROJ_MIN_B rows on, the
+ * packed W^T (G*H rows of I rounded up to panels) for dx = dz W^T, when the
+ * whole still fits in the forward's work: the two share one pool buffer
+ * (fastrnn/ops.py), so packing W^T never adds to a training step's memory
+ * (LSTM 64x50x256x256 packs it; 16x100x128x512 and 32x100x64x128 do not). */
+static size_t fr_backward_base(int G, int B, int H, int nthreads)
 {
-    if (B < 1 || H < 1)
+    return ((size_t)H + (size_t)FR_NR_ALL * nthreads) * ((size_t)G * H + B);
+}
+
+static size_t fr_backward_wt(int G, int B, int I, int H, int nthreads)
+{
+    if (B < FR_PROJ_MIN_B || I < 1)
+        return 0;
+    const size_t wt = (size_t)G * H * FR_NR * fr_panels(I);
+    return fr_backward_base(G, B, H, nthreads) + wt <= fr_forward_work(G, B, I, H, nthreads)
+           ? wt : 0;
+}
+
+static size_t fr_backward_work(int G, int B, int I, int H, int nthreads)
+{
+    if (B < 1 || H < 1 || I < 0)
         return 0;
     if (nthreads < 1)
         nthreads = 1;
-    return ((size_t)H + (size_t)FR_NR_ALL * nthreads) * ((size_t)4 * H + B);
+    return fr_backward_base(G, B, H, nthreads) + fr_backward_wt(G, B, I, H, nthreads);
+}
+
+static int fr_backward_packs_wt(int G, int B, int I, int H, int nthreads)
+{
+    return fr_backward_wt(G, B, I, H, nthreads < 1 ? 1 : nthreads) > 0;
+}
+
+size_t fr_lstm_backward_work(int B, int I, int H, int nthreads)
+{
+    return fr_backward_work(4, B, I, H, nthreads);
 }
 
 /* The packed U (K = H rows), the product rows (B) and, from FR_PROJ_MIN_B
@@ -397,7 +432,9 @@ static size_t fr_forward_work(int G, int B, int I, int H, int nthreads)
 
 size_t fr_rnn_work(int B, int I, int H, int nthreads)
 {
-    return fr_forward_work(1, B, I, H, nthreads);
+    const size_t f = fr_forward_work(1, B, I, H, nthreads);
+    const size_t b = fr_backward_work(1, B, I, H, nthreads);
+    return f > b ? f : b;
 }
 
 size_t fr_lstm_forward_work(int B, int I, int H, int nthreads)

@@ -486,8 +486,8 @@ static inline size_t FN(tm_row)(int T, int B, int I, int reverse, size_t r)
  * and accumulated after.  xs: 2 * (t1 - t0) * B * I scratch. */
 static void FN(weight_grads_rows)(const BLAS_T *blas, int r0, int r1, int t0, int t1,
                                   int T, int B, int I, int GH, int reverse,
-                                  const REAL *x, const REAL *W, const REAL *dz,
-                                  REAL *xs, REAL *dx)
+                                  const REAL *x, const REAL *W, const REAL *Wt,
+                                  const REAL *dz, REAL *xs, REAL *dx)
 {
     const int R = (t1 - t0) * B;
     const size_t row0 = (size_t)t0 * B;   /* the chunk's first (t, b) row */
@@ -497,6 +497,11 @@ static void FN(weight_grads_rows)(const BLAS_T *blas, int r0, int r1, int t0, in
     for (int r = r0; r < r1; r++)
         memcpy(xc + (size_t)(r - r0) * I, x + FN(tm_row)(T, B, I, reverse, row0 + r),
                (size_t)I * sizeof(REAL));
+#ifdef FR_F32
+    if (Wt)   /* W^T packed in panels (float32, from FR_PROJ_MIN_B rows) */
+        fr_project_panels(0, r1 - r0, GH, I, 1, 0, I, dz + (size_t)r0 * GH, Wt, dxc);
+    else
+#endif
     FN(gemm_rm)(blas, 0, 1, r1 - r0, I, GH, 1, dz + (size_t)r0 * GH, GH, W, GH,
                 0, dxc, I);
     for (int r = r0; r < r1; r++)
@@ -535,16 +540,16 @@ static void FN(weight_grads_cols)(const BLAS_T *blas, int c0, int c1, int first,
 static void FN(weight_grads)(const BLAS_T *blas, int tid, int n, fr_barrier *bar,
                              int *sense, fr_work *items, int first, int t0, int t1,
                              int T, int B, int I, int H, int G, int reverse,
-                             const REAL *x, const REAL *W, const REAL *hs,
-                             const REAL *dz, REAL *xs, REAL *dx, REAL *dW,
-                             REAL *dU, REAL *db)
+                             const REAL *x, const REAL *W, const REAL *Wt,
+                             const REAL *hs, const REAL *dz, REAL *xs, REAL *dx,
+                             REAL *dW, REAL *dU, REAL *db)
 {
     const int GH = G * H, R = (t1 - t0) * B;
     int r0, r1, c0, c1;
     if (!items) {
         fr_split(R, 1, tid, n, &r0, &r1);
-        FN(weight_grads_rows)(blas, r0, r1, t0, t1, T, B, I, GH, reverse, x, W, dz,
-                              xs, dx);
+        FN(weight_grads_rows)(blas, r0, r1, t0, t1, T, B, I, GH, reverse, x, W, Wt,
+                              dz, xs, dx);
         fr_barrier_wait(bar, n, sense);   /* the chunk's x rows are all in xs */
         fr_split(GH, FR_CHUNK, tid, n, &c0, &c1);
         FN(weight_grads_cols)(blas, c0, c1, first, t0, t1, B, I, H, GH, hs, dz, xs,
@@ -555,8 +560,8 @@ static void FN(weight_grads)(const BLAS_T *blas, int tid, int n, fr_barrier *bar
     int k;
     while ((k = fr_work_claim(&items[0], nr)) >= 0) {
         fr_split(R, 1, k, nr, &r0, &r1);
-        FN(weight_grads_rows)(blas, r0, r1, t0, t1, T, B, I, GH, reverse, x, W, dz,
-                              xs, dx);
+        FN(weight_grads_rows)(blas, r0, r1, t0, t1, T, B, I, GH, reverse, x, W, Wt,
+                              dz, xs, dx);
         fr_work_finish(&items[0]);
     }
     fr_work_wait(&items[0], nr);
@@ -610,6 +615,7 @@ typedef struct {
     const REAL *hs, *cs, *gates, *d_out;
     REAL *dh, *dc, *dx, *dW, *dU, *db, *dz, *work, *pack, *xs;
     int reverse, nthreads, rows, nblocks;
+    REAL *Wt;   /* float32 from FR_PROJ_MIN_B rows: W^T packed in panels (for dx) */
     fr_barrier bar;
     fr_work *items;
 } FN(bwd_args);
@@ -902,6 +908,12 @@ static void FN(backward_job)(void *arg, int tid, int n)
                           &Pk, &tmp, &ldt);
         fr_pack_t_panels(GH, j0, w, a->U, Pk);
     }
+    if (a->Wt && !a->rows) {   /* this thread's panels of W^T, used after a meeting */
+        int i0, i1;
+        fr_split(a->I, FR_NR, tid, n, &i0, &i1);
+        if (i1 > i0)
+            fr_pack_t_panels(GH, i0, i1 - i0, a->W, a->Wt + (size_t)(i0 / FR_NR) * GH * FR_NR);
+    }
 #endif
     /* chunks [t0, t1) of Tc steps from the end; step t's dz is dz[t - t0] */
     fr_work *items = a->items;
@@ -937,7 +949,8 @@ static void FN(backward_job)(void *arg, int tid, int n)
         }
         FN(weight_grads)(a->blas, tid, n, &a->bar, &sense, a->rows ? items + 1 : NULL,
                          t1 == T, t0, t1, T, B, a->I, H, a->G, a->reverse, a->x,
-                         a->W, a->hs, a->dz, a->xs, a->dx, a->dW, a->dU, a->db);
+                         a->W, a->Wt, a->hs, a->dz, a->xs, a->dx, a->dW, a->dU,
+                         a->db);
         if (a->rows)
             items += 3;
         else if (t0 > 0)
@@ -957,6 +970,11 @@ static int FN(run_backward)(FN(bwd_args) *a, int nthreads)
     a->rows = n > 1 && fr_split_rows(B, H, n);
     a->nblocks = fr_pieces(B, FR_MIN_ROWS, n);
     a->items = NULL;
+    a->Wt = NULL;
+#ifdef FR_F32
+    if (a->pack && fr_backward_packs_wt(a->G, B, a->I, H, a->nthreads))   /* after U^T */
+        a->Wt = a->pack + ((size_t)H + (size_t)FR_NR_ALL * a->nthreads) * ((size_t)a->G * H + B);
+#endif
     fr_barrier_init(&a->bar);
     if (!a->rows) {
         fr_pool_run(n, FN(backward_job), a);
@@ -970,8 +988,10 @@ static int FN(run_backward)(FN(bwd_args) *a, int nthreads)
         fr_work_init(&w[i]);
     a->items = w;
 #ifdef FR_F32
-    if (a->pack)   /* one shared copy, before the team starts */
+    if (a->pack)   /* one shared copy (and of W^T), before the team starts */
         fr_pack_t_panels(a->G * H, 0, H, a->U, a->pack);
+    if (a->Wt)
+        fr_pack_t_panels(a->G * H, 0, a->I, a->W, a->Wt);
 #endif
     fr_pool_run_flexible(n, FN(backward_job), a);
     free(w);

@@ -64,7 +64,7 @@ cdef extern from "fastrnn.h" nogil:
     void fr_team_set_worker_delay_us(long us)
     int fr_team_plan(int nthreads, int B, int H, int *rows)
     size_t fr_lstm_forward_work(int B, int I, int H, int nthreads)
-    size_t fr_lstm_backward_work(int B, int H, int nthreads)
+    size_t fr_lstm_backward_work(int B, int I, int H, int nthreads)
     size_t fr_rnn_work(int B, int I, int H, int nthreads)
 
 
@@ -95,10 +95,10 @@ def rnn_work_len(int B, int I, int H, int nthreads):
     return fr_rnn_work(B, I, H, nthreads)
 
 
-def lstm_backward_work_len(int B, int H, int nthreads):
+def lstm_backward_work_len(int B, int I, int H, int nthreads):
     """Elements of the scratch lstm_backward takes as ``pack`` for B rows,
-    H units and nthreads threads (see csrc/fastrnn.h)."""
-    return fr_lstm_backward_work(B, H, nthreads)
+    I inputs, H units and nthreads threads (see csrc/fastrnn.h)."""
+    return fr_lstm_backward_work(B, I, H, nthreads)
 
 
 def team_plan(int nthreads, int B, int H):
@@ -227,7 +227,7 @@ def lstm_backward(const floating[:, :, ::1] x, bint reverse, const floating[:, :
     cdef Py_ssize_t Tc = dz.shape[0]
     _expect("dz", (dz.shape[0], dz.shape[1], dz.shape[2]), (Tc, B, 4 * H))
     _expect("work", (work.shape[0], work.shape[1]), (B, H))
-    cdef size_t need = fr_lstm_backward_work(B, H, nthreads)
+    cdef size_t need = fr_lstm_backward_work(B, I, H, nthreads)
     if pack.shape[0] != 0 and <size_t>pack.shape[0] < need:
         raise ValueError(f"pack must have at least {need} elements "
                          f"(lstm_backward_work_len), got {pack.shape[0]}")

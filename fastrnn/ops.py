@@ -177,7 +177,7 @@ def _pack_len(backend, B, I, H, threads, kind="lstm"):
     if kind == "rnn":
         return module.rnn_work_len(B, I, H, threads)
     return max(module.lstm_forward_work_len(B, I, H, threads),
-               module.lstm_backward_work_len(B, H, threads))
+               module.lstm_backward_work_len(B, I, H, threads))
 
 
 # The backward pass keeps the pre-activation gradients dz of a chunk of time

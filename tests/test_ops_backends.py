@@ -21,6 +21,7 @@ SHAPES = [
     (2, 4, 3, 33),
     (2, 520, 2, 3),    # long sequence, small everything else
     (9, 4, 33, 20),    # 8+ rows: float32 input projection on packed W
+    (12, 4, 100, 16),  # ... and dx on packed W^T (it fits the forward's work)
     (16, 3, 0, 40),    # 8+ rows, no input features
 ]
 SHAPE_IDS = ["B{}T{}I{}H{}".format(*s) for s in SHAPES]

@@ -157,6 +157,23 @@ def test_forward_with_packed_weights_matches_plain_blas(training, threads, B, H,
 
 @pytest.mark.skipif("cython" not in fastrnn.available_backends(),
                     reason="the cython backend is not built")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_backward_packs_w_transposed_only_within_the_forwards_work(threads):
+    """From 8 rows on the backward's pack also holds W^T packed (for dx)
+    when that fits in the forward's work length (the two share one buffer),
+    so the tests above run both ways: with I = 100 at B=20, H=16; not at
+    B=16, H=64, nor under 8 rows."""
+    from fastrnn import _cykernels as cy
+    for B, I, H in [(20, 100, 16), (16, 100, 64), (3, 100, 40)]:
+        base = (H + 32 * threads) * (4 * H + B)
+        n = cy.lstm_backward_work_len(B, I, H, threads)
+        assert n <= max(base, cy.lstm_forward_work_len(B, I, H, threads))
+        assert (n > base) == (B == 20), (B, I, H)
+        assert n == base + (4 * H * 128 if B == 20 else 0)
+
+
+@pytest.mark.skipif("cython" not in fastrnn.available_backends(),
+                    reason="the cython backend is not built")
 def test_forward_rejects_a_short_work_buffer():
     from fastrnn import _cykernels
     T, B, I, H = 3, 2, 4, 8
@@ -178,14 +195,15 @@ def test_forward_rejects_a_short_work_buffer():
 @pytest.mark.parametrize("B, H", [(1, 40), (3, 40), (13, 40), (9, 67), (20, 16), (17, 1),
                                   (16, 64), (8, 96)])
 @pytest.mark.parametrize("Tc", [3, 7], ids=["chunks", "one-chunk"])
-def test_backward_with_packed_weights_matches_plain_blas(threads, B, H, Tc):
+@pytest.mark.parametrize("I", [5, 100])
+def test_backward_with_packed_weights_matches_plain_blas(threads, B, H, Tc, I):
     """The C LSTM backward with its pack scratch (float32: the threads'
-    rows of U packed, transposed, in panels for dz U^T) against the same
-    call without it (BLAS)."""
+    rows of U packed, transposed, in panels for dz U^T, and W^T for dx
+    where it fits) against the same call without it (BLAS)."""
     from fastrnn import _cykernels
     dt = np.float32
-    rng = np.random.default_rng(B * 100 + H + threads + Tc)
-    T, I = 7, 5
+    rng = np.random.default_rng(B * 100 + H + threads + Tc + I)
+    T = 7
     x, W, U, b, mask = _lstm_kernel_inputs(rng, T, B, I, H, dt)
     hs = np.zeros((T + 1, B, H), dt)
     hs[0] = rng.standard_normal((B, H))
@@ -198,7 +216,7 @@ def test_backward_with_packed_weights_matches_plain_blas(threads, B, H, Tc):
     x_bm = np.ascontiguousarray(x.swapaxes(0, 1))   # the backward's layout
     xs = np.empty(2 * Tc * B * I, dt)
     runs = []
-    for pack in (np.empty(_cykernels.lstm_backward_work_len(B, H, threads), dt),
+    for pack in (np.empty(_cykernels.lstm_backward_work_len(B, I, H, threads), dt),
                  np.empty(0, dt)):
         out = dict(dh=d_h.copy(), dc=d_c.copy(), dx=np.empty((B, T, I), dt),
                    dW=np.empty((I, 4 * H), dt), dU=np.empty((H, 4 * H), dt),
@@ -227,13 +245,14 @@ def test_backward_with_packed_weights_matches_plain_blas(threads, B, H, Tc):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("B, H", [(1, 40), (3, 40), (13, 40), (9, 67), (20, 16), (17, 1),
                                   (16, 64), (8, 96)])
-def test_rnn_with_packed_weights_matches_plain_blas(act, threads, B, H):
+@pytest.mark.parametrize("I", [5, 100])
+def test_rnn_with_packed_weights_matches_plain_blas(act, threads, B, H, I):
     """The C RNN forward (work) and backward (pack) with the float32 packed
     panels against the same calls without them (BLAS)."""
     from fastrnn import _cykernels
     dt = np.float32
-    rng = np.random.default_rng(B * 100 + H + threads + act)
-    T, I, Tc = 7, 5, 3
+    rng = np.random.default_rng(B * 100 + H + threads + act + I)
+    T, Tc = 7, 3
     x = rng.standard_normal((T, B, I)).astype(dt)
     W = (rng.standard_normal((I, H)) / 3).astype(dt)
     U = (rng.standard_normal((H, H)) / 7).astype(dt)
