@@ -23,7 +23,9 @@ hidden units between threads, each multiplying by its own columns of U
 (packed once per call, so they stay in its core's cache) and meeting the
 others once per step at a barrier built from LLVM atomics (``_barrier``);
 otherwise the batch rows are split, when there are at least 4 per thread:
-each block's time loop runs on its own thread without meetings.
+each block's time loop runs on its own thread without meetings.  After
+unit-split calls that stalled (a thread of the call not running), the next
+ones run on one thread for a while (``_plan``, ``_note_call``).
 The kernels release the GIL; threads are a Python thread pool.  BLAS stays
 single-threaded in every thread.
 """
