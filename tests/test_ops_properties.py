@@ -14,9 +14,9 @@ SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
 def problems(draw, kernels, dtype, min_T=0):
     """A random ``make_problem`` dict: any cell, shape, mask and options."""
     kind, activation = draw(st.sampled_from(CELLS))
-    B = draw(st.integers(0, 4))
+    B = draw(st.integers(0, 12))   # 8+: the float32 input projection on packed W
     T = draw(st.integers(min_T, 9))
-    I = draw(st.integers(0, 5))
+    I = draw(st.integers(0, 40))
     H = draw(st.integers(1, 9))
     mask = draw(st.sampled_from((None,) + kernels.MASK_KINDS))
     options = {name: draw(st.booleans())
