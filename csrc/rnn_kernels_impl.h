@@ -240,21 +240,62 @@ static void FN(recurrent_projection)(const BLAS_T *blas, int G, int B, int H, in
                     1, z + q * H + j0, GH);
 }
 
-/* The arguments of one LSTM forward call, shared by its team.  rows: the
- * team splits the batch rows (flexible job: fr_pool_run_flexible, work
- * items claimed from items[0] (input projection pieces) and items[1] (row
- * blocks), no barrier); else the hidden units (a barrier per step). */
+/* What the team of one forward call (LSTM or RNN) shares: rows, the team
+ * splits the batch rows (flexible job: fr_pool_run_flexible, work items
+ * claimed from items[0] (input projection pieces) and items[1] (row
+ * blocks), no barrier), else the hidden units (a barrier per step); proj,
+ * float32: the input projection on packed W (fr_project_panels). */
+typedef struct {
+    int nthreads, rows, npieces, nblocks, proj;
+    fr_barrier bar;
+    fr_work items[2];
+} FN(fwd_team);
+
+/* The arguments of one LSTM forward call, shared by its team. */
 typedef struct {
     const BLAS_T *blas;
     int training, T, B, I, H;
     const REAL *x, *W, *U, *bias;
     const unsigned char *mask;
     REAL *hs, *cs, *gates, *work;
-    int nthreads, rows, npieces, nblocks;
-    int proj;   /* float32: the input projection on packed W (fr_project_panels) */
-    fr_barrier bar;
-    fr_work items[2];
+    FN(fwd_team) tm;
 } FN(lstm_fwd_args);
+
+/* Run a forward job (LSTM, G = 4, or RNN, G = 1) whose arguments arg hold
+ * team tm: on a team that splits the hidden units, or, for the row split,
+ * a flexible team, with U (and W, when the projection runs on it) packed
+ * once by the caller first (float32 with work). */
+static void FN(run_forward)(FN(fwd_team) *tm, fr_job_fn job, void *arg, int nthreads,
+                            int G, int T, int B, int I, int H, const REAL *W,
+                            const REAL *U, REAL *work)
+{
+    const int n = fr_team(nthreads, B, H);
+    tm->nthreads = nthreads < 1 ? 1 : nthreads;
+    tm->rows = n > 1 && fr_split_rows(B, H, n);
+    tm->proj = 0;
+#ifdef FR_F32
+    tm->proj = work && I > 0 && B >= FR_PROJ_MIN_B;
+#else
+    (void)G, (void)T, (void)I, (void)W, (void)U, (void)work;
+#endif
+    fr_barrier_init(&tm->bar);
+    if (!tm->rows) {
+        fr_pool_run(n, job, arg);
+        return;
+    }
+    tm->npieces = fr_pieces(T * B, 64, n);
+    tm->nblocks = fr_pieces(B, FR_MIN_ROWS, n);
+    fr_work_init(&tm->items[0]);
+    fr_work_init(&tm->items[1]);
+#ifdef FR_F32
+    if (work)   /* one shared copy of U (and W) in panels, before the team starts */
+        fr_pack_panels(H, H, G, 0, H, U, work);
+    if (tm->proj)
+        fr_pack_panels(I, H, G, 0, H, W,
+                       FN(w_panels_slot)(work, G, I, H, B, tm->nthreads, 0, 1, 0));
+#endif
+    fr_pool_run_flexible(n, job, arg);
+}
 
 /* Pieces [r0, r1) of a forward's input projection z = x W (G gate blocks),
  * on the shared packed W when proj, else by BLAS. */
@@ -310,17 +351,17 @@ static void FN(lstm_forward_rows)(FN(lstm_fwd_args) *a)
     const int T = a->T, B = a->B, H = a->H, training = a->training;
     const size_t BH = (size_t)B * H, BG = (size_t)B * 4 * H;
     int k;
-    while ((k = fr_work_claim(&a->items[0], a->npieces)) >= 0) {
+    while ((k = fr_work_claim(&a->tm.items[0], a->tm.npieces)) >= 0) {
         int r0, r1;
-        fr_split(T * B, 1, k, a->npieces, &r0, &r1);
-        FN(project_rows)(a->blas, a->proj, a->work, a->nthreads, r0, r1, 4, B, a->I,
+        fr_split(T * B, 1, k, a->tm.npieces, &r0, &r1);
+        FN(project_rows)(a->blas, a->tm.proj, a->work, a->tm.nthreads, r0, r1, 4, B, a->I,
                          H, a->x, a->W, a->gates);
-        fr_work_finish(&a->items[0]);
+        fr_work_finish(&a->tm.items[0]);
     }
-    fr_work_wait(&a->items[0], a->npieces);
-    while ((k = fr_work_claim(&a->items[1], a->nblocks)) >= 0) {
+    fr_work_wait(&a->tm.items[0], a->tm.npieces);
+    while ((k = fr_work_claim(&a->tm.items[1], a->tm.nblocks)) >= 0) {
         int b0, b1;
-        fr_split(B, 1, k, a->nblocks, &b0, &b1);
+        fr_split(B, 1, k, a->tm.nblocks, &b0, &b1);
         const int Bk = b1 - b0;
         const size_t oh = (size_t)b0 * H, og = (size_t)b0 * 4 * H;
         REAL *Up = NULL, *rec = NULL;   /* (float64: BLAS, rec stays NULL) */
@@ -329,7 +370,7 @@ static void FN(lstm_forward_rows)(FN(lstm_fwd_args) *a)
 #ifdef FR_F32
         const int np = fr_panels(4 * H);
         if (a->work)   /* float32: the shared panels, this block's rec rows */
-            FN(scratch_slots)(a->work, H, 4, H, B, a->nthreads, 0, 1, 0, H, b0,
+            FN(scratch_slots)(a->work, H, 4, H, B, a->tm.nthreads, 0, 1, 0, H, b0,
                               &Up, &rec, &ldr);
 #endif
         for (int t = 0; t < T; t++) {
@@ -347,7 +388,7 @@ static void FN(lstm_forward_rows)(FN(lstm_fwd_args) *a)
             FN(lstm_cell)(Bk, H, 0, H, a->bias, m, z, rec, (size_t)ldr, hp, cp,
                           a->hs + (t + 1) * BH + oh, cn);
         }
-        fr_work_finish(&a->items[1]);
+        fr_work_finish(&a->tm.items[1]);
     }
 }
 
@@ -356,7 +397,7 @@ static void FN(lstm_forward_rows)(FN(lstm_fwd_args) *a)
 static void FN(lstm_forward_job)(void *arg, int tid, int n)
 {
     FN(lstm_fwd_args) *a = arg;
-    if (a->rows) {
+    if (a->tm.rows) {
         FN(lstm_forward_rows)(a);
         return;
     }
@@ -366,7 +407,7 @@ static void FN(lstm_forward_job)(void *arg, int tid, int n)
     int j0, j1;
     fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
     const int w = j1 - j0;
-    const int meet = FN(project_own)(a->blas, a->proj, a->work, a->nthreads, tid, n, 4,
+    const int meet = FN(project_own)(a->blas, a->tm.proj, a->work, a->tm.nthreads, tid, n, 4,
                                      T, B, a->I, H, j0, w, a->x, a->W, a->gates);
     /* The step's h U for this thread's units, by the fastest means:
      * - float32: this thread's columns of U packed once in panels
@@ -390,7 +431,7 @@ static void FN(lstm_forward_job)(void *arg, int tid, int n)
     REAL *Up = NULL, *rec = NULL;
     int ldr = 4 * w;
     if (mode) {
-        FN(scratch_slots)(a->work, H, 4, H, B, a->nthreads, tid, 0, j0, w, 0,
+        FN(scratch_slots)(a->work, H, 4, H, B, a->tm.nthreads, tid, 0, j0, w, 0,
                           &Up, &rec, &ldr);
         if (mode == 1)
             ldr = 4 * w;
@@ -408,7 +449,7 @@ static void FN(lstm_forward_job)(void *arg, int tid, int n)
                        (size_t)w * sizeof(REAL));
     }
     if (meet)   /* every row's input projection done */
-        fr_barrier_wait(&a->bar, n, &sense);
+        fr_barrier_wait(&a->tm.bar, n, &sense);
     for (int t = 0; t < T; t++) {
         REAL *z = a->gates + t * BG;
         const REAL *hp = a->hs + t * BH;
@@ -429,7 +470,7 @@ static void FN(lstm_forward_job)(void *arg, int tid, int n)
             FN(lstm_cell)(B, H, j0, j1, a->bias, m, z, rec, (size_t)ldr, hp, cp,
                           a->hs + (t + 1) * BH, cn);
         }
-        fr_barrier_wait(&a->bar, n, &sense);
+        fr_barrier_wait(&a->tm.bar, n, &sense);
     }
 }
 
@@ -441,30 +482,9 @@ int FN(fr_lstm_forward)(const BLAS_T *blas, int nthreads, int training, int T, i
 {
     if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 4))
         return 1;
-    const int n = fr_team(nthreads, B, H);
     FN(lstm_fwd_args) a = {blas, training, T, B, I, H, x, W, U, bias, mask,
-                           hs, cs, gates, work, nthreads < 1 ? 1 : nthreads,
-                           n > 1 && fr_split_rows(B, H, n)};
-#ifdef FR_F32
-    a.proj = work && I > 0 && B >= FR_PROJ_MIN_B;
-#endif
-    fr_barrier_init(&a.bar);
-    if (!a.rows) {
-        fr_pool_run(n, FN(lstm_forward_job), &a);
-        return 0;
-    }
-    a.npieces = fr_pieces(T * B, 64, n);
-    a.nblocks = fr_pieces(B, FR_MIN_ROWS, n);
-    fr_work_init(&a.items[0]);
-    fr_work_init(&a.items[1]);
-#ifdef FR_F32
-    if (work)   /* one shared copy of U (and W) in panels, before the team starts */
-        fr_pack_panels(H, H, 4, 0, H, U, work);
-    if (a.proj)
-        fr_pack_panels(I, H, 4, 0, H, W,
-                       FN(w_panels_slot)(work, 4, I, H, B, a.nthreads, 0, 1, 0));
-#endif
-    fr_pool_run_flexible(n, FN(lstm_forward_job), &a);
+                           hs, cs, gates, work};
+    FN(run_forward)(&a.tm, FN(lstm_forward_job), &a, nthreads, 4, T, B, I, H, W, U, work);
     return 0;
 }
 
@@ -727,10 +747,7 @@ typedef struct {
     const REAL *x, *W, *U, *bias;
     const unsigned char *mask;
     REAL *hs, *work;
-    int nthreads, rows, npieces, nblocks;
-    int proj;   /* as the LSTM's */
-    fr_barrier bar;
-    fr_work items[2];
+    FN(fwd_team) tm;
 } FN(rnn_fwd_args);
 
 /* Steps 0..T-1 for batch rows [b0, b1) and units [j0, j1) (meeting at bar
@@ -775,25 +792,25 @@ static void FN(rnn_forward_job)(void *arg, int tid, int n)
     int sense = 0, k;
     REAL *Up = NULL, *rec = NULL;
     int ldr = 0;
-    if (a->rows) {   /* as the LSTM's lstm_forward_rows */
-        while ((k = fr_work_claim(&a->items[0], a->npieces)) >= 0) {
+    if (a->tm.rows) {   /* as the LSTM's lstm_forward_rows */
+        while ((k = fr_work_claim(&a->tm.items[0], a->tm.npieces)) >= 0) {
             int r0, r1;
-            fr_split(T * B, 1, k, a->npieces, &r0, &r1);
-            FN(project_rows)(a->blas, a->proj, a->work, a->nthreads, r0, r1, 1, B, a->I,
+            fr_split(T * B, 1, k, a->tm.npieces, &r0, &r1);
+            FN(project_rows)(a->blas, a->tm.proj, a->work, a->tm.nthreads, r0, r1, 1, B, a->I,
                              H, a->x, a->W, a->hs + BH);
-            fr_work_finish(&a->items[0]);
+            fr_work_finish(&a->tm.items[0]);
         }
-        fr_work_wait(&a->items[0], a->npieces);
-        while ((k = fr_work_claim(&a->items[1], a->nblocks)) >= 0) {
+        fr_work_wait(&a->tm.items[0], a->tm.npieces);
+        while ((k = fr_work_claim(&a->tm.items[1], a->tm.nblocks)) >= 0) {
             int b0, b1;
-            fr_split(B, 1, k, a->nblocks, &b0, &b1);
+            fr_split(B, 1, k, a->tm.nblocks, &b0, &b1);
 #ifdef FR_F32
             if (a->work)
-                FN(scratch_slots)(a->work, H, 1, H, B, a->nthreads, 0, 1, 0, H, b0,
+                FN(scratch_slots)(a->work, H, 1, H, B, a->tm.nthreads, 0, 1, 0, H, b0,
                                   &Up, &rec, &ldr);
 #endif
             FN(rnn_steps)(a, b0, b1, 0, H, Up, rec, ldr, NULL, 1, &sense);
-            fr_work_finish(&a->items[1]);
+            fr_work_finish(&a->tm.items[1]);
         }
         return;
     }
@@ -801,21 +818,21 @@ static void FN(rnn_forward_job)(void *arg, int tid, int n)
     fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
     const int w = j1 - j0;
     /* the pre-activations go straight into hs[1:] (see rnn_cell) */
-    const int meet = FN(project_own)(a->blas, a->proj, a->work, a->nthreads, tid, n, 1,
+    const int meet = FN(project_own)(a->blas, a->tm.proj, a->work, a->tm.nthreads, tid, n, 1,
                                      T, B, a->I, H, j0, w, a->x, a->W, a->hs + BH);
     /* float32 with work: the step's h U on this thread's columns of U
      * packed once in panels, as in the LSTM forward (rec, then added into
      * hs[t+1]); else BLAS adds it there in place. */
 #ifdef FR_F32
     if (a->work && w > 0) {
-        FN(scratch_slots)(a->work, H, 1, H, B, a->nthreads, tid, 0, j0, w, 0,
+        FN(scratch_slots)(a->work, H, 1, H, B, a->tm.nthreads, tid, 0, j0, w, 0,
                           &Up, &rec, &ldr);
         fr_pack_panels(H, H, 1, j0, w, a->U, Up);
     }
 #endif
     if (meet)
-        fr_barrier_wait(&a->bar, n, &sense);
-    FN(rnn_steps)(a, 0, B, j0, j1, Up, rec, ldr, &a->bar, n, &sense);
+        fr_barrier_wait(&a->tm.bar, n, &sense);
+    FN(rnn_steps)(a, 0, B, j0, j1, Up, rec, ldr, &a->tm.bar, n, &sense);
 }
 
 int FN(fr_rnn_forward)(const BLAS_T *blas, int nthreads, int act, int T, int B, int I,
@@ -825,29 +842,8 @@ int FN(fr_rnn_forward)(const BLAS_T *blas, int nthreads, int act, int T, int B, 
 {
     if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 1) || act < 0 || act > 2)
         return 1;
-    const int n = fr_team(nthreads, B, H);
-    FN(rnn_fwd_args) a = {blas, act, T, B, I, H, x, W, U, bias, mask, hs, work,
-                          nthreads < 1 ? 1 : nthreads, n > 1 && fr_split_rows(B, H, n)};
-#ifdef FR_F32
-    a.proj = work && I > 0 && B >= FR_PROJ_MIN_B;
-#endif
-    fr_barrier_init(&a.bar);
-    if (!a.rows) {
-        fr_pool_run(n, FN(rnn_forward_job), &a);
-        return 0;
-    }
-    a.npieces = fr_pieces(T * B, 64, n);
-    a.nblocks = fr_pieces(B, FR_MIN_ROWS, n);
-    fr_work_init(&a.items[0]);
-    fr_work_init(&a.items[1]);
-#ifdef FR_F32
-    if (work)
-        fr_pack_panels(H, H, 1, 0, H, U, work);
-    if (a.proj)
-        fr_pack_panels(I, H, 1, 0, H, W,
-                       FN(w_panels_slot)(work, 1, I, H, B, a.nthreads, 0, 1, 0));
-#endif
-    fr_pool_run_flexible(n, FN(rnn_forward_job), &a);
+    FN(rnn_fwd_args) a = {blas, act, T, B, I, H, x, W, U, bias, mask, hs, work};
+    FN(run_forward)(&a.tm, FN(rnn_forward_job), &a, nthreads, 1, T, B, I, H, W, U, work);
     return 0;
 }
 
