@@ -231,7 +231,65 @@ static void fr_pack_t_panels(int K, int j0, int w, const float *U, float *panels
     }
 }
 
-/* C (M x FR_NR*np, row stride ldc) = A (M x K, row stride lda) * panels. */
+/* C rows [0, R) (row stride ldc) = A's rows (stride lda, K long) times one
+ * panel (K x FR_NR), with KU k-steps in flight: R * 2 * KU accumulators in
+ * registers (R and KU are constants once inlined: R = 8, 4, 2, 1 with KU =
+ * 1, 1, 2, 4, so that the narrow tiles still cover the multiply-add
+ * latency). */
+static inline __attribute__((always_inline)) void
+fr_panel_tile(int R, int KU, int K, const float *restrict a, int lda,
+              const float *restrict B, float *restrict C, int ldc)
+{
+    fr_v16 acc[2 * FR_MR];   /* (r, half, u): R * 2 * KU <= 16 */
+    size_t off[FR_MR];       /* the rows' offsets, independent of one another */
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++)
+        off[r] = (size_t)r * lda;
+#pragma GCC unroll 16
+    for (int v = 0; v < 2 * R * KU; v++)
+        acc[v] = (fr_v16){0};
+    const int kmain = K - K % KU;
+    for (int k = 0; k < kmain; k += KU) {
+        const float *ak = a + k;
+#pragma GCC unroll 4
+        for (int u = 0; u < KU; u++) {
+            fr_v16 b0, b1;
+            memcpy(&b0, B + (size_t)(k + u) * FR_NR, sizeof b0);
+            memcpy(&b1, B + (size_t)(k + u) * FR_NR + 16, sizeof b1);
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                float av = ak[off[r] + u];
+                acc[(2 * r) * KU + u] += av * b0;
+                acc[(2 * r + 1) * KU + u] += av * b1;
+            }
+        }
+    }
+    for (int k = kmain; k < K; k++) {
+        fr_v16 b0, b1;
+        memcpy(&b0, B + (size_t)k * FR_NR, sizeof b0);
+        memcpy(&b1, B + (size_t)k * FR_NR + 16, sizeof b1);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            float av = a[off[r] + k];
+            acc[(2 * r) * KU] += av * b0;
+            acc[(2 * r + 1) * KU] += av * b1;
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; h++) {
+            fr_v16 sum = acc[(2 * r + h) * KU];
+#pragma GCC unroll 4
+            for (int u = 1; u < KU; u++)
+                sum += acc[(2 * r + h) * KU + u];
+            memcpy(C + (size_t)r * ldc + 16 * h, &sum, sizeof sum);
+        }
+}
+
+/* C (M x FR_NR*np, row stride ldc) = A (M x K, row stride lda) * panels:
+ * per panel, tiles of 8 rows, then 4, 2 and 1 for the rest (at batch 1 a
+ * matrix-vector product, bound by streaming the panels). */
 FR_VECTORIZE
 static void fr_sgemm_panels(int M, int K, int np, const float *restrict A, int lda,
                             const float *restrict panels, float *restrict C, int ldc)
@@ -239,61 +297,19 @@ static void fr_sgemm_panels(int M, int K, int np, const float *restrict A, int l
     for (int p = 0; p < np; p++) {
         const float *B = panels + (size_t)p * K * FR_NR;
         float *Cp = C + (size_t)p * FR_NR;
-        int r0 = 0;
-        for (; r0 + FR_MR <= M; r0 += FR_MR) {
-            fr_v16 c0[FR_MR], c1[FR_MR];
-            for (int r = 0; r < FR_MR; r++)
-                c0[r] = c1[r] = (fr_v16){0};
-            const float *a = A + (size_t)r0 * lda;
-            for (int k = 0; k < K; k++) {
-                fr_v16 b0, b1;
-                memcpy(&b0, B + (size_t)k * FR_NR, sizeof b0);
-                memcpy(&b1, B + (size_t)k * FR_NR + 16, sizeof b1);
-#pragma GCC unroll 8
-                for (int r = 0; r < FR_MR; r++) {
-                    float av = a[(size_t)r * lda + k];
-                    c0[r] += av * b0;
-                    c1[r] += av * b1;
-                }
-            }
-            for (int r = 0; r < FR_MR; r++) {
-                memcpy(Cp + (size_t)(r0 + r) * ldc, &c0[r], sizeof c0[r]);
-                memcpy(Cp + (size_t)(r0 + r) * ldc + 16, &c1[r], sizeof c1[r]);
-            }
+        int r = 0;
+        for (; r + FR_MR <= M; r += FR_MR)
+            fr_panel_tile(FR_MR, 1, K, A + (size_t)r * lda, lda, B, Cp + (size_t)r * ldc, ldc);
+        if (r + 4 <= M) {
+            fr_panel_tile(4, 1, K, A + (size_t)r * lda, lda, B, Cp + (size_t)r * ldc, ldc);
+            r += 4;
         }
-    }
-    /* The last M % FR_MR rows (all of them at batch 1), one row at a time:
-     * a matrix-vector product, bound by streaming the panels; FR_KU steps
-     * of k at once into separate accumulators, to cover the FMA latency. */
-    for (int r = M - M % FR_MR; r < M; r++) {
-        const float *a = A + (size_t)r * lda;
-        for (int p = 0; p < np; p++) {
-            const float *B = panels + (size_t)p * K * FR_NR;
-            fr_v16 c[2 * FR_KU];
-            for (int v = 0; v < 2 * FR_KU; v++)
-                c[v] = (fr_v16){0};
-            int k = 0;
-            for (; k + FR_KU <= K; k += FR_KU) {
-#pragma GCC unroll 8
-                for (int v = 0; v < 2 * FR_KU; v++) {
-                    fr_v16 bv;
-                    memcpy(&bv, B + (size_t)(k + v / 2) * FR_NR + (v % 2) * 16, sizeof bv);
-                    c[v] += a[k + v / 2] * bv;
-                }
-            }
-            for (; k < K; k++) {
-                fr_v16 b0, b1;
-                memcpy(&b0, B + (size_t)k * FR_NR, sizeof b0);
-                memcpy(&b1, B + (size_t)k * FR_NR + 16, sizeof b1);
-                c[0] += a[k] * b0;
-                c[1] += a[k] * b1;
-            }
-            for (int v = 2; v < 2 * FR_KU; v++)
-                c[v % 2] += c[v];
-            float *Cp = C + (size_t)r * ldc + (size_t)p * FR_NR;
-            memcpy(Cp, &c[0], sizeof c[0]);
-            memcpy(Cp + 16, &c[1], sizeof c[1]);
+        if (r + 2 <= M) {
+            fr_panel_tile(2, 2, K, A + (size_t)r * lda, lda, B, Cp + (size_t)r * ldc, ldc);
+            r += 2;
         }
+        if (r < M)
+            fr_panel_tile(1, FR_KU, K, A + (size_t)r * lda, lda, B, Cp + (size_t)r * ldc, ldc);
     }
 }
 
