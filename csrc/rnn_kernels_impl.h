@@ -640,42 +640,6 @@ typedef struct {
     fr_work *items;
 } FN(bwd_args);
 
-/* Steps t1-1 down to t0 for batch rows [b0, b1) and units [j0, j1): add
- * the output gradient, the gate pass, and (after the team meets, when bar
- * is given: the unit split, where the product reads every thread's dz_t)
- * dh_{t-1} = dz_t U^T, on Pk (float32 packed panels, through tmp) or BLAS. */
-static void FN(lstm_grad_steps)(FN(bwd_args) *a, int t0, int t1, int b0, int b1,
-                                int j0, int j1, const REAL *Pk, REAL *tmp, int ldt,
-                                fr_barrier *bar, int n, int *sense)
-{
-    const int T = a->T, B = a->B, H = a->H, Bk = b1 - b0, w = j1 - j0;
-    const size_t BH = (size_t)B * H, BG = (size_t)B * 4 * H, ld_out = (size_t)T * H;
-    const size_t oh = (size_t)b0 * H, og = (size_t)b0 * 4 * H;
-    for (int t = t1 - 1; t >= t0; t--) {
-        const unsigned char *m = a->mask ? a->mask + (size_t)t * B + b0 : NULL;
-        REAL *dzt = a->dz + (size_t)(t - t0) * BG;
-        if (w > 0 && Bk > 0) {
-            FN(add_cols)(Bk, H, j0, j1, a->d_out + (size_t)b0 * ld_out + (size_t)t * H,
-                         ld_out, a->dh + oh);
-            FN(lstm_cell_grad)(Bk, H, j0, j1, m, a->gates + t * BG + og,
-                               a->cs + (t + 1) * BH + oh, a->cs + t * BH + oh,
-                               a->dh + oh, a->dc + oh, dzt + og);
-        }
-        if (bar)
-            fr_barrier_wait(bar, n, sense);
-        if (w > 0 && Bk > 0) {
-#ifdef FR_F32
-            if (tmp)
-                FN(packed_recurrent_grad)(Bk, 4 * H, H, j0, w, m, dzt + og, Pk,
-                                          tmp, ldt, a->dh + oh);
-            else
-#endif
-            FN(recurrent_grad)(a->blas, 4, Bk, H, j0, j1, m, dzt + og, a->U,
-                               a->dh + oh, a->work + oh);
-        }
-    }
-}
-
 /* -------------------------------------------------------------- RNN --- */
 
 FR_VECTORIZE
@@ -847,32 +811,42 @@ int FN(fr_rnn_forward)(const BLAS_T *blas, int nthreads, int act, int T, int B, 
     return 0;
 }
 
-/* As lstm_grad_steps, for the RNN. */
-static void FN(rnn_grad_steps)(FN(bwd_args) *a, int t0, int t1, int b0, int b1,
-                               int j0, int j1, const REAL *Pk, REAL *tmp, int ldt,
-                               fr_barrier *bar, int n, int *sense)
+/* Steps t1-1 down to t0 for batch rows [b0, b1) and units [j0, j1), LSTM
+ * (G = 4) or RNN (G = 1): add the output gradient, the gate pass, and
+ * (after the team meets, when bar is given: the unit split, where the
+ * product reads every thread's dz_t) dh_{t-1} = dz_t U^T, on Pk (float32
+ * packed panels, through tmp) or BLAS. */
+static void FN(grad_steps)(FN(bwd_args) *a, int t0, int t1, int b0, int b1,
+                           int j0, int j1, const REAL *Pk, REAL *tmp, int ldt,
+                           fr_barrier *bar, int n, int *sense)
 {
-    const int T = a->T, B = a->B, H = a->H, Bk = b1 - b0, w = j1 - j0;
-    const size_t BH = (size_t)B * H, ld_out = (size_t)T * H, oh = (size_t)b0 * H;
+    const int T = a->T, B = a->B, H = a->H, G = a->G, Bk = b1 - b0, w = j1 - j0;
+    const size_t BH = (size_t)B * H, BG = (size_t)B * G * H, ld_out = (size_t)T * H;
+    const size_t oh = (size_t)b0 * H, og = (size_t)b0 * G * H;
     for (int t = t1 - 1; t >= t0; t--) {
         const unsigned char *m = a->mask ? a->mask + (size_t)t * B + b0 : NULL;
-        REAL *dzt = a->dz + (size_t)(t - t0) * BH;
+        REAL *dzt = a->dz + (size_t)(t - t0) * BG;
         if (w > 0 && Bk > 0) {
             FN(add_cols)(Bk, H, j0, j1, a->d_out + (size_t)b0 * ld_out + (size_t)t * H,
                          ld_out, a->dh + oh);
-            FN(rnn_cell_grad)(Bk, H, j0, j1, a->act, m, a->hs + (t + 1) * BH + oh,
-                              a->dh + oh, dzt + oh);
+            if (G == 4)
+                FN(lstm_cell_grad)(Bk, H, j0, j1, m, a->gates + t * BG + og,
+                                   a->cs + (t + 1) * BH + oh, a->cs + t * BH + oh,
+                                   a->dh + oh, a->dc + oh, dzt + og);
+            else
+                FN(rnn_cell_grad)(Bk, H, j0, j1, a->act, m, a->hs + (t + 1) * BH + oh,
+                                  a->dh + oh, dzt + og);
         }
         if (bar)
             fr_barrier_wait(bar, n, sense);
         if (w > 0 && Bk > 0) {
 #ifdef FR_F32
             if (tmp)
-                FN(packed_recurrent_grad)(Bk, H, H, j0, w, m, dzt + oh, Pk, tmp,
-                                          ldt, a->dh + oh);
+                FN(packed_recurrent_grad)(Bk, G * H, H, j0, w, m, dzt + og, Pk,
+                                          tmp, ldt, a->dh + oh);
             else
 #endif
-            FN(recurrent_grad)(a->blas, 1, Bk, H, j0, j1, m, dzt + oh, a->U,
+            FN(recurrent_grad)(a->blas, G, Bk, H, j0, j1, m, dzt + og, a->U,
                                a->dh + oh, a->work + oh);
         }
     }
@@ -917,12 +891,7 @@ static void FN(backward_job)(void *arg, int tid, int n)
         const int t0 = t1 > Tc ? t1 - Tc : 0;
         if (!a->rows) {
             /* units split: the last step's meeting completes the chunk's dz */
-            if (a->G == 4)
-                FN(lstm_grad_steps)(a, t0, t1, 0, B, j0, j1, Pk, tmp, ldt, &a->bar,
-                                    n, &sense);
-            else
-                FN(rnn_grad_steps)(a, t0, t1, 0, B, j0, j1, Pk, tmp, ldt, &a->bar,
-                                   n, &sense);
+            FN(grad_steps)(a, t0, t1, 0, B, j0, j1, Pk, tmp, ldt, &a->bar, n, &sense);
         } else {
             int k;
             while ((k = fr_work_claim(&items[0], a->nblocks)) >= 0) {
@@ -933,12 +902,7 @@ static void FN(backward_job)(void *arg, int tid, int n)
                     FN(scratch_slots)(a->pack, GH, 1, H, B, a->nthreads, 0, 1, 0,
                                       H, b0, &Pk, &tmp, &ldt);
 #endif
-                if (a->G == 4)
-                    FN(lstm_grad_steps)(a, t0, t1, b0, b1, 0, H, Pk, tmp, ldt, NULL,
-                                        1, &sense);
-                else
-                    FN(rnn_grad_steps)(a, t0, t1, b0, b1, 0, H, Pk, tmp, ldt, NULL,
-                                       1, &sense);
+                FN(grad_steps)(a, t0, t1, b0, b1, 0, H, Pk, tmp, ldt, NULL, 1, &sense);
                 fr_work_finish(&items[0]);
             }
             fr_work_wait(&items[0], a->nblocks);
