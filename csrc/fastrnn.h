@@ -53,9 +53,11 @@ enum { FR_ACT_TANH = 0, FR_ACT_RELU = 1, FR_ACT_LINEAR = 2 };
 
 /*
  * LSTM forward.
- *   cs     (T+1, B, H) when training, else (2, B, H): cs[0] = c0 on entry;
- *          the cell state after step t is in cs[t+1] (training) or
- *          cs[(t+1) % 2] (inference).
+ *   hs, cs (T+1, B, H) when training, else (2, B, H): hs[0] = h0, cs[0] = c0
+ *          on entry; the state after step t is in hs[t+1], cs[t+1]
+ *          (training) or hs[(t+1) % 2], cs[(t+1) % 2] (inference).
+ *   out    (B, T, H)  the outputs, batch-major in reading order: out[:, t]
+ *          is h after step t (masked rows: the state they carry).
  *   gates  (T, B, 4H) scratch; when training, holds on exit the activated
  *          gates i, f, g, o that lstm_backward needs.
  *   work   fr_lstm_forward_work(B, I, H, nthreads) scratch, or NULL: the
@@ -70,12 +72,13 @@ int fr_lstm_forward_f32(const fr_sblas *blas, int nthreads, int training,
                         int T, int B, int I, int H,
                         const float *x, const float *W, const float *U,
                         const float *bias, const unsigned char *mask,
-                        float *hs, float *cs, float *gates, float *work);
+                        float *hs, float *cs, float *gates, float *out, float *work);
 int fr_lstm_forward_f64(const fr_dblas *blas, int nthreads, int training,
                         int T, int B, int I, int H,
                         const double *x, const double *W, const double *U,
                         const double *bias, const unsigned char *mask,
-                        double *hs, double *cs, double *gates, double *work);
+                        double *hs, double *cs, double *gates, double *out,
+                        double *work);
 
 /*
  * LSTM backward (BPTT), from the forward's saved hs, cs (T+1, B, H) and
@@ -121,6 +124,7 @@ int fr_lstm_backward_f64(const fr_dblas *blas, int nthreads, int reverse, int T,
  * Simple RNN forward: hs[t+1] = act(x[t] W + hs[t] U + bias).
  *   hs   (T+1, B, H): hs[0] = h0 on entry; hs[1:] also holds the
  *        pre-activations while they are computed (no other buffer)
+ *   out  (B, T, H): the outputs hs[1:], batch-major (as the LSTM's)
  *   work fr_rnn_work(B, I, H, nthreads) scratch, or NULL: float32, the
  *        threads' packed columns of U and, from 8 rows on, of W (with NULL,
  *        BLAS on U and W as they are)
@@ -129,11 +133,11 @@ int fr_lstm_backward_f64(const fr_dblas *blas, int nthreads, int reverse, int T,
 int fr_rnn_forward_f32(const fr_sblas *blas, int nthreads, int act, int T, int B, int I, int H,
                        const float *x, const float *W, const float *U,
                        const float *bias, const unsigned char *mask,
-                       float *hs, float *work);
+                       float *hs, float *out, float *work);
 int fr_rnn_forward_f64(const fr_dblas *blas, int nthreads, int act, int T, int B, int I, int H,
                        const double *x, const double *W, const double *U,
                        const double *bias, const unsigned char *mask,
-                       double *hs, double *work);
+                       double *hs, double *out, double *work);
 
 /*
  * Simple RNN backward, with the activation's derivative taken from the saved

@@ -105,8 +105,8 @@ static void FN(packed_recurrent_grad)(int Bk, int K, int H, int j0, int w,
  * (B, 4H) holds the step's pre-activations x W + h U, or only x W when rec
  * is given: then rec (B, ldr) holds h U for these units, gate block q of
  * row b at rec[b * ldr + q * (j1 - j0)].  Writes h and c of the next step,
- * and stores the activated gates i, f, g, o back into z (kept for
- * backward). */
+ * h also into the outputs (row b at hout + b * ldo), and stores the
+ * activated gates i, f, g, o back into z (kept for backward). */
 #define FR_LSTM_GATES(RI, RF, RG, RO)                                   \
     FR_IVDEP                                                            \
     for (int j = 0; j < w; j++) {                                       \
@@ -115,8 +115,10 @@ static void FN(packed_recurrent_grad)(int Bk, int K, int H, int j0, int w,
         REAL g = TANH(zg[j] + RG + bg[j]);                              \
         REAL o = SIGMOID(zo[j] + RO + bo[j]);                           \
         REAL c = f * cp[j] + i * g;                                     \
+        REAL h = o * TANH(c);                                           \
         cn[j] = c;                                                      \
-        hn[j] = o * TANH(c);                                            \
+        hn[j] = h;                                                      \
+        ho[j] = h;                                                      \
         zi[j] = i;                                                      \
         zf[j] = f;                                                      \
         zg[j] = g;                                                      \
@@ -129,7 +131,7 @@ static void FN(lstm_cell)(int B, int H, int j0, int j1,
                           REAL *restrict z, const REAL *restrict rec, size_t ldr,
                           const REAL *restrict hprev,
                           const REAL *restrict cprev, REAL *restrict hnext,
-                          REAL *restrict cnext)
+                          REAL *restrict cnext, REAL *restrict hout, size_t ldo)
 {
     const int w = j1 - j0;
     for (int b = 0; b < B; b++) {
@@ -138,10 +140,12 @@ static void FN(lstm_cell)(int B, int H, int j0, int j1,
         const REAL *restrict cp = cprev + (size_t)b * H + j0;
         REAL *restrict hn = hnext + (size_t)b * H + j0;
         REAL *restrict cn = cnext + (size_t)b * H + j0;
+        REAL *restrict ho = hout + (size_t)b * ldo + j0;
         if (mask && !mask[b]) {
             FR_IVDEP
             for (int j = 0; j < w; j++) {
                 hn[j] = hp[j];
+                ho[j] = hp[j];
                 cn[j] = cp[j];
             }
             continue;
@@ -257,9 +261,16 @@ typedef struct {
     int training, T, B, I, H;
     const REAL *x, *W, *U, *bias;
     const unsigned char *mask;
-    REAL *hs, *cs, *gates, *work;
+    REAL *hs, *cs, *gates, *out, *work;
     FN(fwd_team) tm;
 } FN(lstm_fwd_args);
+
+/* Slot of the state after step t (t = -1: the initial state) in hs or cs:
+ * every step's when training, else two that alternate. */
+static inline size_t FN(state_slot)(int training, int t)
+{
+    return (size_t)(training ? t + 1 : (t + 1) & 1);
+}
 
 /* Run a forward job (LSTM, G = 4, or RNN, G = 1) whose arguments arg hold
  * team tm: on a team that splits the hidden units, or, for the row split,
@@ -375,18 +386,19 @@ static void FN(lstm_forward_rows)(FN(lstm_fwd_args) *a)
 #endif
         for (int t = 0; t < T; t++) {
             REAL *z = a->gates + t * BG + og;
-            const REAL *hp = a->hs + t * BH + oh;
-            const REAL *cp = a->cs + (size_t)(training ? t : (t & 1)) * BH + oh;
-            REAL *cn = a->cs + (size_t)(training ? t + 1 : ((t + 1) & 1)) * BH + oh;
+            const size_t prev = FN(state_slot)(training, t - 1) * BH + oh;
+            const size_t next = FN(state_slot)(training, t) * BH + oh;
             const unsigned char *m = a->mask ? a->mask + (size_t)t * B + b0 : NULL;
+            const REAL *hp = a->hs + prev;
 #ifdef FR_F32
             if (rec)
                 fr_sgemm_panels(Bk, H, np, hp, H, Up, rec, ldr);
             else
 #endif
             FN(recurrent_projection)(a->blas, 4, Bk, H, 0, H, hp, a->U, z);
-            FN(lstm_cell)(Bk, H, 0, H, a->bias, m, z, rec, (size_t)ldr, hp, cp,
-                          a->hs + (t + 1) * BH + oh, cn);
+            FN(lstm_cell)(Bk, H, 0, H, a->bias, m, z, rec, (size_t)ldr, hp, a->cs + prev,
+                          a->hs + next, a->cs + next, a->out + ((size_t)b0 * T + t) * H,
+                          (size_t)T * H);
         }
         fr_work_finish(&a->tm.items[1]);
     }
@@ -452,9 +464,9 @@ static void FN(lstm_forward_job)(void *arg, int tid, int n)
         fr_barrier_wait(&a->tm.bar, n, &sense);
     for (int t = 0; t < T; t++) {
         REAL *z = a->gates + t * BG;
-        const REAL *hp = a->hs + t * BH;
-        const REAL *cp = a->cs + (size_t)(training ? t : (t & 1)) * BH;
-        REAL *cn = a->cs + (size_t)(training ? t + 1 : ((t + 1) & 1)) * BH;
+        const size_t prev = FN(state_slot)(training, t - 1) * BH;
+        const size_t next = FN(state_slot)(training, t) * BH;
+        const REAL *hp = a->hs + prev;
         const unsigned char *m = a->mask ? a->mask + (size_t)t * B : NULL;
         if (w > 0) {
 #ifdef FR_F32
@@ -467,8 +479,9 @@ static void FN(lstm_forward_job)(void *arg, int tid, int n)
                             rec, 4 * w);
             else
                 FN(recurrent_projection)(a->blas, 4, B, H, j0, j1, hp, a->U, z);
-            FN(lstm_cell)(B, H, j0, j1, a->bias, m, z, rec, (size_t)ldr, hp, cp,
-                          a->hs + (t + 1) * BH, cn);
+            FN(lstm_cell)(B, H, j0, j1, a->bias, m, z, rec, (size_t)ldr, hp, a->cs + prev,
+                          a->hs + next, a->cs + next, a->out + (size_t)t * H,
+                          (size_t)T * H);
         }
         fr_barrier_wait(&a->tm.bar, n, &sense);
     }
@@ -478,12 +491,12 @@ int FN(fr_lstm_forward)(const BLAS_T *blas, int nthreads, int training, int T, i
                         int I, int H, const REAL *x, const REAL *W,
                         const REAL *U, const REAL *bias,
                         const unsigned char *mask, REAL *hs, REAL *cs,
-                        REAL *gates, REAL *work)
+                        REAL *gates, REAL *out, REAL *work)
 {
-    if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 4))
+    if (!blas || !blas->gemm || !blas->gemv || !out || FN(check_sizes)(T, B, I, H, 4))
         return 1;
     FN(lstm_fwd_args) a = {blas, training, T, B, I, H, x, W, U, bias, mask,
-                           hs, cs, gates, work};
+                           hs, cs, gates, out, work};
     FN(run_forward)(&a.tm, FN(lstm_forward_job), &a, nthreads, 4, T, B, I, H, W, U, work);
     return 0;
 }
@@ -645,31 +658,34 @@ typedef struct {
 FR_VECTORIZE
 static void FN(rnn_cell)(int B, int H, int j0, int j1, int act,
                          const REAL *restrict bias, const unsigned char *mask,
-                         const REAL *restrict hprev, REAL *restrict h)
+                         const REAL *restrict hprev, REAL *restrict h,
+                         REAL *restrict hout, size_t ldo)
 {
     /* h holds the step's pre-activations x W + h U on entry (in place:
-     * the forward pass keeps no separate buffer for them) */
+     * the forward pass keeps no separate buffer for them); the new h also
+     * goes into the outputs, row b at hout + b * ldo */
     for (int b = 0; b < B; b++) {
         const REAL *restrict hp = hprev + (size_t)b * H;
         REAL *restrict hn = h + (size_t)b * H;
+        REAL *restrict ho = hout + (size_t)b * ldo;
         if (mask && !mask[b]) {
             FR_IVDEP
             for (int j = j0; j < j1; j++)
-                hn[j] = hp[j];
+                ho[j] = hn[j] = hp[j];
         } else if (act == FR_ACT_TANH) {
             FR_IVDEP
             for (int j = j0; j < j1; j++)
-                hn[j] = TANH(hn[j] + bias[j]);
+                ho[j] = hn[j] = TANH(hn[j] + bias[j]);
         } else if (act == FR_ACT_RELU) {
             FR_IVDEP
             for (int j = j0; j < j1; j++) {
                 REAL v = hn[j] + bias[j];
-                hn[j] = v > 0 ? v : (v == v ? (REAL)0 : v);   /* NaN stays NaN */
+                ho[j] = hn[j] = v > 0 ? v : (v == v ? (REAL)0 : v);   /* NaN stays NaN */
             }
         } else {
             FR_IVDEP
             for (int j = j0; j < j1; j++)
-                hn[j] += bias[j];
+                ho[j] = hn[j] += bias[j];
         }
     }
 }
@@ -710,7 +726,7 @@ typedef struct {
     int act, T, B, I, H;
     const REAL *x, *W, *U, *bias;
     const unsigned char *mask;
-    REAL *hs, *work;
+    REAL *hs, *out, *work;
     FN(fwd_team) tm;
 } FN(rnn_fwd_args);
 
@@ -741,7 +757,8 @@ static void FN(rnn_steps)(FN(rnn_fwd_args) *a, int b0, int b1, int j0, int j1,
             } else
 #endif
             FN(recurrent_projection)(a->blas, 1, Bk, H, j0, j1, hp, a->U, zt);
-            FN(rnn_cell)(Bk, H, j0, j1, a->act, a->bias, m, hp, zt);
+            FN(rnn_cell)(Bk, H, j0, j1, a->act, a->bias, m, hp, zt,
+                         a->out + ((size_t)b0 * T + t) * H, (size_t)T * H);
         }
         if (bar)
             fr_barrier_wait(bar, n, sense);
@@ -802,11 +819,12 @@ static void FN(rnn_forward_job)(void *arg, int tid, int n)
 int FN(fr_rnn_forward)(const BLAS_T *blas, int nthreads, int act, int T, int B, int I,
                        int H, const REAL *x, const REAL *W, const REAL *U,
                        const REAL *bias, const unsigned char *mask, REAL *hs,
-                       REAL *work)
+                       REAL *out, REAL *work)
 {
-    if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 1) || act < 0 || act > 2)
+    if (!blas || !blas->gemm || !blas->gemv || !out || FN(check_sizes)(T, B, I, H, 1)
+        || act < 0 || act > 2)
         return 1;
-    FN(rnn_fwd_args) a = {blas, act, T, B, I, H, x, W, U, bias, mask, hs, work};
+    FN(rnn_fwd_args) a = {blas, act, T, B, I, H, x, W, U, bias, mask, hs, out, work};
     FN(run_forward)(&a.tm, FN(rnn_forward_job), &a, nthreads, 1, T, B, I, H, W, U, work);
     return 0;
 }

@@ -26,10 +26,11 @@ cdef extern from "fastrnn.h" nogil:
         fr_dgemv_fn gemv
     int fr_lstm_forward_f32(const fr_sblas*, int, int, int, int, int, int,
                             const float*, const float*, const float*, const float*,
-                            const unsigned char*, float*, float*, float*, float*)
+                            const unsigned char*, float*, float*, float*, float*, float*)
     int fr_lstm_forward_f64(const fr_dblas*, int, int, int, int, int, int,
                             const double*, const double*, const double*, const double*,
-                            const unsigned char*, double*, double*, double*, double*)
+                            const unsigned char*, double*, double*, double*, double*,
+                            double*)
     int fr_lstm_backward_f32(const fr_sblas*, int, int, int, int, int, int, int,
                              const float*, const float*, const float*,
                              const unsigned char*, const float*, const float*,
@@ -42,10 +43,10 @@ cdef extern from "fastrnn.h" nogil:
                              double*, double*, double*, double*, double*, double*, double*)
     int fr_rnn_forward_f32(const fr_sblas*, int, int, int, int, int, int,
                            const float*, const float*, const float*, const float*,
-                           const unsigned char*, float*, float*)
+                           const unsigned char*, float*, float*, float*)
     int fr_rnn_forward_f64(const fr_dblas*, int, int, int, int, int, int,
                            const double*, const double*, const double*, const double*,
-                           const unsigned char*, double*, double*)
+                           const unsigned char*, double*, double*, double*)
     int fr_rnn_backward_f32(const fr_sblas*, int, int, int, int, int, int, int, int,
                             const float*, const float*, const float*,
                             const unsigned char*, const float*, const float*,
@@ -168,14 +169,16 @@ def lstm_forward(const floating[:, :, ::1] x, const floating[:, ::1] W,
                  const floating[:, ::1] U, const floating[::1] bias,
                  const unsigned char[:, ::1] mask, floating[:, :, ::1] hs,
                  floating[:, :, ::1] cs, floating[:, :, ::1] gates,
-                 floating[::1] work, bint training, int nthreads):
+                 floating[:, :, ::1] out, floating[::1] work, bint training,
+                 int nthreads):
     cdef Py_ssize_t T = x.shape[0], B = x.shape[1], I = x.shape[2], H = U.shape[0]
     _expect("W", (W.shape[0], W.shape[1]), (I, 4 * H))
     _expect("U", (U.shape[0], U.shape[1]), (H, 4 * H))
     _expect("bias", (bias.shape[0],), (4 * H,))
-    _expect("hs", (hs.shape[0], hs.shape[1], hs.shape[2]), (T + 1, B, H))
+    _expect("hs", (hs.shape[0], hs.shape[1], hs.shape[2]), (T + 1 if training else 2, B, H))
     _expect("cs", (cs.shape[0], cs.shape[1], cs.shape[2]), (T + 1 if training else 2, B, H))
     _expect("gates", (gates.shape[0], gates.shape[1], gates.shape[2]), (T, B, 4 * H))
+    _expect("out", (out.shape[0], out.shape[1], out.shape[2]), (B, T, H))
     cdef size_t need = fr_lstm_forward_work(B, I, H, nthreads)
     if work.shape[0] != 0 and <size_t>work.shape[0] < need:
         raise ValueError(f"work must have at least {need} elements "
@@ -192,12 +195,12 @@ def lstm_forward(const floating[:, :, ::1] x, const floating[:, ::1] W,
             rc = fr_lstm_forward_f32(&_SBLAS, nthreads, training, T, B, I, H,
                                      px, pW, &U[0, 0], &bias[0], m,
                                      &hs[0, 0, 0], &cs[0, 0, 0], &gates[0, 0, 0],
-                                     pwork)
+                                     &out[0, 0, 0], pwork)
         else:
             rc = fr_lstm_forward_f64(&_DBLAS, nthreads, training, T, B, I, H,
                                      px, pW, &U[0, 0], &bias[0], m,
                                      &hs[0, 0, 0], &cs[0, 0, 0], &gates[0, 0, 0],
-                                     pwork)
+                                     &out[0, 0, 0], pwork)
     if rc:
         raise ValueError("fastrnn: lstm_forward rejected its sizes")
 
@@ -263,12 +266,13 @@ def lstm_backward(const floating[:, :, ::1] x, bint reverse, const floating[:, :
 def rnn_forward(const floating[:, :, ::1] x, const floating[:, ::1] W,
                 const floating[:, ::1] U, const floating[::1] bias,
                 const unsigned char[:, ::1] mask, floating[:, :, ::1] hs,
-                floating[::1] work, int act, int nthreads):
+                floating[:, :, ::1] out, floating[::1] work, int act, int nthreads):
     cdef Py_ssize_t T = x.shape[0], B = x.shape[1], I = x.shape[2], H = U.shape[0]
     _expect("W", (W.shape[0], W.shape[1]), (I, H))
     _expect("U", (U.shape[0], U.shape[1]), (H, H))
     _expect("bias", (bias.shape[0],), (H,))
     _expect("hs", (hs.shape[0], hs.shape[1], hs.shape[2]), (T + 1, B, H))
+    _expect("out", (out.shape[0], out.shape[1], out.shape[2]), (B, T, H))
     if T < 1 or B < 1 or H < 1:
         raise ValueError("T, B and H must be at least 1")
     if act < 0 or act > 2:
@@ -282,11 +286,11 @@ def rnn_forward(const floating[:, :, ::1] x, const floating[:, ::1] W,
         if floating is float:
             rc = fr_rnn_forward_f32(&_SBLAS, nthreads, act, T, B, I, H,
                                     px, pW, &U[0, 0], &bias[0], m, &hs[0, 0, 0],
-                                    pwork)
+                                    &out[0, 0, 0], pwork)
         else:
             rc = fr_rnn_forward_f64(&_DBLAS, nthreads, act, T, B, I, H,
                                     px, pW, &U[0, 0], &bias[0], m, &hs[0, 0, 0],
-                                    pwork)
+                                    &out[0, 0, 0], pwork)
     if rc:
         raise ValueError("fastrnn: rnn_forward rejected its sizes")
 

@@ -390,11 +390,12 @@ def _gate_blocks(a, H, j0, j1):
 
 @njit(**_JIT)
 def _lstm_cell(mask_tm, t, gates_t, rec, bias, h_prev, c_prev, h_next,
-               c_next, j0, j1):
+               c_next, out_t, j0, j1):
     """One step's fused pass for hidden units [j0, j1) of every row: gate
     pre-activations gates_t + rec + bias, activations (stored back into
     gates_t: kept for the backward pass when training, scratch otherwise),
-    new c and h.  rec (B, 4w) holds the units' h U, gate blocks of w.
+    new c and h (also into out_t, the step's outputs, a strided view of the
+    batch-major outputs).  rec (B, 4w) holds the units' h U, gate blocks of w.
     Masked rows carry h and c.  Row by row over views, in loops that each
     touch few arrays, which LLVM vectorises (one fused loop it does not)."""
     B, H = h_prev.shape
@@ -402,11 +403,12 @@ def _lstm_cell(mask_tm, t, gates_t, rec, bias, h_prev, c_prev, h_next,
     cast = h_prev.dtype.type
     bi, bf, bg, bo = _gate_blocks(bias, H, j0, j1)
     for b in range(B):
-        hn, cn = h_next[b, j0:j1], c_next[b, j0:j1]
+        hn, cn, on = h_next[b, j0:j1], c_next[b, j0:j1], out_t[b, j0:j1]
         hp, cp = h_prev[b, j0:j1], c_prev[b, j0:j1]
         if not _taken(mask_tm, t, b):
             for u in range(w):
                 hn[u] = hp[u]
+                on[u] = hp[u]
                 cn[u] = cp[u]
             continue
         gi, gf, gg, go = _gate_blocks(gates_t[b], H, j0, j1)
@@ -424,24 +426,29 @@ def _lstm_cell(mask_tm, t, gates_t, rec, bias, h_prev, c_prev, h_next,
             cn[u] = gf[u] * cp[u] + gi[u] * gg[u]
         for u in range(w):
             hn[u] = go[u] * cast(_tanh(cn[u]))
+        for u in range(w):
+            on[u] = hn[u]
 
 
 @njit(**_JIT)
-def _lstm_steps(mask_tm, Up, bias, hs, cs, gates, training, b0, b1):
+def _slot(training, t):
+    """Index in hs and cs of the state after step t (t = -1: the initial
+    state): every step's when training, else two that alternate."""
+    return t + 1 if training else (t + 1) % 2
+
+
+@njit(**_JIT)
+def _lstm_steps(mask_tm, Up, bias, hs, cs, gates, out, training, b0, b1):
     """The forward time loop over batch rows [b0, b1) (a thread's block);
     gates (T, B, 4H) hold x_t W on entry; Up is all of U packed
     (``pack_columns``).  mask_tm holds those rows' columns only."""
     T, H = gates.shape[0], hs.shape[2]
     rec = np.empty((b1 - b0, cols(Up)), gates.dtype)
     for t in range(T):
-        product(hs[t, b0:b1], Up, rec)
-        if training:
-            _lstm_cell(mask_tm, t, gates[t, b0:b1], rec, bias, hs[t, b0:b1],
-                       cs[t, b0:b1], hs[t + 1, b0:b1], cs[t + 1, b0:b1], 0, H)
-        else:
-            _lstm_cell(mask_tm, t, gates[t, b0:b1], rec, bias, hs[t, b0:b1],
-                       cs[t % 2, b0:b1], hs[t + 1, b0:b1],
-                       cs[(t + 1) % 2, b0:b1], 0, H)
+        p, q = _slot(training, t - 1), _slot(training, t)
+        product(hs[p, b0:b1], Up, rec)
+        _lstm_cell(mask_tm, t, gates[t, b0:b1], rec, bias, hs[p, b0:b1],
+                   cs[p, b0:b1], hs[q, b0:b1], cs[q, b0:b1], out[b0:b1, t], 0, H)
 
 
 @njit(**_JIT)
@@ -527,8 +534,8 @@ def _lstm_grad_steps(x, reverse, W, U, mask_tm, hs, cs, gates, d_out, dh, dc,
 
 # ----------------------------------------------------- LSTM, unit split ---
 @njit(**_JIT)
-def _lstm_steps_units(mask_tm, U, bias, hs, cs, gates, training, j0, j1, bar,
-                      n, sense):
+def _lstm_steps_units(mask_tm, U, bias, hs, cs, gates, out, training, j0, j1,
+                      bar, n, sense):
     """The forward time loop for units [j0, j1) of every row, meeting the
     call's other n - 1 threads at bar after each step (the next step reads
     every unit of h)."""
@@ -536,13 +543,10 @@ def _lstm_steps_units(mask_tm, U, bias, hs, cs, gates, training, j0, j1, bar,
     Uj = pack_columns(U, 4, j0, j1)
     rec = np.empty((hs.shape[1], cols(Uj)), gates.dtype)
     for t in range(T):
-        product(hs[t], Uj, rec)
-        if training:
-            _lstm_cell(mask_tm, t, gates[t], rec, bias, hs[t], cs[t],
-                       hs[t + 1], cs[t + 1], j0, j1)
-        else:
-            _lstm_cell(mask_tm, t, gates[t], rec, bias, hs[t], cs[t % 2],
-                       hs[t + 1], cs[(t + 1) % 2], j0, j1)
+        p, q = _slot(training, t - 1), _slot(training, t)
+        product(hs[p], Uj, rec)
+        _lstm_cell(mask_tm, t, gates[t], rec, bias, hs[p], cs[p], hs[q], cs[q],
+                   out[:, t], j0, j1)
         sense = _barrier(bar, n, sense)
     return sense
 
@@ -582,7 +586,7 @@ def _mask_rows(mask_tm, b0, b1):
 
 @njit(**_JIT)
 def _lstm_forward_part(i, n, units, p0, p1, x_tm, W, U, Up, bias, mask_tm, hs,
-                       cs, gates, training, bar):
+                       cs, gates, out, training, bar):
     """Part i of n of a threaded forward pass (one call per thread, all at
     once): its rows of the input projection, then, once all are done, the
     time loop for units [p0, p1) of every row (units: each thread packs its
@@ -593,11 +597,11 @@ def _lstm_forward_part(i, n, units, p0, p1, x_tm, W, U, Up, bias, mask_tm, hs,
                r0, r1)
     sense = _barrier(bar, n, 0)
     if units:
-        _lstm_steps_units(mask_tm, U, bias, hs, cs, gates, training, p0, p1, bar,
-                          n, sense)
+        _lstm_steps_units(mask_tm, U, bias, hs, cs, gates, out, training, p0, p1,
+                          bar, n, sense)
     else:
-        _lstm_steps(_mask_rows(mask_tm, p0, p1), Up, bias, hs, cs, gates, training,
-                    p0, p1)
+        _lstm_steps(_mask_rows(mask_tm, p0, p1), Up, bias, hs, cs, gates, out,
+                    training, p0, p1)
 
 
 @njit(**_JIT)
@@ -663,11 +667,12 @@ def _run_parts(fn, split, blocks):
         _note_call(bar[2], bar[3])
 
 
-def lstm_forward(x_tm, W, U, bias, mask_tm, hs, cs, gates, work, training,
+def lstm_forward(x_tm, W, U, bias, mask_tm, hs, cs, gates, out, work, training,
                  nthreads):
-    """LSTM forward.  hs (T+1, B, H) and cs ((T+1 if training else 2), B, H)
-    hold h0, c0 at index 0 on entry; on exit hs[t+1] is h after step t and the
-    c after step t is at cs[t+1] (training) or cs[(t+1) % 2].  gates
+    """LSTM forward.  hs and cs ((T+1 if training else 2), B, H) hold h0,
+    c0 at index 0 on entry; on exit the state after step t is at hs[t+1],
+    cs[t+1] (training) or hs[(t+1) % 2], cs[(t+1) % 2], and out (B, T, H)
+    holds the outputs, batch-major (out[:, t]: h after step t).  gates
     (T, B, 4H): when training, on exit the activated gates i, f, g, o of
     taken rows.  work (the cython kernel's scratch for packed weights) is
     not used: the weights are packed here (``_numba_panels``)."""
@@ -675,10 +680,11 @@ def lstm_forward(x_tm, W, U, bias, mask_tm, hs, cs, gates, work, training,
     Up = _pack_all(U, 4, split == "units" and len(blocks) > 1)
     if len(blocks) == 1:
         _input_gemm(x_tm, W, gates)
-        _lstm_steps(mask_tm, Up, bias, hs, cs, gates, training, 0, x_tm.shape[1])
+        _lstm_steps(mask_tm, Up, bias, hs, cs, gates, out, training, 0,
+                    x_tm.shape[1])
         return
     _run_parts(lambda i, n, units, p0, p1, bar: _lstm_forward_part(
-        i, n, units, p0, p1, x_tm, W, U, Up, bias, mask_tm, hs, cs, gates,
+        i, n, units, p0, p1, x_tm, W, U, Up, bias, mask_tm, hs, cs, gates, out,
         training, bar), split, blocks)
 
 
@@ -704,10 +710,11 @@ def lstm_backward(x, reverse, W, U, mask_tm, hs, cs, gates, d_out, dh, dc,
 
 # -------------------------------------------------------------------- RNN ---
 @njit(**_JIT)
-def _rnn_cell(mask_tm, t, rec, bias, act, h_prev, h, j0, j1):
+def _rnn_cell(mask_tm, t, rec, bias, act, h_prev, h, out_t, j0, j1):
     """One step's fused pass for units [j0, j1), in place: h (B, H) holds
     x_t W on entry and act(x_t W + rec + bias) on exit on taken rows (rec
-    (B, j1 - j0): the units' h U); masked rows carry h_prev.  Row by row
+    (B, j1 - j0): the units' h U); masked rows carry h_prev.  The new h
+    also goes into out_t (the step's outputs, a strided view).  Row by row
     over views, one array read and written: LLVM vectorises it (with x_t W
     in a second array aliasing h it did not)."""
     B = h_prev.shape[0]
@@ -730,22 +737,26 @@ def _rnn_cell(mask_tm, t, rec, bias, act, h_prev, h, j0, j1):
         else:
             for u in range(w):
                 hr[u] += r[u] + bj[u]
+        on = out_t[b, j0:j1]
+        for u in range(w):
+            on[u] = hr[u]
 
 
 @njit(**_JIT)
-def _rnn_steps(mask_tm, Up, bias, hs, act, b0, b1):
+def _rnn_steps(mask_tm, Up, bias, hs, out, act, b0, b1):
     """The forward time loop over batch rows [b0, b1) (mask_tm: those rows'
     columns); hs[1:] holds x_t W on entry; Up is U packed."""
     T, H = hs.shape[0] - 1, hs.shape[2]
     rec = np.empty((b1 - b0, cols(Up)), hs.dtype)
     for t in range(T):
         product(hs[t, b0:b1], Up, rec)
-        _rnn_cell(mask_tm, t, rec, bias, act, hs[t, b0:b1], hs[t + 1, b0:b1], 0, H)
+        _rnn_cell(mask_tm, t, rec, bias, act, hs[t, b0:b1], hs[t + 1, b0:b1],
+                  out[b0:b1, t], 0, H)
 
 
 # ------------------------------------------------------ RNN, unit split ---
 @njit(**_JIT)
-def _rnn_steps_units(mask_tm, U, bias, hs, act, j0, j1, bar, n, sense):
+def _rnn_steps_units(mask_tm, U, bias, hs, out, act, j0, j1, bar, n, sense):
     """The forward time loop for units [j0, j1) of every row (hs[1:] holds
     x W on entry, as in ``_rnn_steps``), meeting the other n - 1 threads at
     bar after each step."""
@@ -755,7 +766,7 @@ def _rnn_steps_units(mask_tm, U, bias, hs, act, j0, j1, bar, n, sense):
     rec = np.empty((B, cols(Uj)), hs.dtype)
     for t in range(T):
         product(hs[t], Uj, rec)
-        _rnn_cell(mask_tm, t, rec, bias, act, hs[t], hs[t + 1], j0, j1)
+        _rnn_cell(mask_tm, t, rec, bias, act, hs[t], hs[t + 1], out[:, t], j0, j1)
         sense = _barrier(bar, n, sense)
     return sense
 
@@ -780,7 +791,7 @@ def _rnn_chunk_grad_steps_units(U, mask_tm, hs, act, d_out, dh, dz, t0, t1, j0,
 
 @njit(**_JIT)
 def _rnn_forward_part(i, n, units, p0, p1, x_tm, W, U, Up, bias, mask_tm, hs,
-                      act, bar):
+                      out, act, bar):
     """Part i of n of a threaded RNN forward pass (as ``_lstm_forward_part``;
     the input projection goes into hs[1:])."""
     T, B, I = x_tm.shape
@@ -789,9 +800,9 @@ def _rnn_forward_part(i, n, units, p0, p1, x_tm, W, U, Up, bias, mask_tm, hs,
     _gemm_rows(x_tm.reshape(T * B, I), W, hs[1:].reshape(T * B, H), r0, r1)
     sense = _barrier(bar, n, 0)
     if units:
-        _rnn_steps_units(mask_tm, U, bias, hs, act, p0, p1, bar, n, sense)
+        _rnn_steps_units(mask_tm, U, bias, hs, out, act, p0, p1, bar, n, sense)
     else:
-        _rnn_steps(_mask_rows(mask_tm, p0, p1), Up, bias, hs, act, p0, p1)
+        _rnn_steps(_mask_rows(mask_tm, p0, p1), Up, bias, hs, out, act, p0, p1)
 
 
 @njit(**_JIT)
@@ -814,19 +825,20 @@ def _rnn_backward_part(i, n, units, p0, p1, x, reverse, W, U, UT, mask_tm, hs,
                                    xs, dx, dW, dU, db, bar, sense)
 
 
-def rnn_forward(x_tm, W, U, bias, mask_tm, hs, work, act, nthreads):
+def rnn_forward(x_tm, W, U, bias, mask_tm, hs, out, work, act, nthreads):
     """RNN forward: hs[t+1] = act(x_t @ W + hs[t] @ U + bias) for taken rows;
-    hs[1:] holds x_t @ W while it is computed (no other buffer).  act 0 tanh,
+    hs[1:] holds x_t @ W while it is computed (no other buffer); out
+    (B, T, H) gets the outputs hs[1:] batch-major.  act 0 tanh,
     1 relu, 2 linear.  work (the cython kernel's packed weights) is not
     used: the weights are packed here."""
     split, blocks = _plan(x_tm.shape[1], 1, U.shape[0], nthreads)
     Up = _pack_all(U, 1, split == "units" and len(blocks) > 1)
     if len(blocks) == 1:
         _input_gemm(x_tm, W, hs[1:])
-        _rnn_steps(mask_tm, Up, bias, hs, act, 0, x_tm.shape[1])
+        _rnn_steps(mask_tm, Up, bias, hs, out, act, 0, x_tm.shape[1])
         return
     _run_parts(lambda i, n, units, p0, p1, bar: _rnn_forward_part(
-        i, n, units, p0, p1, x_tm, W, U, Up, bias, mask_tm, hs, act, bar),
+        i, n, units, p0, p1, x_tm, W, U, Up, bias, mask_tm, hs, out, act, bar),
         split, blocks)
 
 

@@ -62,13 +62,6 @@ def _time_major(a, go_backwards):
     return _pool.copy(a)
 
 
-def _batch_major(a, go_backwards):
-    """Inverse of ``_time_major``: (T, B, ...) reading order -> (B, T, ...)."""
-    if go_backwards:
-        a = a[::-1]
-    return _pool.copy(a.swapaxes(0, 1))
-
-
 def _seen(mask_tm):
     """(T, B, 1): whether the row has had an unmasked step yet (its output is
     zero before that, while its state is still h0)."""
@@ -89,15 +82,12 @@ def release_buffers():
     _pool.release()
 
 
-def _outputs(hs, seen):
-    """The public outputs (B, T, H) from the states hs (T+1, B, H): zero
-    where ``seen`` (T, B, 1) is False (before a row's first step)."""
-    if seen is None:
-        return _batch_major(hs[1:], False)
-    out = _pool.empty((hs.shape[1], hs.shape[0] - 1, hs.shape[2]), hs.dtype)
-    out[...] = 0
-    np.copyto(out, hs[1:].swapaxes(0, 1), where=seen.swapaxes(0, 1))
-    return out
+def _zero_unseen(outputs, seen):
+    """Keras's rule for masked sequences, in place: the outputs (B, T, H),
+    which the kernels fill with the carried state, are zero where ``seen``
+    (T, B, 1; None: no mask) is False (before a row's first step)."""
+    if seen is not None:
+        np.copyto(outputs, 0, where=~seen.swapaxes(0, 1))
 
 
 def _degenerate(B, T, H):
@@ -137,11 +127,14 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
     dt = x.dtype
     x_tm = _time_major(x, go_backwards)
     mask_tm = _NO_MASK if mask is None else _time_major(mask, go_backwards).view(np.uint8)
-    hs = _aligned_empty((T + 1, B, H), dt)
+    # the states of every step when training (the backward reads them),
+    # else two slots that alternate; the kernel writes the outputs itself
+    hs = _aligned_empty((T + 1 if training else 2, B, H), dt)
     hs[0] = h0
     cs = _aligned_empty((T + 1 if training else 2, B, H), dt)
     cs[0] = c0
     gates = _aligned_empty((T, B, 4 * H), dt)
+    outputs = _aligned_empty((B, T, H), dt)
     threads, blas = _backend.thread_plan(name, B, 4, H)
     # the kernel's packed copy of the weights (see csrc/fastrnn.h)
     work = _aligned_empty((_pack_len(name, B, I, H, threads)
@@ -149,15 +142,16 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
     with blas:
         _backend.module(name).lstm_forward(
             x_tm, np.ascontiguousarray(W), np.ascontiguousarray(U),
-            np.ascontiguousarray(b), mask_tm, hs, cs, gates, work, training,
-            threads)
+            np.ascontiguousarray(b), mask_tm, hs, cs, gates, outputs, work,
+            training, threads)
     seen = None if mask is None else _seen(mask_tm)
-    outputs = _outputs(hs, seen)
-    c = cs[T if training else T % 2].copy()
+    _zero_unseen(outputs, seen)
+    last = T if training else T % 2
     if training:
         ws.data = dict(x=_saved_input(x, _keep_x), W=W, U=U, mask_tm=mask_tm,
                        hs=hs, cs=cs, gates=gates, seen=seen)
-    return LSTMResult(outputs, hs[T].copy(), c, ws if training else None)
+    return LSTMResult(outputs, hs[last].copy(), cs[last].copy(),
+                      ws if training else None)
 
 
 def _saved_input(x, keep):
@@ -324,16 +318,17 @@ def rnn_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *,
     mask_tm = _NO_MASK if mask is None else _time_major(mask, go_backwards).view(np.uint8)
     hs = _aligned_empty((T + 1, B, H), dt)
     hs[0] = h0
+    outputs = _aligned_empty((B, T, H), dt)
     threads, blas = _backend.thread_plan(name, B, 1, H)
     work = _aligned_empty((_pack_len(name, B, I, H, threads, "rnn")
                            if dt == np.float32 else 0,), dt)
     with blas:
         _backend.module(name).rnn_forward(
             x_tm, np.ascontiguousarray(W), np.ascontiguousarray(U),
-            np.ascontiguousarray(b), mask_tm, hs, work, ACTIVATIONS[activation],
-            threads)
+            np.ascontiguousarray(b), mask_tm, hs, outputs, work,
+            ACTIVATIONS[activation], threads)
     seen = None if mask is None else _seen(mask_tm)
-    outputs = _outputs(hs, seen)
+    _zero_unseen(outputs, seen)
     if training:
         ws.data = dict(x=_saved_input(x, _keep_x), W=W, U=U, mask_tm=mask_tm,
                        hs=hs, seen=seen)

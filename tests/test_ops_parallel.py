@@ -137,22 +137,29 @@ def test_forward_with_packed_weights_matches_plain_blas(training, threads, B, H,
     rng = np.random.default_rng(B * 100 + H + threads)
     T, I = 7, 5
     x, W, U, b, mask = _lstm_kernel_inputs(rng, T, B, I, H, dtype)
+    h0 = rng.standard_normal((B, H))
     runs = []
     for work in (np.empty(_cykernels.lstm_forward_work_len(B, I, H, threads), dtype),
                  np.empty(0, dtype)):
-        hs = np.zeros((T + 1, B, H), dtype)
-        hs[0] = rng.standard_normal((B, H)) if not runs else runs[0][0][0]
+        hs = np.zeros((T + 1 if training else 2, B, H), dtype)
+        hs[0] = h0
         cs = np.zeros((T + 1 if training else 2, B, H), dtype)
         gates = np.empty((T, B, 4 * H), dtype)
-        _cykernels.lstm_forward(x, W, U, b, mask, hs, cs, gates, work, training,
+        out = np.full((B, T, H), np.nan, dtype)
+        _cykernels.lstm_forward(x, W, U, b, mask, hs, cs, gates, out, work, training,
                                 threads)
-        runs.append((hs, cs, gates if training else None))
+        runs.append((hs, cs, gates if training else None, out))
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-13)
     taken = mask.astype(bool)       # masked rows' gates are scratch, not output
     for k, (got, want) in enumerate(zip(runs[0], runs[1])):
         if want is not None:
             np.testing.assert_allclose(got[taken] if k == 2 else got,
                                        want[taken] if k == 2 else want, **tol)
+    hs, _, _, out = runs[0]
+    if training:   # the outputs are the states after each step, batch-major
+        np.testing.assert_array_equal(out, hs[1:].swapaxes(0, 1))
+    else:          # the last state is in slot T % 2
+        np.testing.assert_array_equal(out[:, -1], hs[T % 2])
 
 
 @pytest.mark.skipif("cython" not in fastrnn.available_backends(),
@@ -184,9 +191,9 @@ def test_forward_rejects_a_short_work_buffer():
     with pytest.raises(ValueError, match=f"work must have at least {need} elements"):
         _cykernels.lstm_forward(np.zeros((T, B, I)), np.zeros((I, 4 * H)),
                                 np.zeros((H, 4 * H)), np.zeros(4 * H),
-                                np.zeros((0, 0), np.uint8), np.zeros((T + 1, B, H)),
+                                np.zeros((0, 0), np.uint8), np.zeros((2, B, H)),
                                 np.zeros((2, B, H)), np.empty((T, B, 4 * H)),
-                                np.empty(need - 1), False, 2)
+                                np.empty((B, T, H)), np.empty(need - 1), False, 2)
 
 
 @pytest.mark.skipif("cython" not in fastrnn.available_backends(),
@@ -209,7 +216,8 @@ def test_backward_with_packed_weights_matches_plain_blas(threads, B, H, Tc, I):
     hs[0] = rng.standard_normal((B, H))
     cs = np.zeros((T + 1, B, H), dt)
     gates = np.empty((T, B, 4 * H), dt)
-    _cykernels.lstm_forward(x, W, U, b, mask, hs, cs, gates, np.empty(0, dt), True, 1)
+    _cykernels.lstm_forward(x, W, U, b, mask, hs, cs, gates, np.empty((B, T, H), dt),
+                            np.empty(0, dt), True, 1)
     d_out = rng.standard_normal((B, T, H)).astype(dt)
     d_h = rng.standard_normal((B, H)).astype(dt)
     d_c = rng.standard_normal((B, H)).astype(dt)
@@ -266,7 +274,9 @@ def test_rnn_with_packed_weights_matches_plain_blas(act, threads, B, H, I):
     for scratch in (np.empty(n, dt), np.empty(0, dt)):
         hs = np.zeros((T + 1, B, H), dt)
         hs[0] = h0
-        _cykernels.rnn_forward(x, W, U, b, mask, hs, scratch, act, threads)
+        outputs = np.full((B, T, H), np.nan, dt)
+        _cykernels.rnn_forward(x, W, U, b, mask, hs, outputs, scratch, act, threads)
+        np.testing.assert_array_equal(outputs, hs[1:].swapaxes(0, 1))
         out = dict(hs=hs, dh=d_h.copy(), dx=np.empty((B, T, I), dt),
                    dW=np.empty((I, H), dt), dU=np.empty((H, H), dt), db=np.empty(H, dt))
         _cykernels.rnn_backward(np.ascontiguousarray(x.swapaxes(0, 1)), False, W, U,
@@ -281,7 +291,7 @@ def test_rnn_with_packed_weights_matches_plain_blas(act, threads, B, H, I):
                                    atol=2e-5 * scale, err_msg=k)
     with pytest.raises(ValueError, match="work must have at least"):
         _cykernels.rnn_forward(x, W, U, b, mask, np.zeros((T + 1, B, H), dt),
-                               np.empty(2, dt), act, threads)
+                               np.empty((B, T, H), dt), np.empty(2, dt), act, threads)
 
 
 @pytest.mark.skipif("numba" not in fastrnn.available_backends(),
