@@ -3,8 +3,9 @@
  *
  * Every entry point works on caller-allocated, C-contiguous buffers in
  * time-major *reading order* unless noted (the caller reverses the time axis
- * for go_backwards; the backward passes take x and dx batch-major instead),
- * with Keras's weight layout:
+ * for go_backwards; the backward passes take x and dx batch-major instead,
+ * the forward passes may take x batch-major (batch_major) and write the
+ * outputs batch-major), with Keras's weight layout:
  *
  *   T, B, I, H   time steps, batch rows, input features, hidden units
  *                (T, B, H >= 1; I >= 0)
@@ -53,6 +54,8 @@ enum { FR_ACT_TANH = 0, FR_ACT_RELU = 1, FR_ACT_LINEAR = 2 };
 
 /*
  * LSTM forward.
+ *   batch_major  nonzero: x is (B, T, I), batch-major, read forwards (no
+ *          time-major copy needed); zero: x is (T, B, I) in reading order.
  *   hs, cs (T+1, B, H) when training, else (2, B, H): hs[0] = h0, cs[0] = c0
  *          on entry; the state after step t is in hs[t+1], cs[t+1]
  *          (training) or hs[(t+1) % 2], cs[(t+1) % 2] (inference).
@@ -69,12 +72,12 @@ enum { FR_ACT_TANH = 0, FR_ACT_RELU = 1, FR_ACT_LINEAR = 2 };
  *          1 runs on the caller's thread only.
  */
 int fr_lstm_forward_f32(const fr_sblas *blas, int nthreads, int training,
-                        int T, int B, int I, int H,
+                        int batch_major, int T, int B, int I, int H,
                         const float *x, const float *W, const float *U,
                         const float *bias, const unsigned char *mask,
                         float *hs, float *cs, float *gates, float *out, float *work);
 int fr_lstm_forward_f64(const fr_dblas *blas, int nthreads, int training,
-                        int T, int B, int I, int H,
+                        int batch_major, int T, int B, int I, int H,
                         const double *x, const double *W, const double *U,
                         const double *bias, const unsigned char *mask,
                         double *hs, double *cs, double *gates, double *out,
@@ -122,6 +125,7 @@ int fr_lstm_backward_f64(const fr_dblas *blas, int nthreads, int reverse, int T,
 
 /*
  * Simple RNN forward: hs[t+1] = act(x[t] W + hs[t] U + bias).
+ *   batch_major  as for the LSTM
  *   hs   (T+1, B, H): hs[0] = h0 on entry; hs[1:] also holds the
  *        pre-activations while they are computed (no other buffer)
  *   out  (B, T, H): the outputs hs[1:], batch-major (as the LSTM's)
@@ -130,11 +134,13 @@ int fr_lstm_backward_f64(const fr_dblas *blas, int nthreads, int reverse, int T,
  *        BLAS on U and W as they are)
  *   act  FR_ACT_TANH, FR_ACT_RELU or FR_ACT_LINEAR
  */
-int fr_rnn_forward_f32(const fr_sblas *blas, int nthreads, int act, int T, int B, int I, int H,
+int fr_rnn_forward_f32(const fr_sblas *blas, int nthreads, int act, int batch_major,
+                       int T, int B, int I, int H,
                        const float *x, const float *W, const float *U,
                        const float *bias, const unsigned char *mask,
                        float *hs, float *out, float *work);
-int fr_rnn_forward_f64(const fr_dblas *blas, int nthreads, int act, int T, int B, int I, int H,
+int fr_rnn_forward_f64(const fr_dblas *blas, int nthreads, int act, int batch_major,
+                       int T, int B, int I, int H,
                        const double *x, const double *W, const double *U,
                        const double *bias, const unsigned char *mask,
                        double *hs, double *out, double *work);

@@ -324,18 +324,19 @@ static void fr_sgemm_panels(int M, int K, int np, const float *restrict A, int l
 #define FR_PROJ_MIN_B 8
 #define FR_PROJ_ROWS 64   /* rows of x per block: every panel passes over it in cache */
 
-/* Rows [r0, r1) of z (rows of G*H) = x (rows of K) times the n = G*w
- * columns packed by fr_pack_panels(K, H, G, j0, w, W, panels): packed
- * column q*w + u lands in z's column q*H + j0 + u.  A panel whose columns
- * are one run of one gate block is stored in place, others through tmp. */
-static void fr_project_panels(int r0, int r1, int K, int H, int G, int j0, int w,
-                              const float *x, const float *panels, float *z)
+/* The M rows of z (row stride ldz, rows of G*H) = x (M rows of K,
+ * contiguous) times the n = G*w columns packed by fr_pack_panels(K, H, G,
+ * j0, w, W, panels): packed column q*w + u lands in z's column q*H + j0 + u.
+ * A panel whose columns are one run of one gate block is stored in place,
+ * others through tmp. */
+static void fr_project_panels(int M, int K, int H, int G, int j0, int w,
+                              const float *x, const float *panels, float *z,
+                              size_t ldz)
 {
     const int n = G * w, np = fr_panels(n);
-    const size_t ldz = (size_t)G * H;
     float tmp[FR_PROJ_ROWS * FR_NR] __attribute__((aligned(64)));
-    for (int rb = r0; rb < r1; rb += FR_PROJ_ROWS) {
-        const int m = r1 - rb < FR_PROJ_ROWS ? r1 - rb : FR_PROJ_ROWS;
+    for (int rb = 0; rb < M; rb += FR_PROJ_ROWS) {
+        const int m = M - rb < FR_PROJ_ROWS ? M - rb : FR_PROJ_ROWS;
         const float *A = x + (size_t)rb * K;
         float *zb = z + (size_t)rb * ldz;
         for (int p = 0; p < np; p++) {

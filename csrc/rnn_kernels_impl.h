@@ -214,19 +214,46 @@ static int FN(check_sizes)(int T, int B, int I, int H, int G)
 {
     if (T < 1 || B < 1 || I < 0 || H < 1)
         return 1;
-    /* every product used as a BLAS dimension must fit an int */
-    if ((long long)T * B > 2147483647LL || (long long)G * H > 2147483647LL)
+    /* every product used as a BLAS dimension or stride must fit an int */
+    if ((long long)T * B > 2147483647LL || (long long)B * G * H > 2147483647LL)
         return 1;
     return 0;
 }
 
-/* Rows [r0, r1) of z = x W (the input projection of every step), or for the
- * RNN, with G = 1. */
-static void FN(input_projection)(const BLAS_T *blas, int r0, int r1, int I, int GH,
-                                 const REAL *x, const REAL *W, REAL *z)
+/* Rows [r0, r1) of the input projection z = x W of every step (G gate
+ * blocks: 4 for the LSTM, 1 for the RNN), counted in x's memory order: x
+ * is time-major (T, B, I) in reading order, or, when xbm, batch-major
+ * (B, T, I) read forwards (row r = b*T + t; each batch row's run of steps
+ * is one product into z rows B apart).  z is (T, B, G*H).  float32 with
+ * panels: units [j0, j0 + w) of each gate block, on W's columns packed by
+ * fr_pack_panels(I, H, G, j0, w, W, panels); else every column by BLAS. */
+static void FN(project)(const BLAS_T *blas, const REAL *panels, int xbm, int r0,
+                        int r1, int G, int T, int B, int I, int H, int j0, int w,
+                        const REAL *x, const REAL *W, REAL *z)
 {
-    FN(gemm_rm)(blas, 0, 0, r1 - r0, GH, I, 1, x + (size_t)r0 * I,
-                I > 0 ? I : 1, W, GH, 0, z + (size_t)r0 * GH, GH);
+    const size_t GH = (size_t)G * H;
+    for (int r = r0; r < r1;) {
+        int m = r1 - r;
+        size_t zr = (size_t)r * GH, ldz = GH;
+        if (xbm) {
+            const int b = r / T, t = r % T;
+            if (m > T - t)
+                m = T - t;
+            zr = ((size_t)t * B + b) * GH;
+            ldz = (size_t)B * GH;
+        }
+        const REAL *A = x + (size_t)r * I;
+#ifdef FR_F32
+        if (panels)
+            fr_project_panels(m, I, H, G, j0, w, A, panels, z + zr, ldz);
+        else
+#else
+        (void)panels, (void)j0, (void)w;
+#endif
+        FN(gemm_rm)(blas, 0, 0, m, (int)GH, I, 1, A, I > 0 ? I : 1, W, (int)GH, 0,
+                    z + zr, (int)ldz);
+        r += m;
+    }
 }
 
 /* z[:, q*H + j0 : q*H + j1] += h U[:, same columns], for each gate block q. */
@@ -248,9 +275,10 @@ static void FN(recurrent_projection)(const BLAS_T *blas, int G, int B, int H, in
  * splits the batch rows (flexible job: fr_pool_run_flexible, work items
  * claimed from items[0] (input projection pieces) and items[1] (row
  * blocks), no barrier), else the hidden units (a barrier per step); proj,
- * float32: the input projection on packed W (fr_project_panels). */
+ * float32: the input projection on packed W (fr_project_panels); xbm: x
+ * is batch-major (see project). */
 typedef struct {
-    int nthreads, rows, npieces, nblocks, proj;
+    int nthreads, rows, npieces, nblocks, proj, xbm;
     fr_barrier bar;
     fr_work items[2];
 } FN(fwd_team);
@@ -277,11 +305,12 @@ static inline size_t FN(state_slot)(int training, int t)
  * a flexible team, with U (and W, when the projection runs on it) packed
  * once by the caller first (float32 with work). */
 static void FN(run_forward)(FN(fwd_team) *tm, fr_job_fn job, void *arg, int nthreads,
-                            int G, int T, int B, int I, int H, const REAL *W,
+                            int xbm, int G, int T, int B, int I, int H, const REAL *W,
                             const REAL *U, REAL *work)
 {
     const int n = fr_team(nthreads, B, H);
     tm->nthreads = nthreads < 1 ? 1 : nthreads;
+    tm->xbm = xbm != 0;
     tm->rows = n > 1 && fr_split_rows(B, H, n);
     tm->proj = 0;
 #ifdef FR_F32
@@ -308,22 +337,21 @@ static void FN(run_forward)(FN(fwd_team) *tm, fr_job_fn job, void *arg, int nthr
     fr_pool_run_flexible(n, job, arg);
 }
 
-/* Pieces [r0, r1) of a forward's input projection z = x W (G gate blocks),
- * on the shared packed W when proj, else by BLAS. */
-static void FN(project_rows)(const BLAS_T *blas, int proj, REAL *work, int nmax,
-                             int r0, int r1, int G, int B, int I, int H,
+/* Pieces [r0, r1) (in x's order, see project) of a forward's input
+ * projection z = x W (G gate blocks), on the shared packed W when the team
+ * projects on panels, else by BLAS. */
+static void FN(project_rows)(const BLAS_T *blas, const FN(fwd_team) *tm, REAL *work,
+                             int r0, int r1, int G, int T, int B, int I, int H,
                              const REAL *x, const REAL *W, REAL *z)
 {
+    const REAL *panels = NULL;
 #ifdef FR_F32
-    if (proj) {
-        fr_project_panels(r0, r1, I, H, G, 0, H, x,
-                          FN(w_panels_slot)(work, G, I, H, B, nmax, 0, 1, 0), z);
-        return;
-    }
+    if (tm->proj)
+        panels = FN(w_panels_slot)(work, G, I, H, B, tm->nthreads, 0, 1, 0);
 #else
-    (void)proj, (void)work, (void)nmax, (void)B;
+    (void)work;
 #endif
-    FN(input_projection)(blas, r0, r1, I, G * H, x, W, z);
+    FN(project)(blas, panels, tm->xbm, r0, r1, G, T, B, I, H, 0, H, x, W, z);
 }
 
 /* The unit split's input projection: a thread's own columns (units
@@ -331,25 +359,25 @@ static void FN(project_rows)(const BLAS_T *blas, int proj, REAL *work, int nmax,
  * W, so that no thread waits for another before the first step (proj);
  * else its rows [r0, r1) of all columns by BLAS (and the team meets
  * before the first step).  Returns whether the team must meet. */
-static int FN(project_own)(const BLAS_T *blas, int proj, REAL *work, int nmax, int tid,
-                           int n, int G, int T, int B, int I, int H, int j0, int w,
-                           const REAL *x, const REAL *W, REAL *z)
+static int FN(project_own)(const BLAS_T *blas, const FN(fwd_team) *tm, REAL *work,
+                           int tid, int n, int G, int T, int B, int I, int H, int j0,
+                           int w, const REAL *x, const REAL *W, REAL *z)
 {
 #ifdef FR_F32
-    if (proj) {
+    if (tm->proj) {
         if (w > 0) {
-            REAL *Wp = FN(w_panels_slot)(work, G, I, H, B, nmax, tid, 0, j0);
+            REAL *Wp = FN(w_panels_slot)(work, G, I, H, B, tm->nthreads, tid, 0, j0);
             fr_pack_panels(I, H, G, j0, w, W, Wp);
-            fr_project_panels(0, T * B, I, H, G, j0, w, x, Wp, z);
+            FN(project)(blas, Wp, tm->xbm, 0, T * B, G, T, B, I, H, j0, w, x, W, z);
         }
         return 0;
     }
 #else
-    (void)proj, (void)work, (void)nmax, (void)j0, (void)w;
+    (void)work, (void)j0, (void)w;
 #endif
     int r0, r1;
     fr_split(T * B, 1, tid, n, &r0, &r1);
-    FN(input_projection)(blas, r0, r1, I, G * H, x, W, z);
+    FN(project)(blas, NULL, tm->xbm, r0, r1, G, T, B, I, H, 0, H, x, W, z);
     return 1;
 }
 
@@ -365,8 +393,8 @@ static void FN(lstm_forward_rows)(FN(lstm_fwd_args) *a)
     while ((k = fr_work_claim(&a->tm.items[0], a->tm.npieces)) >= 0) {
         int r0, r1;
         fr_split(T * B, 1, k, a->tm.npieces, &r0, &r1);
-        FN(project_rows)(a->blas, a->tm.proj, a->work, a->tm.nthreads, r0, r1, 4, B, a->I,
-                         H, a->x, a->W, a->gates);
+        FN(project_rows)(a->blas, &a->tm, a->work, r0, r1, 4, T, B, a->I, H, a->x, a->W,
+                         a->gates);
         fr_work_finish(&a->tm.items[0]);
     }
     fr_work_wait(&a->tm.items[0], a->tm.npieces);
@@ -419,8 +447,8 @@ static void FN(lstm_forward_job)(void *arg, int tid, int n)
     int j0, j1;
     fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
     const int w = j1 - j0;
-    const int meet = FN(project_own)(a->blas, a->tm.proj, a->work, a->tm.nthreads, tid, n, 4,
-                                     T, B, a->I, H, j0, w, a->x, a->W, a->gates);
+    const int meet = FN(project_own)(a->blas, &a->tm, a->work, tid, n, 4, T, B, a->I, H,
+                                     j0, w, a->x, a->W, a->gates);
     /* The step's h U for this thread's units, by the fastest means:
      * - float32: this thread's columns of U packed once in panels
      *   (fr_sgemm_panels), one product per step into rec;
@@ -487,7 +515,8 @@ static void FN(lstm_forward_job)(void *arg, int tid, int n)
     }
 }
 
-int FN(fr_lstm_forward)(const BLAS_T *blas, int nthreads, int training, int T, int B,
+int FN(fr_lstm_forward)(const BLAS_T *blas, int nthreads, int training,
+                        int batch_major, int T, int B,
                         int I, int H, const REAL *x, const REAL *W,
                         const REAL *U, const REAL *bias,
                         const unsigned char *mask, REAL *hs, REAL *cs,
@@ -497,7 +526,8 @@ int FN(fr_lstm_forward)(const BLAS_T *blas, int nthreads, int training, int T, i
         return 1;
     FN(lstm_fwd_args) a = {blas, training, T, B, I, H, x, W, U, bias, mask,
                            hs, cs, gates, out, work};
-    FN(run_forward)(&a.tm, FN(lstm_forward_job), &a, nthreads, 4, T, B, I, H, W, U, work);
+    FN(run_forward)(&a.tm, FN(lstm_forward_job), &a, nthreads, batch_major, 4, T, B, I, H,
+                    W, U, work);
     return 0;
 }
 
@@ -532,7 +562,8 @@ static void FN(weight_grads_rows)(const BLAS_T *blas, int r0, int r1, int t0, in
                (size_t)I * sizeof(REAL));
 #ifdef FR_F32
     if (Wt)   /* W^T packed in panels (float32, from FR_PROJ_MIN_B rows) */
-        fr_project_panels(0, r1 - r0, GH, I, 1, 0, I, dz + (size_t)r0 * GH, Wt, dxc);
+        fr_project_panels(r1 - r0, GH, I, 1, 0, I, dz + (size_t)r0 * GH, Wt, dxc,
+                          (size_t)I);
     else
 #endif
     FN(gemm_rm)(blas, 0, 1, r1 - r0, I, GH, 1, dz + (size_t)r0 * GH, GH, W, GH,
@@ -777,8 +808,8 @@ static void FN(rnn_forward_job)(void *arg, int tid, int n)
         while ((k = fr_work_claim(&a->tm.items[0], a->tm.npieces)) >= 0) {
             int r0, r1;
             fr_split(T * B, 1, k, a->tm.npieces, &r0, &r1);
-            FN(project_rows)(a->blas, a->tm.proj, a->work, a->tm.nthreads, r0, r1, 1, B, a->I,
-                             H, a->x, a->W, a->hs + BH);
+            FN(project_rows)(a->blas, &a->tm, a->work, r0, r1, 1, T, B, a->I, H, a->x,
+                             a->W, a->hs + BH);
             fr_work_finish(&a->tm.items[0]);
         }
         fr_work_wait(&a->tm.items[0], a->tm.npieces);
@@ -799,8 +830,8 @@ static void FN(rnn_forward_job)(void *arg, int tid, int n)
     fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
     const int w = j1 - j0;
     /* the pre-activations go straight into hs[1:] (see rnn_cell) */
-    const int meet = FN(project_own)(a->blas, a->tm.proj, a->work, a->tm.nthreads, tid, n, 1,
-                                     T, B, a->I, H, j0, w, a->x, a->W, a->hs + BH);
+    const int meet = FN(project_own)(a->blas, &a->tm, a->work, tid, n, 1, T, B, a->I, H,
+                                     j0, w, a->x, a->W, a->hs + BH);
     /* float32 with work: the step's h U on this thread's columns of U
      * packed once in panels, as in the LSTM forward (rec, then added into
      * hs[t+1]); else BLAS adds it there in place. */
@@ -816,7 +847,8 @@ static void FN(rnn_forward_job)(void *arg, int tid, int n)
     FN(rnn_steps)(a, 0, B, j0, j1, Up, rec, ldr, &a->tm.bar, n, &sense);
 }
 
-int FN(fr_rnn_forward)(const BLAS_T *blas, int nthreads, int act, int T, int B, int I,
+int FN(fr_rnn_forward)(const BLAS_T *blas, int nthreads, int act, int batch_major,
+                       int T, int B, int I,
                        int H, const REAL *x, const REAL *W, const REAL *U,
                        const REAL *bias, const unsigned char *mask, REAL *hs,
                        REAL *out, REAL *work)
@@ -825,7 +857,8 @@ int FN(fr_rnn_forward)(const BLAS_T *blas, int nthreads, int act, int T, int B, 
         || act < 0 || act > 2)
         return 1;
     FN(rnn_fwd_args) a = {blas, act, T, B, I, H, x, W, U, bias, mask, hs, out, work};
-    FN(run_forward)(&a.tm, FN(rnn_forward_job), &a, nthreads, 1, T, B, I, H, W, U, work);
+    FN(run_forward)(&a.tm, FN(rnn_forward_job), &a, nthreads, batch_major, 1, T, B, I, H,
+                    W, U, work);
     return 0;
 }
 

@@ -24,10 +24,10 @@ cdef extern from "fastrnn.h" nogil:
     ctypedef struct fr_dblas:
         fr_dgemm_fn gemm
         fr_dgemv_fn gemv
-    int fr_lstm_forward_f32(const fr_sblas*, int, int, int, int, int, int,
+    int fr_lstm_forward_f32(const fr_sblas*, int, int, int, int, int, int, int,
                             const float*, const float*, const float*, const float*,
                             const unsigned char*, float*, float*, float*, float*, float*)
-    int fr_lstm_forward_f64(const fr_dblas*, int, int, int, int, int, int,
+    int fr_lstm_forward_f64(const fr_dblas*, int, int, int, int, int, int, int,
                             const double*, const double*, const double*, const double*,
                             const unsigned char*, double*, double*, double*, double*,
                             double*)
@@ -41,10 +41,10 @@ cdef extern from "fastrnn.h" nogil:
                              const unsigned char*, const double*, const double*,
                              const double*, const double*, double*, double*, double*,
                              double*, double*, double*, double*, double*, double*, double*)
-    int fr_rnn_forward_f32(const fr_sblas*, int, int, int, int, int, int,
+    int fr_rnn_forward_f32(const fr_sblas*, int, int, int, int, int, int, int,
                            const float*, const float*, const float*, const float*,
                            const unsigned char*, float*, float*, float*)
-    int fr_rnn_forward_f64(const fr_dblas*, int, int, int, int, int, int,
+    int fr_rnn_forward_f64(const fr_dblas*, int, int, int, int, int, int, int,
                            const double*, const double*, const double*, const double*,
                            const unsigned char*, double*, double*, double*)
     int fr_rnn_backward_f32(const fr_sblas*, int, int, int, int, int, int, int, int,
@@ -170,8 +170,11 @@ def lstm_forward(const floating[:, :, ::1] x, const floating[:, ::1] W,
                  const unsigned char[:, ::1] mask, floating[:, :, ::1] hs,
                  floating[:, :, ::1] cs, floating[:, :, ::1] gates,
                  floating[:, :, ::1] out, floating[::1] work, bint training,
-                 int nthreads):
-    cdef Py_ssize_t T = x.shape[0], B = x.shape[1], I = x.shape[2], H = U.shape[0]
+                 int nthreads, bint batch_major=False):
+    """x is (T, B, I) in reading order, or (B, T, I) read forwards when
+    batch_major (see csrc/fastrnn.h)."""
+    cdef Py_ssize_t T = x.shape[1 if batch_major else 0], B = x.shape[0 if batch_major else 1]
+    cdef Py_ssize_t I = x.shape[2], H = U.shape[0]
     _expect("W", (W.shape[0], W.shape[1]), (I, 4 * H))
     _expect("U", (U.shape[0], U.shape[1]), (H, 4 * H))
     _expect("bias", (bias.shape[0],), (4 * H,))
@@ -192,12 +195,12 @@ def lstm_forward(const floating[:, :, ::1] x, const floating[:, ::1] W,
     cdef int rc
     with nogil:
         if floating is float:
-            rc = fr_lstm_forward_f32(&_SBLAS, nthreads, training, T, B, I, H,
+            rc = fr_lstm_forward_f32(&_SBLAS, nthreads, training, batch_major, T, B, I, H,
                                      px, pW, &U[0, 0], &bias[0], m,
                                      &hs[0, 0, 0], &cs[0, 0, 0], &gates[0, 0, 0],
                                      &out[0, 0, 0], pwork)
         else:
-            rc = fr_lstm_forward_f64(&_DBLAS, nthreads, training, T, B, I, H,
+            rc = fr_lstm_forward_f64(&_DBLAS, nthreads, training, batch_major, T, B, I, H,
                                      px, pW, &U[0, 0], &bias[0], m,
                                      &hs[0, 0, 0], &cs[0, 0, 0], &gates[0, 0, 0],
                                      &out[0, 0, 0], pwork)
@@ -266,8 +269,11 @@ def lstm_backward(const floating[:, :, ::1] x, bint reverse, const floating[:, :
 def rnn_forward(const floating[:, :, ::1] x, const floating[:, ::1] W,
                 const floating[:, ::1] U, const floating[::1] bias,
                 const unsigned char[:, ::1] mask, floating[:, :, ::1] hs,
-                floating[:, :, ::1] out, floating[::1] work, int act, int nthreads):
-    cdef Py_ssize_t T = x.shape[0], B = x.shape[1], I = x.shape[2], H = U.shape[0]
+                floating[:, :, ::1] out, floating[::1] work, int act, int nthreads,
+                bint batch_major=False):
+    """x as for lstm_forward."""
+    cdef Py_ssize_t T = x.shape[1 if batch_major else 0], B = x.shape[0 if batch_major else 1]
+    cdef Py_ssize_t I = x.shape[2], H = U.shape[0]
     _expect("W", (W.shape[0], W.shape[1]), (I, H))
     _expect("U", (U.shape[0], U.shape[1]), (H, H))
     _expect("bias", (bias.shape[0],), (H,))
@@ -284,11 +290,11 @@ def rnn_forward(const floating[:, :, ::1] x, const floating[:, ::1] W,
     cdef int rc
     with nogil:
         if floating is float:
-            rc = fr_rnn_forward_f32(&_SBLAS, nthreads, act, T, B, I, H,
+            rc = fr_rnn_forward_f32(&_SBLAS, nthreads, act, batch_major, T, B, I, H,
                                     px, pW, &U[0, 0], &bias[0], m, &hs[0, 0, 0],
                                     &out[0, 0, 0], pwork)
         else:
-            rc = fr_rnn_forward_f64(&_DBLAS, nthreads, act, T, B, I, H,
+            rc = fr_rnn_forward_f64(&_DBLAS, nthreads, act, batch_major, T, B, I, H,
                                     px, pW, &U[0, 0], &bias[0], m, &hs[0, 0, 0],
                                     &out[0, 0, 0], pwork)
     if rc:

@@ -667,15 +667,23 @@ def _run_parts(fn, split, blocks):
         _note_call(bar[2], bar[3])
 
 
-def lstm_forward(x_tm, W, U, bias, mask_tm, hs, cs, gates, out, work, training,
-                 nthreads):
+def _time_major(x, batch_major):
+    """The kernels' x, time-major in reading order (see ``lstm_forward``)."""
+    return np.ascontiguousarray(x.swapaxes(0, 1)) if batch_major else x
+
+
+def lstm_forward(x, W, U, bias, mask_tm, hs, cs, gates, out, work, training,
+                 nthreads, batch_major=False):
     """LSTM forward.  hs and cs ((T+1 if training else 2), B, H) hold h0,
     c0 at index 0 on entry; on exit the state after step t is at hs[t+1],
     cs[t+1] (training) or hs[(t+1) % 2], cs[(t+1) % 2], and out (B, T, H)
     holds the outputs, batch-major (out[:, t]: h after step t).  gates
     (T, B, 4H): when training, on exit the activated gates i, f, g, o of
     taken rows.  work (the cython kernel's scratch for packed weights) is
-    not used: the weights are packed here (``_numba_panels``)."""
+    not used: the weights are packed here (``_numba_panels``).  x is
+    (T, B, I) in reading order, or (B, T, I) read forwards when batch_major
+    (copied time-major here)."""
+    x_tm = _time_major(x, batch_major)
     split, blocks = _plan(x_tm.shape[1], 4, U.shape[0], nthreads)
     Up = _pack_all(U, 4, split == "units" and len(blocks) > 1)
     if len(blocks) == 1:
@@ -825,12 +833,14 @@ def _rnn_backward_part(i, n, units, p0, p1, x, reverse, W, U, UT, mask_tm, hs,
                                    xs, dx, dW, dU, db, bar, sense)
 
 
-def rnn_forward(x_tm, W, U, bias, mask_tm, hs, out, work, act, nthreads):
+def rnn_forward(x, W, U, bias, mask_tm, hs, out, work, act, nthreads,
+                batch_major=False):
     """RNN forward: hs[t+1] = act(x_t @ W + hs[t] @ U + bias) for taken rows;
     hs[1:] holds x_t @ W while it is computed (no other buffer); out
     (B, T, H) gets the outputs hs[1:] batch-major.  act 0 tanh,
     1 relu, 2 linear.  work (the cython kernel's packed weights) is not
-    used: the weights are packed here."""
+    used: the weights are packed here.  x as for ``lstm_forward``."""
+    x_tm = _time_major(x, batch_major)
     split, blocks = _plan(x_tm.shape[1], 1, U.shape[0], nthreads)
     Up = _pack_all(U, 1, split == "units" and len(blocks) > 1)
     if len(blocks) == 1:

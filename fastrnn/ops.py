@@ -7,12 +7,13 @@ Shapes: ``x`` (B, T, I); ``kernel`` (I, G*H); ``recurrent_kernel`` (H, G*H);
 G = 1 for the RNN.  float32 and float64 are supported; results have the
 inputs' dtype.  The math is specified by :mod:`fastrnn.reference`.
 
-The compiled backends run in time-major, reading order internally: this
-module moves arrays between that layout and the public one, allocates every
-buffer, and calls one kernel entry point per pass.  Their backward passes
-read x and d_outputs and write dx as given (batch-major; a chunk of time
-steps at a time is gathered into scratch) and keep the pre-activation
-gradients of one chunk at a time (see ``_chunk_steps``).
+The compiled backends run in time-major, reading order internally; they
+read x and write the outputs batch-major, as given (only go_backwards makes
+the forward pass a time-major copy of x), and their backward passes read
+x and d_outputs and write dx batch-major too (a chunk of time steps at a
+time is gathered into scratch), keeping the pre-activation gradients of one
+chunk at a time (see ``_chunk_steps``).  This module allocates every buffer
+and calls one kernel entry point per pass.
 """
 from collections import namedtuple
 from dataclasses import dataclass, field
@@ -60,6 +61,14 @@ def _time_major(a, go_backwards):
     if go_backwards:
         a = a[::-1]
     return _pool.copy(a)
+
+
+def _kernel_input(x, go_backwards):
+    """x as the forward kernels read it: as given (batch-major, C-contiguous)
+    when read forwards, else a time-major copy in reading order."""
+    if go_backwards:
+        return _time_major(x, True)
+    return np.ascontiguousarray(x)
 
 
 def _seen(mask_tm):
@@ -125,7 +134,7 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
         return LSTMResult(out, h, c, ws if training else None)
 
     dt = x.dtype
-    x_tm = _time_major(x, go_backwards)
+    x_in = _kernel_input(x, go_backwards)
     mask_tm = _NO_MASK if mask is None else _time_major(mask, go_backwards).view(np.uint8)
     # the states of every step when training (the backward reads them),
     # else two slots that alternate; the kernel writes the outputs itself
@@ -141,9 +150,9 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
                            if dt == np.float32 or (B == 1 and threads > 1) else 0,), dt)
     with blas:
         _backend.module(name).lstm_forward(
-            x_tm, np.ascontiguousarray(W), np.ascontiguousarray(U),
+            x_in, np.ascontiguousarray(W), np.ascontiguousarray(U),
             np.ascontiguousarray(b), mask_tm, hs, cs, gates, outputs, work,
-            training, threads)
+            training, threads, batch_major=not go_backwards)
     seen = None if mask is None else _seen(mask_tm)
     _zero_unseen(outputs, seen)
     last = T if training else T % 2
@@ -314,7 +323,7 @@ def rnn_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *,
         return RNNResult(out, h, ws if training else None)
 
     dt = x.dtype
-    x_tm = _time_major(x, go_backwards)
+    x_in = _kernel_input(x, go_backwards)
     mask_tm = _NO_MASK if mask is None else _time_major(mask, go_backwards).view(np.uint8)
     hs = _aligned_empty((T + 1, B, H), dt)
     hs[0] = h0
@@ -324,9 +333,9 @@ def rnn_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *,
                            if dt == np.float32 else 0,), dt)
     with blas:
         _backend.module(name).rnn_forward(
-            x_tm, np.ascontiguousarray(W), np.ascontiguousarray(U),
+            x_in, np.ascontiguousarray(W), np.ascontiguousarray(U),
             np.ascontiguousarray(b), mask_tm, hs, outputs, work,
-            ACTIVATIONS[activation], threads)
+            ACTIVATIONS[activation], threads, batch_major=not go_backwards)
     seen = None if mask is None else _seen(mask_tm)
     _zero_unseen(outputs, seen)
     if training:

@@ -162,6 +162,56 @@ def test_forward_with_packed_weights_matches_plain_blas(training, threads, B, H,
         np.testing.assert_array_equal(out[:, -1], hs[T % 2])
 
 
+@pytest.mark.parametrize("backend", ["cython", "numba"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("B, I", [(1, 5), (3, 0), (9, 5), (20, 100), (64, 3)])
+@pytest.mark.parametrize("layer", ["lstm", "rnn"])
+def test_forward_reads_x_batch_major_as_the_time_major_copy(layer, B, I, threads,
+                                                            dtype, backend):
+    """The forward kernels read x batch-major (batch_major=True: each batch
+    row's run of steps projected as one block, into rows B apart) with the
+    results of its time-major copy, to round-off (the product's tiles, and
+    so its order of summation, follow the blocks' row counts): with the
+    projection on packed W (float32 from 8 rows) and by BLAS, both splits."""
+    if backend not in fastrnn.available_backends():
+        pytest.skip(f"{backend} is not available")
+    module = _backend.module(backend)
+    rng = np.random.default_rng(B * 7 + I + threads)
+    T, H = 6, 24
+    G = 4 if layer == "lstm" else 1
+    x = rng.standard_normal((B, T, I)).astype(dtype)
+    W = (rng.standard_normal((I, G * H)) / 3).astype(dtype)
+    U = (rng.standard_normal((H, G * H)) / 7).astype(dtype)
+    b = (rng.standard_normal(G * H) / 5).astype(dtype)
+    mask = (rng.random((T, B)) > 0.2).astype(np.uint8)
+    h0 = rng.standard_normal((B, H)).astype(dtype)
+    runs = []
+    for batch_major in (True, False):
+        xin = x if batch_major else np.ascontiguousarray(x.swapaxes(0, 1))
+        hs = np.zeros((T + 1, B, H), dtype)
+        hs[0] = h0
+        out = np.full((B, T, H), np.nan, dtype)
+        if layer == "lstm":
+            n = module.lstm_forward_work_len(B, I, H, threads) if backend == "cython" else 0
+            cs = np.zeros((T + 1, B, H), dtype)
+            gates = np.empty((T, B, 4 * H), dtype)
+            module.lstm_forward(xin, W, U, b, mask, hs, cs, gates, out, np.empty(n, dtype),
+                                True, threads, batch_major=batch_major)
+            runs.append((out, hs, cs, gates[mask.astype(bool)]))
+        else:
+            n = module.rnn_work_len(B, I, H, threads) if backend == "cython" else 0
+            module.rnn_forward(xin, W, U, b, mask, hs, out, np.empty(n, dtype), 0, threads,
+                               batch_major=batch_major)
+            runs.append((out, hs))
+    assert not np.isnan(runs[0][0]).any()
+    for got, want in zip(*runs):   # round-off relative to the array's scale
+        scale = max(1.0, float(np.abs(want).max()))
+        tol = (dict(rtol=1e-5, atol=1e-5 * scale) if dtype == np.float32
+               else dict(rtol=1e-13, atol=1e-14 * scale))
+        np.testing.assert_allclose(got, want, **tol)
+
+
 @pytest.mark.skipif("cython" not in fastrnn.available_backends(),
                     reason="the cython backend is not built")
 @pytest.mark.parametrize("threads", [1, 2, 3])
