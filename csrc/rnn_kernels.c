@@ -235,22 +235,25 @@ static void fr_pack_t_panels(int K, int j0, int w, const float *U, float *panels
  * panel (K x FR_NR), with KU k-steps in flight: R * 2 * KU accumulators in
  * registers (R and KU are constants once inlined: R = 8, 4, 2, 1 with KU =
  * 1, 1, 2, 4, so that the narrow tiles still cover the multiply-add
- * latency). */
+ * latency).  TA (a constant too): A is given transposed, row r of A is
+ * column r of a (a: K rows, lda apart), as in the weight gradients x^T dz;
+ * ACC: C += the product instead of C = the product. */
 static inline __attribute__((always_inline)) void
-fr_panel_tile(int R, int KU, int K, const float *restrict a, int lda,
-              const float *restrict B, float *restrict C, int ldc)
+fr_panel_tile_ta(int R, int KU, int TA, int ACC, int K, const float *restrict a,
+                 int lda, const float *restrict B, float *restrict C, int ldc)
 {
     fr_v16 acc[2 * FR_MR];   /* (r, half, u): R * 2 * KU <= 16 */
     size_t off[FR_MR];       /* the rows' offsets, independent of one another */
+    const size_t ks = TA ? (size_t)lda : 1;   /* from one k-step to the next */
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++)
-        off[r] = (size_t)r * lda;
+        off[r] = TA ? (size_t)r : (size_t)r * lda;
 #pragma GCC unroll 16
     for (int v = 0; v < 2 * R * KU; v++)
         acc[v] = (fr_v16){0};
     const int kmain = K - K % KU;
     for (int k = 0; k < kmain; k += KU) {
-        const float *ak = a + k;
+        const float *ak = a + (size_t)k * ks;
 #pragma GCC unroll 4
         for (int u = 0; u < KU; u++) {
             fr_v16 b0, b1;
@@ -258,7 +261,7 @@ fr_panel_tile(int R, int KU, int K, const float *restrict a, int lda,
             memcpy(&b1, B + (size_t)(k + u) * FR_NR + 16, sizeof b1);
 #pragma GCC unroll 8
             for (int r = 0; r < R; r++) {
-                float av = ak[off[r] + u];
+                float av = ak[off[r] + u * ks];
                 acc[(2 * r) * KU + u] += av * b0;
                 acc[(2 * r + 1) * KU + u] += av * b1;
             }
@@ -270,7 +273,7 @@ fr_panel_tile(int R, int KU, int K, const float *restrict a, int lda,
         memcpy(&b1, B + (size_t)k * FR_NR + 16, sizeof b1);
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
-            float av = a[off[r] + k];
+            float av = a[off[r] + k * ks];
             acc[(2 * r) * KU] += av * b0;
             acc[(2 * r + 1) * KU] += av * b1;
         }
@@ -283,8 +286,20 @@ fr_panel_tile(int R, int KU, int K, const float *restrict a, int lda,
 #pragma GCC unroll 4
             for (int u = 1; u < KU; u++)
                 sum += acc[(2 * r + h) * KU + u];
+            if (ACC) {
+                fr_v16 old;
+                memcpy(&old, C + (size_t)r * ldc + 16 * h, sizeof old);
+                sum += old;
+            }
             memcpy(C + (size_t)r * ldc + 16 * h, &sum, sizeof sum);
         }
+}
+
+static inline __attribute__((always_inline)) void
+fr_panel_tile(int R, int KU, int K, const float *restrict a, int lda,
+              const float *restrict B, float *restrict C, int ldc)
+{
+    fr_panel_tile_ta(R, KU, 0, 0, K, a, lda, B, C, ldc);
 }
 
 /* C (M x FR_NR*np, row stride ldc) = A (M x K, row stride lda) * panels:
@@ -310,6 +325,77 @@ static void fr_sgemm_panels(int M, int K, int np, const float *restrict A, int l
         }
         if (r < M)
             fr_panel_tile(1, FR_KU, K, A + (size_t)r * lda, lda, B, Cp + (size_t)r * ldc, ldc);
+    }
+}
+
+/* C (M x n, row stride ldc) = A^T Bm, or C += A^T Bm when acc: A is K x M
+ * (rows lda apart), Bm K x n (rows ldb apart).  The backward pass's weight
+ * gradients dW = x^T dz and dU = h^T dz of a chunk of (t, b) rows, for a
+ * thread's columns: blocks of FR_TN_KB rows of Bm are packed, a panel at a
+ * time, into a buffer on the stack, and every row of C is multiplied by it
+ * in tiles of 8, 4, 2, 1 rows that read A transposed (fr_panel_tile_ta):
+ * no BLAS call (whose speed on these machines depends on
+ * OPENBLAS_CORETYPE) and no scratch from the caller. */
+#define FR_TN_KB 128
+FR_VECTORIZE
+static void fr_sgemm_tn(int M, int K, int n, const float *restrict A, int lda,
+                        const float *restrict Bm, int ldb, float *restrict C, int ldc,
+                        int acc)
+{
+    float panel[FR_TN_KB * FR_NR] __attribute__((aligned(64)));
+    float tmp[FR_MR * FR_NR] __attribute__((aligned(64)));
+    if (K <= 0) {   /* an empty sum */
+        for (int m = 0; m < M && !acc; m++)
+            memset(C + (size_t)m * ldc, 0, (size_t)n * sizeof(float));
+        return;
+    }
+    for (int kb = 0; kb < K; kb += FR_TN_KB) {
+        const int kk = K - kb < FR_TN_KB ? K - kb : FR_TN_KB;
+        const int add = acc || kb > 0;
+        const float *Ak = A + (size_t)kb * lda;
+        for (int c0 = 0; c0 < n; c0 += FR_NR) {
+            const int nc = n - c0 < FR_NR ? n - c0 : FR_NR;
+            for (int k = 0; k < kk; k++) {
+                memcpy(panel + (size_t)k * FR_NR, Bm + (size_t)(kb + k) * ldb + c0,
+                       (size_t)nc * sizeof(float));
+                for (int c = nc; c < FR_NR; c++)
+                    panel[(size_t)k * FR_NR + c] = 0;
+            }
+            float *Cp = C + c0;
+            int m = 0;
+            if (nc == FR_NR) {   /* whole panels: straight into C */
+                for (; m + FR_MR <= M; m += FR_MR) {
+                    if (add)
+                        fr_panel_tile_ta(FR_MR, 1, 1, 1, kk, Ak + m, lda, panel,
+                                         Cp + (size_t)m * ldc, ldc);
+                    else
+                        fr_panel_tile_ta(FR_MR, 1, 1, 0, kk, Ak + m, lda, panel,
+                                         Cp + (size_t)m * ldc, ldc);
+                }
+            }
+            /* the rest (and every row of a partial panel) through tmp */
+            for (; m < M;) {
+                const int r = M - m >= FR_MR ? FR_MR : M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
+                if (r == FR_MR)
+                    fr_panel_tile_ta(FR_MR, 1, 1, 0, kk, Ak + m, lda, panel, tmp, FR_NR);
+                else if (r == 4)
+                    fr_panel_tile_ta(4, 1, 1, 0, kk, Ak + m, lda, panel, tmp, FR_NR);
+                else if (r == 2)
+                    fr_panel_tile_ta(2, 2, 1, 0, kk, Ak + m, lda, panel, tmp, FR_NR);
+                else
+                    fr_panel_tile_ta(1, FR_KU, 1, 0, kk, Ak + m, lda, panel, tmp, FR_NR);
+                for (int i = 0; i < r; i++) {
+                    float *row = Cp + (size_t)(m + i) * ldc;
+                    const float *t = tmp + (size_t)i * FR_NR;
+                    if (add)
+                        for (int c = 0; c < nc; c++)
+                            row[c] += t[c];
+                    else
+                        memcpy(row, t, (size_t)nc * sizeof(float));
+                }
+                m += r;
+            }
+        }
     }
 }
 

@@ -215,6 +215,44 @@ def test_forward_reads_x_batch_major_as_the_time_major_copy(layer, B, I, threads
 @pytest.mark.skipif("cython" not in fastrnn.available_backends(),
                     reason="the cython backend is not built")
 @pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("kind", ["lstm", "rnn"])
+@pytest.mark.parametrize("B, T, I, H", [(37, 9, 45, 23), (3, 300, 7, 50), (130, 2, 1, 9)])
+def test_float32_weight_gradients_match_float64(threaded, B, T, I, H, kind, threads,
+                                                monkeypatch):
+    """The C backward's float32 weight gradients dW = x^T dz and dU = h^T dz
+    (products on the stack-packed panels of dz, A read transposed, in
+    blocks of 128 rows that accumulate) against float64's (BLAS), on the
+    same inputs: chunks of 300-333 rows (several blocks, and chunks that
+    add to the previous ones), column ranges that end in part of a panel,
+    row counts that leave 4-, 2- and 1-row tiles."""
+    from fastrnn import _backend
+    monkeypatch.setattr(_backend, "_num_threads", threads)
+    rng = np.random.default_rng(B + T + I + H + threads)
+    G = 4 if kind == "lstm" else 1
+    x = rng.standard_normal((B, T, I))
+    W = rng.standard_normal((I, G * H)) / np.sqrt(I)
+    U = rng.standard_normal((H, G * H)) / np.sqrt(H)
+    b = rng.standard_normal(G * H) / 5
+    d_out = rng.standard_normal((B, T, H))
+    grads = {}
+    for dt in (np.float32, np.float64):
+        a = [v.astype(dt) for v in (x, W, U, b)]
+        if kind == "lstm":
+            r = ops.lstm_forward(*a, return_workspace=True, backend="cython")
+            g = ops.lstm_backward(r.workspace, d_out.astype(dt))
+        else:
+            r = ops.rnn_forward(*a, return_workspace=True, backend="cython")
+            g = ops.rnn_backward(r.workspace, d_out.astype(dt))
+        grads[dt] = g
+    for name in ("kernel", "recurrent_kernel", "bias", "x"):
+        got, want = getattr(grads[np.float32], name), getattr(grads[np.float64], name)
+        scale = float(np.abs(want).max())
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale, err_msg=name)
+
+
+@pytest.mark.skipif("cython" not in fastrnn.available_backends(),
+                    reason="the cython backend is not built")
+@pytest.mark.parametrize("threads", [1, 2, 3])
 def test_backward_packs_w_transposed_only_within_the_forwards_work(threads):
     """From 8 rows on the backward's pack also holds W^T packed (for dx)
     when that fits in the forward's work length (the two share one buffer),
