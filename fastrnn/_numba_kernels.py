@@ -39,7 +39,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from ._numba_panels import cols, pack_columns, pack_rows_t, product
+from ._numba_panels import cols, pack_columns, pack_rows_t, product, product_tn
 
 # Fast-math flags that keep NaN/inf semantics (no "nnan"/"ninf").
 _JIT = dict(nogil=True, cache=True, error_model="numpy",
@@ -346,25 +346,16 @@ def _grads_cols(hs, dz, t0, t1, c0, c1, first, xs, dW, dU, db):
     if c1 <= c0:
         return
     dz2 = dz[:t1 - t0].reshape(R, G_H)
-    # a block of columns is copied for BLAS (R*(c1-c0) values, for products
-    # of (I+H)*R*(c1-c0) multiply-adds)
-    dzc = dz2 if c0 == 0 and c1 == G_H else np.ascontiguousarray(dz2[:, c0:c1])
     if I > 0:
         xc, _ = _chunk_views(xs, R, I)
-        part = np.dot(xc.T, dzc)
-        if first:
-            dW[:, c0:c1] = part
-        else:
-            dW[:, c0:c1] += part
-    part = np.dot(hs[t0:t1].reshape(R, H).T, dzc)
+        product_tn(xc, dz2, c0, dW[:, c0:c1], not first)
+    product_tn(hs[t0:t1].reshape(R, H), dz2, c0, dU[:, c0:c1], not first)
     if first:
-        dU[:, c0:c1] = part
         db[c0:c1] = 0
-    else:
-        dU[:, c0:c1] += part
     for r in range(R):
-        for k in range(c1 - c0):
-            db[c0 + k] += dzc[r, k]
+        row = dz2[r]
+        for k in range(c0, c1):
+            db[k] += row[k]
 
 
 @njit(**_JIT)

@@ -66,11 +66,12 @@ def _k_loop(fn, b, name, k0, k1, step, accs0, body):
     return ob, final
 
 
-def _tile_function(module, R, KU):
+def _tile_function(module, R, KU, TA=False, ACC=False):
     """The LLVM function C[r, 0:32] = sum_k A[r*lda + k] * P[k*32 + 0:32]
     for r < R: void (float *A, i64 lda, float *P, i64 K, float *C, i64 ldc),
-    defined in module once."""
-    name = f"fastrnn_panel_tile_f32_r{R}_u{KU}"
+    defined in module once.  TA: A is read transposed, A[k*lda + r] (the
+    weight gradients' x^T dz); ACC: C += the sums instead of C = them."""
+    name = f"fastrnn_panel_tile_f32_r{R}_u{KU}" + ("_ta" if TA else "") + ("_acc" if ACC else "")
     try:
         return module.get_global(name)
     except KeyError:
@@ -106,7 +107,8 @@ def _tile_function(module, R, KU):
                     bv.append(b.load(b.bitcast(b.gep(P, [off], inbounds=True), vptr),
                                      align=4))
                 for r in range(R):    # A[r, k] broadcast
-                    off = b.add(b.mul(c64(r), lda), ku)
+                    off = (b.add(b.mul(ku, lda), c64(r)) if TA
+                           else b.add(b.mul(c64(r), lda), ku))
                     a = b.load(b.gep(A, [off], inbounds=True), align=4)
                     a = b.insert_element(ir.Constant(vec, ir.Undefined), a,
                                          ir.Constant(ir.IntType(32), 0))
@@ -133,13 +135,16 @@ def _tile_function(module, R, KU):
     for r in range(R):
         for v in range(nv):
             off = b.add(b.mul(c64(r), ldc), c64(v * _VW))
-            b.store(acc[r * nv + v], b.bitcast(b.gep(C, [off], inbounds=True), vptr),
-                    align=4)
+            where = b.bitcast(b.gep(C, [off], inbounds=True), vptr)
+            total = acc[r * nv + v]
+            if ACC:
+                total = b.fadd(b.load(where, align=4), total)
+            b.store(total, where, align=4)
     b.ret_void()
     return fn
 
 
-def _make_tile(R, KU):
+def _make_tile(R, KU, TA=False, ACC=False):
     @intrinsic
     def tile(typingctx, A, a_off, lda, P, p_off, K, C, c_off, ldc):
         arrays = (A, P, C)
@@ -150,7 +155,7 @@ def _make_tile(R, KU):
                          C, types.intp, types.intp)
 
         def codegen(context, builder, sig, args):
-            fn = _tile_function(builder.module, R, KU)
+            fn = _tile_function(builder.module, R, KU, TA, ACC)
             ptrs = []
             for ty, val, off in ((sig.args[0], args[0], args[1]),
                                  (sig.args[3], args[3], args[4]),
@@ -164,6 +169,10 @@ def _make_tile(R, KU):
 
 
 _tile8, _tile4, _tile2, _tile1 = (_make_tile(R, _TILES[R]) for R in (8, 4, 2, 1))
+# A read transposed (the weight gradients): C = ..., and C += ... (8 rows)
+_tile8t, _tile4t, _tile2t, _tile1t = (_make_tile(R, _TILES[R], TA=True)
+                                      for R in (8, 4, 2, 1))
+_tile8ta = _make_tile(8, _TILES[8], TA=True, ACC=True)
 
 
 @intrinsic
@@ -225,6 +234,69 @@ def _panel_product(A, P, C):
             r += 2
         if r < M:
             _tile1(A, r * lda, lda, P, po, K, C, r * ldc + co, ldc)
+
+
+TN_KB = 128     # rows of dz packed at a time for the weight gradients
+
+
+@njit(**_JIT)
+def _tn_product(A, Bm, b0, C, acc):
+    """C (M, n) = A.T @ Bm[:, b0:b0 + n], or C += that when acc: A (K, M)
+    (rows contiguous, any row stride), Bm C-contiguous.  Blocks of TN_KB rows of Bm are
+    packed a panel at a time and every row of C multiplied by it in tiles
+    that read A transposed; partial panels and the last rows go through a
+    small buffer."""
+    K, M = A.shape
+    n = C.shape[1]
+    if M == 0 or n == 0:
+        return
+    assert Bm.shape[0] == K and C.shape[0] == M and 0 <= b0 and b0 + n <= Bm.shape[1]
+    assert A.strides[1] == 4 and C.strides[1] == 4
+    ldb = Bm.shape[1]
+    if K == 0:
+        if not acc:
+            C[:, :] = 0
+        return
+    lda, ldc = A.strides[0] // 4, C.strides[0] // 4
+    panel = _empty_panels(1, TN_KB)
+    flat = panel.reshape(TN_KB * NR)
+    tmp = np.empty((8, NR), np.float32)
+    for kb in range(0, K, TN_KB):
+        kk = min(TN_KB, K - kb)
+        add = acc or kb > 0
+        for c0 in range(0, n, NR):
+            nc = min(NR, n - c0)
+            for k in range(kk):
+                _copy_run(flat, k * NR, Bm, (kb + k) * ldb + b0 + c0, nc)
+                for c in range(nc, NR):
+                    flat[k * NR + c] = 0
+            m = 0
+            if nc == NR:   # whole panels: straight into C
+                while m + 8 <= M:
+                    if add:
+                        _tile8ta(A, kb * lda + m, lda, flat, 0, kk, C, m * ldc + c0, ldc)
+                    else:
+                        _tile8t(A, kb * lda + m, lda, flat, 0, kk, C, m * ldc + c0, ldc)
+                    m += 8
+            while m < M:   # the rest through tmp
+                r = 8 if M - m >= 8 else 4 if M - m >= 4 else 2 if M - m >= 2 else 1
+                if r == 8:
+                    _tile8t(A, kb * lda + m, lda, flat, 0, kk, tmp, 0, NR)
+                elif r == 4:
+                    _tile4t(A, kb * lda + m, lda, flat, 0, kk, tmp, 0, NR)
+                elif r == 2:
+                    _tile2t(A, kb * lda + m, lda, flat, 0, kk, tmp, 0, NR)
+                else:
+                    _tile1t(A, kb * lda + m, lda, flat, 0, kk, tmp, 0, NR)
+                for i in range(r):
+                    row = C[m + i]
+                    if add:
+                        for c in range(nc):
+                            row[c0 + c] += tmp[i, c]
+                    else:
+                        for c in range(nc):
+                            row[c0 + c] = tmp[i, c]
+                m += r
 
 
 @njit(**_JIT)
@@ -307,6 +379,13 @@ def cols(P):
     (typing stub)."""
 
 
+def product_tn(A, Bm, b0, C, acc):
+    """C = A.T @ Bm[:, b0:b0 + C.shape[1]], or C += that when acc (the
+    weight gradients; Bm C-contiguous):
+    float32 on packed panels (``_tn_product``), float64 by BLAS (typing
+    stub)."""
+
+
 @overload(pack_columns, jit_options=_JIT)
 def _pack_columns_impl(U, G, j0, j1):
     if U.dtype == types.float32:
@@ -341,6 +420,23 @@ def _product_impl(a, P, out):
             np.dot(a[0], P, out[0])
         else:
             np.dot(a, P, out)
+    return blas
+
+
+@overload(product_tn, jit_options=_JIT)
+def _product_tn_impl(A, Bm, b0, C, acc):
+    if A.dtype == types.float32:
+        return lambda A, Bm, b0, C, acc: _tn_product(A, Bm, b0, C, acc)
+
+    def blas(A, Bm, b0, C, acc):
+        # a block of columns is copied for BLAS
+        cols = Bm if b0 == 0 and C.shape[1] == Bm.shape[1] else \
+            np.ascontiguousarray(Bm[:, b0:b0 + C.shape[1]])
+        part = np.dot(A.T, cols)
+        if acc:
+            C += part
+        else:
+            C[:, :] = part
     return blas
 
 

@@ -123,3 +123,36 @@ def test_copy_refuses_arrays_that_are_not_contiguous():
         copy(d, np.zeros((4, 4), np.float32)[:, 0])   # a strided column
     copy(d, np.ones(4, np.float32))
     np.testing.assert_array_equal(d, [1, 1, 0, 0])
+
+
+@njit
+def _product_tn(A, Bm, b0, C, acc):
+    panels.product_tn(A, Bm, b0, C, acc)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("acc", [False, True], ids=["set", "add"])
+@pytest.mark.parametrize("K", [1, 5, 128, 129, 300])
+@pytest.mark.parametrize("M", [1, 3, 8, 13, 21])
+@pytest.mark.parametrize("b0, n", [(0, 32), (16, 16), (5, 70), (32, 33)])
+def test_weight_gradient_product_matches_numpy(b0, n, M, K, acc, dtype):
+    """C (+)= A.T @ Bm[:, b0:b0 + n] (the backward's dW = x^T dz, dU = h^T
+    dz for a thread's columns): float32 on the transposed-A tiles, in
+    blocks of 128 rows of Bm (K = 129, 300: several, accumulated), whole
+    and partial panels, tiles of every row count; C a column slice of a
+    wider array (row stride), float64 by BLAS."""
+    rng = np.random.default_rng(K * 100 + M + n)
+    A = rng.standard_normal((K, M + 3)).astype(dtype)[:, 1:M + 1]   # row stride M + 3
+    Bm = rng.standard_normal((K, b0 + n + 7)).astype(dtype)
+    wide = rng.standard_normal((M, n + 20)).astype(dtype)
+    before = wide.copy()
+    C = wide[:, 10:10 + n]
+    _product_tn(A, Bm, b0, C, acc)
+    want = A.astype(np.float64).T @ Bm[:, b0:b0 + n].astype(np.float64)
+    if acc:
+        want += before[:, 10:10 + n]
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(C, want, rtol=tol, atol=tol * np.sqrt(K))
+    # the columns either side are left alone
+    np.testing.assert_array_equal(wide[:, :10], before[:, :10])
+    np.testing.assert_array_equal(wide[:, 10 + n:], before[:, 10 + n:])
