@@ -3,13 +3,16 @@
 Same contract as the Cython backend (see :mod:`fastrnn.ops`, which allocates
 every buffer and calls the four entry points ``lstm_forward``,
 ``lstm_backward``, ``rnn_forward`` and ``rnn_backward``).  Arrays are
-C-contiguous and time-major, in reading order: the forward's ``x_tm``
-(T, B, I), ``hs`` (T+1, B, H), ``mask_tm`` uint8 (T, B), or (0, 0) for "no
-mask"; the backward's ``x`` and ``dx`` (B, T, I) and ``d_out`` (B, T, H) are
-batch-major (x and dx in the caller's time order, reversed when
-``reverse``; a chunk's rows are gathered into scratch).
+C-contiguous and time-major, in reading order: ``hs`` (T+1, B, H),
+``mask_tm`` uint8 (T, B), or (0, 0) for "no mask"; the forward's x is
+(B, T, I) batch-major when ``batch_major`` (read forwards), else (T, B, I)
+time-major, and it writes the outputs (B, T, H) batch-major; the backward's
+``x`` and ``dx`` (B, T, I) and ``d_out`` (B, T, H) are batch-major (x and dx
+in the caller's time order, reversed when ``reverse``; a chunk's rows are
+gathered into scratch).
 
-Per call: one GEMM for the input projection of all steps; per step the
+Per call: the input projection of all steps (float32: each thread's part
+on W packed in panels, as the recurrent product; float64: BLAS); per step the
 recurrent product on weights packed once per call (float32: register-blocked
 tiles in LLVM vector code, ``_numba_panels``; float64: BLAS, GEMV at batch
 1), into a buffer allocated once per call, and one elementwise pass; in the
@@ -39,7 +42,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from ._numba_panels import cols, pack_columns, pack_rows_t, product, product_tn
+from ._numba_panels import (cols, pack_columns, pack_rows_t, product, product_tn,
+                             project)
 
 # Fast-math flags that keep NaN/inf semantics (no "nnan"/"ninf").
 _JIT = dict(nogil=True, cache=True, error_model="numpy",
@@ -278,23 +282,21 @@ def _barrier(state, n, sense):
 
 # ---------------------------------------------------------------- shared ---
 @njit(**_JIT)
-def _input_gemm(x_tm, W, out):
-    """out (T, B, G*H) = x_tm (T, B, I) @ W (I, G*H), as one GEMM."""
-    T, B, I = x_tm.shape
-    out2 = out.reshape(T * B, out.shape[2])
-    if I == 0:
-        out2[:] = 0
+def _project_block(x, bm, P, G, H, j0, w, Z, b0, b1):
+    """The input projection of batch rows [b0, b1), units [j0, j0 + w) of
+    each gate block (W's columns packed into P by ``pack_columns``), into
+    Z (T, B, G*H): from x batch-major (B, T, I) when bm (a row's run of
+    steps at a time, into Z's rows B apart), else from x time-major in
+    reading order (T, B, I): all rows at once, or a step at a time."""
+    if bm:
+        for b in range(b0, b1):
+            project(x[b], P, G, H, j0, w, Z[:, b])
+    elif b0 == 0 and b1 == x.shape[1]:
+        T, B, I = x.shape
+        project(x.reshape(T * B, I), P, G, H, j0, w, Z.reshape(T * B, Z.shape[2]))
     else:
-        np.dot(x_tm.reshape(T * B, I), W, out2)
-
-
-@njit(**_JIT)
-def _gemm_rows(a, b, out, r0, r1):
-    """out[r0:r1] = a[r0:r1] @ b (a, out C-contiguous 2-D)."""
-    if a.shape[1] == 0:
-        out[r0:r1] = 0
-    else:
-        np.dot(a[r0:r1], b, out[r0:r1])
+        for t in range(x.shape[0]):
+            project(x[t, b0:b1], P, G, H, j0, w, Z[t, b0:b1])
 
 
 @njit(**_JIT)
@@ -576,21 +578,21 @@ def _mask_rows(mask_tm, b0, b1):
 
 
 @njit(**_JIT)
-def _lstm_forward_part(i, n, units, p0, p1, x_tm, W, U, Up, bias, mask_tm, hs,
-                       cs, gates, out, training, bar):
+def _lstm_forward_part(i, n, units, p0, p1, x, bm, W, Wp, U, Up, bias, mask_tm,
+                       hs, cs, gates, out, training, bar):
     """Part i of n of a threaded forward pass (one call per thread, all at
-    once): its rows of the input projection, then, once all are done, the
-    time loop for units [p0, p1) of every row (units: each thread packs its
-    own columns of U) or for rows [p0, p1) (on Up, all of U packed once)."""
-    T, B, I = x_tm.shape
-    r0, r1 = _part(T * B, n, i, 1)
-    _gemm_rows(x_tm.reshape(T * B, I), W, gates.reshape(T * B, gates.shape[2]),
-               r0, r1)
-    sense = _barrier(bar, n, 0)
+    once): the input projection of what the thread will need (so no thread
+    waits for another before the first step), then the time loop for units
+    [p0, p1) of every row (units: each thread packs its own columns of W and
+    U) or for rows [p0, p1) (on Wp, Up: all of W and U packed once)."""
+    H = U.shape[0]
     if units:
+        _project_block(x, bm, pack_columns(W, 4, p0, p1), 4, H, p0, p1 - p0, gates,
+                       0, gates.shape[1])
         _lstm_steps_units(mask_tm, U, bias, hs, cs, gates, out, training, p0, p1,
-                          bar, n, sense)
+                          bar, n, 0)
     else:
+        _project_block(x, bm, Wp, 4, H, 0, H, gates, p0, p1)
         _lstm_steps(_mask_rows(mask_tm, p0, p1), Up, bias, hs, cs, gates, out,
                     training, p0, p1)
 
@@ -658,9 +660,13 @@ def _run_parts(fn, split, blocks):
         _note_call(bar[2], bar[3])
 
 
-def _time_major(x, batch_major):
-    """The kernels' x, time-major in reading order (see ``lstm_forward``)."""
-    return np.ascontiguousarray(x.swapaxes(0, 1)) if batch_major else x
+def _kernel_x(x, batch_major):
+    """(x, bm): x as the forward reads it, batch-major (bm) only in float32
+    (the projection on packed panels, a batch row's run of steps at a time;
+    float64 makes one GEMM of all rows, time-major, in reading order)."""
+    if batch_major and x.dtype != np.float32:
+        return np.ascontiguousarray(x.swapaxes(0, 1)), False
+    return x, batch_major
 
 
 def lstm_forward(x, W, U, bias, mask_tm, hs, cs, gates, out, work, training,
@@ -672,19 +678,19 @@ def lstm_forward(x, W, U, bias, mask_tm, hs, cs, gates, out, work, training,
     (T, B, 4H): when training, on exit the activated gates i, f, g, o of
     taken rows.  work (the cython kernel's scratch for packed weights) is
     not used: the weights are packed here (``_numba_panels``).  x is
-    (T, B, I) in reading order, or (B, T, I) read forwards when batch_major
-    (copied time-major here)."""
-    x_tm = _time_major(x, batch_major)
-    split, blocks = _plan(x_tm.shape[1], 4, U.shape[0], nthreads)
-    Up = _pack_all(U, 4, split == "units" and len(blocks) > 1)
+    (T, B, I) in reading order, or (B, T, I) read forwards when batch_major."""
+    x, bm = _kernel_x(x, batch_major)
+    B = gates.shape[1]
+    split, blocks = _plan(B, 4, U.shape[0], nthreads)
+    units = split == "units" and len(blocks) > 1
+    Wp, Up = _pack_all(W, 4, units), _pack_all(U, 4, units)
     if len(blocks) == 1:
-        _input_gemm(x_tm, W, gates)
-        _lstm_steps(mask_tm, Up, bias, hs, cs, gates, out, training, 0,
-                    x_tm.shape[1])
+        _project_block(x, bm, Wp, 4, U.shape[0], 0, U.shape[0], gates, 0, B)
+        _lstm_steps(mask_tm, Up, bias, hs, cs, gates, out, training, 0, B)
         return
     _run_parts(lambda i, n, units, p0, p1, bar: _lstm_forward_part(
-        i, n, units, p0, p1, x_tm, W, U, Up, bias, mask_tm, hs, cs, gates, out,
-        training, bar), split, blocks)
+        i, n, units, p0, p1, x, bm, W, Wp, U, Up, bias, mask_tm, hs, cs, gates,
+        out, training, bar), split, blocks)
 
 
 def lstm_backward(x, reverse, W, U, mask_tm, hs, cs, gates, d_out, dh, dc,
@@ -789,18 +795,17 @@ def _rnn_chunk_grad_steps_units(U, mask_tm, hs, act, d_out, dh, dz, t0, t1, j0,
 
 
 @njit(**_JIT)
-def _rnn_forward_part(i, n, units, p0, p1, x_tm, W, U, Up, bias, mask_tm, hs,
-                      out, act, bar):
+def _rnn_forward_part(i, n, units, p0, p1, x, bm, W, Wp, U, Up, bias, mask_tm,
+                      hs, out, act, bar):
     """Part i of n of a threaded RNN forward pass (as ``_lstm_forward_part``;
     the input projection goes into hs[1:])."""
-    T, B, I = x_tm.shape
     H = hs.shape[2]
-    r0, r1 = _part(T * B, n, i, 1)
-    _gemm_rows(x_tm.reshape(T * B, I), W, hs[1:].reshape(T * B, H), r0, r1)
-    sense = _barrier(bar, n, 0)
     if units:
-        _rnn_steps_units(mask_tm, U, bias, hs, out, act, p0, p1, bar, n, sense)
+        _project_block(x, bm, pack_columns(W, 1, p0, p1), 1, H, p0, p1 - p0, hs[1:],
+                       0, hs.shape[1])
+        _rnn_steps_units(mask_tm, U, bias, hs, out, act, p0, p1, bar, n, 0)
     else:
+        _project_block(x, bm, Wp, 1, H, 0, H, hs[1:], p0, p1)
         _rnn_steps(_mask_rows(mask_tm, p0, p1), Up, bias, hs, out, act, p0, p1)
 
 
@@ -831,15 +836,17 @@ def rnn_forward(x, W, U, bias, mask_tm, hs, out, work, act, nthreads,
     (B, T, H) gets the outputs hs[1:] batch-major.  act 0 tanh,
     1 relu, 2 linear.  work (the cython kernel's packed weights) is not
     used: the weights are packed here.  x as for ``lstm_forward``."""
-    x_tm = _time_major(x, batch_major)
-    split, blocks = _plan(x_tm.shape[1], 1, U.shape[0], nthreads)
-    Up = _pack_all(U, 1, split == "units" and len(blocks) > 1)
+    x, bm = _kernel_x(x, batch_major)
+    B, H = hs.shape[1], hs.shape[2]
+    split, blocks = _plan(B, 1, H, nthreads)
+    units = split == "units" and len(blocks) > 1
+    Wp, Up = _pack_all(W, 1, units), _pack_all(U, 1, units)
     if len(blocks) == 1:
-        _input_gemm(x_tm, W, hs[1:])
-        _rnn_steps(mask_tm, Up, bias, hs, out, act, 0, x_tm.shape[1])
+        _project_block(x, bm, Wp, 1, H, 0, H, hs[1:], 0, B)
+        _rnn_steps(mask_tm, Up, bias, hs, out, act, 0, B)
         return
     _run_parts(lambda i, n, units, p0, p1, bar: _rnn_forward_part(
-        i, n, units, p0, p1, x_tm, W, U, Up, bias, mask_tm, hs, out, act, bar),
+        i, n, units, p0, p1, x, bm, W, Wp, U, Up, bias, mask_tm, hs, out, act, bar),
         split, blocks)
 
 

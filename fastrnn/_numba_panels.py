@@ -206,6 +206,30 @@ def _copy_run(dst, dst_off, src, src_off, n):
         _copy(dst, dst_off, src, src_off, n)
 
 
+@njit(inline="always", **_JIT)
+def _tiles(M, A, a_off, lda, P, po, K, C, c_off, ldc):
+    """M rows of C (from c_off, ldc apart) = M rows of A (from a_off, lda
+    apart) times the panel at P[po:] (K x NR): tiles of 8, then 4, 2, 1."""
+    r = 0
+    while r + 8 <= M:
+        _tile8(A, a_off + r * lda, lda, P, po, K, C, c_off + r * ldc, ldc)
+        r += 8
+    if r + 4 <= M:
+        _tile4(A, a_off + r * lda, lda, P, po, K, C, c_off + r * ldc, ldc)
+        r += 4
+    if r + 2 <= M:
+        _tile2(A, a_off + r * lda, lda, P, po, K, C, c_off + r * ldc, ldc)
+        r += 2
+    if r < M:
+        _tile1(A, a_off + r * lda, lda, P, po, K, C, c_off + r * ldc, ldc)
+
+
+@njit(**_JIT)
+def _check_panels(P, K):
+    assert P.shape[1] == K and P.shape[2] == NR and P.strides[2] == 4
+    assert P.strides[1] == NR * 4 and P.strides[0] == K * NR * 4
+
+
 @njit(**_JIT)
 def _panel_product(A, P, C):
     """C[:, :np*NR] = A (M, K) @ the panels P (np, K, NR); A's and C's rows
@@ -214,26 +238,53 @@ def _panel_product(A, P, C):
     npn = P.shape[0]
     if M == 0:
         return
-    assert P.shape[1] == K and P.shape[2] == NR and C.shape[0] == M
-    assert C.shape[1] >= npn * NR
-    assert A.strides[1] == 4 and C.strides[1] == 4 and P.strides[2] == 4
-    assert P.strides[1] == NR * 4 and P.strides[0] == K * NR * 4
+    _check_panels(P, K)
+    assert C.shape[0] == M and C.shape[1] >= npn * NR
+    assert A.strides[1] == 4 and C.strides[1] == 4
     lda, ldc = A.strides[0] // 4, C.strides[0] // 4
     for p in range(npn):
-        po = p * K * NR
-        co = p * NR
-        r = 0
-        while r + 8 <= M:
-            _tile8(A, r * lda, lda, P, po, K, C, r * ldc + co, ldc)
-            r += 8
-        if r + 4 <= M:
-            _tile4(A, r * lda, lda, P, po, K, C, r * ldc + co, ldc)
-            r += 4
-        if r + 2 <= M:
-            _tile2(A, r * lda, lda, P, po, K, C, r * ldc + co, ldc)
-            r += 2
-        if r < M:
-            _tile1(A, r * lda, lda, P, po, K, C, r * ldc + co, ldc)
+        _tiles(M, A, 0, lda, P, p * K * NR, K, C, p * NR, ldc)
+
+
+PROJ_ROWS = 64   # rows of x per block of the input projection (cache-resident)
+
+
+@njit(**_JIT)
+def _project_panels(A, P, G, H, j0, w, Z):
+    """The input projection of a thread's columns: Z[:, q*H + j0 + u] =
+    (A @ W's packed columns)[:, q*w + u] for the n = G*w columns packed by
+    ``pack_columns(W, G, j0, j0 + w)`` into P.  A (M, K) and Z (M, G*H):
+    rows contiguous, any row stride (a batch row's run of steps of x, into
+    the pre-activations' rows B apart).  Panels inside one gate block's run
+    go straight into Z, the others through a small buffer."""
+    M, K = A.shape
+    n = G * w
+    if M == 0 or n == 0:
+        return
+    if K == 0:   # no input features: x W is zero
+        for q in range(G):
+            Z[:, q * H + j0:q * H + j0 + w] = 0
+        return
+    _check_panels(P, K)
+    assert A.strides[1] == 4 and Z.strides[1] == 4 and Z.shape[0] == M
+    lda, ldz = A.strides[0] // 4, Z.strides[0] // 4
+    tmp = np.empty((PROJ_ROWS, NR), np.float32)
+    for rb in range(0, M, PROJ_ROWS):
+        m = min(PROJ_ROWS, M - rb)
+        for p in range(P.shape[0]):
+            c0 = p * NR
+            q = c0 // w
+            u = c0 - q * w
+            if u + NR <= w:
+                _tiles(m, A, rb * lda, lda, P, p * K * NR, K, Z,
+                       rb * ldz + q * H + j0 + u, ldz)
+                continue
+            _tiles(m, A, rb * lda, lda, P, p * K * NR, K, tmp, 0, NR)
+            for c in range(min(NR, n - c0)):
+                qq = (c0 + c) // w
+                col = qq * H + j0 + c0 + c - qq * w
+                for r in range(m):
+                    Z[rb + r, col] = tmp[r, c]
 
 
 TN_KB = 128     # rows of dz packed at a time for the weight gradients
@@ -379,6 +430,12 @@ def cols(P):
     (typing stub)."""
 
 
+def project(A, P, G, H, j0, w, Z):
+    """Z's columns of units [j0, j0 + w) of each of the G gate blocks = A @
+    W's columns packed by ``pack_columns`` (float32: panels, float64: a
+    plain matrix, by BLAS) (typing stub)."""
+
+
 def product_tn(A, Bm, b0, C, acc):
     """C = A.T @ Bm[:, b0:b0 + C.shape[1]], or C += that when acc (the
     weight gradients; Bm C-contiguous):
@@ -420,6 +477,21 @@ def _product_impl(a, P, out):
             np.dot(a[0], P, out[0])
         else:
             np.dot(a, P, out)
+    return blas
+
+
+@overload(project, jit_options=_JIT)
+def _project_impl(A, P, G, H, j0, w, Z):
+    if P.ndim == 3:
+        return lambda A, P, G, H, j0, w, Z: _project_panels(A, P, G, H, j0, w, Z)
+
+    def blas(A, P, G, H, j0, w, Z):
+        if A.shape[1] == 0:
+            part = np.zeros((A.shape[0], G * w), Z.dtype)
+        else:
+            part = np.dot(np.ascontiguousarray(A), P)
+        for q in range(G):
+            Z[:, q * H + j0:q * H + j0 + w] = part[:, q * w:(q + 1) * w]
     return blas
 
 

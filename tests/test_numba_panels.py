@@ -156,3 +156,36 @@ def test_weight_gradient_product_matches_numpy(b0, n, M, K, acc, dtype):
     # the columns either side are left alone
     np.testing.assert_array_equal(wide[:, :10], before[:, :10])
     np.testing.assert_array_equal(wide[:, 10 + n:], before[:, 10 + n:])
+
+
+@njit
+def _project(A, P, G, H, j0, w, Z):
+    panels.project(A, P, G, H, j0, w, Z)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("M", [1, 5, 20, 64, 67, 130])
+@pytest.mark.parametrize("K,H,G,j0,j1", SLICES + [(0, 40, 4, 16, 40)],
+                         ids=[f"K{s[0]}-H{s[1]}-G{s[2]}-{s[3]}:{s[4]}"
+                              for s in SLICES + [(0, 40, 4, 16, 40)]])
+def test_input_projection_on_packed_columns_matches_numpy(M, K, H, G, j0, j1, dtype):
+    """The forward's input projection of a thread's columns (units [j0, j1)
+    of each gate block) from rows of x into rows of the pre-activations
+    (both with a row stride: a batch row's steps, B rows apart), in blocks
+    of 64 rows; panels that straddle gate blocks go through a buffer; the
+    other columns are left alone; K = 0 gives zeros."""
+    rng = np.random.default_rng(M * 1000 + K + j0)
+    W = rng.standard_normal((K, G * H)).astype(dtype)
+    A = rng.standard_normal((M, 3, K)).astype(dtype)[:, 1]      # row stride 3K
+    Zfull = rng.standard_normal((M, 2, G * H)).astype(dtype)
+    before = Zfull.copy()
+    Z = Zfull[:, 0]
+    P = _pack_columns(W, G, j0, j1)
+    _project(A, P, G, H, j0, j1 - j0, Z)
+    want = before[:, 0].copy()
+    for q in range(G):
+        cols = slice(q * H + j0, q * H + j1)
+        want[:, cols] = A.astype(np.float64) @ W[:, cols].astype(np.float64)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(Z, want, rtol=tol, atol=tol * max(1, np.sqrt(K)))
+    np.testing.assert_array_equal(Zfull[:, 1], before[:, 1])
