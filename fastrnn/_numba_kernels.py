@@ -315,11 +315,12 @@ def _tm_row(B, T, reverse, t0, r):
 
 
 @njit(**_JIT)
-def _grads_rows(x, reverse, W, dz, t0, t1, r0, r1, xs, dx):
+def _grads_rows(x, reverse, WT, dz, t0, t1, r0, r1, xs, dx):
     """Rows [r0, r1) of the chunk of steps [t0, t1) (rows of the flattened
     (t, b) chunk): x's rows gathered into xs's first half (for dW), and
-    dx's = dz @ W.T, through xs's second half, scattered to dx; x, dx
-    batch-major (B, T, I), time reversed when reverse."""
+    dx's = dz @ W.T (WT: W.T packed by ``_pack_wt``), through xs's second
+    half, scattered to dx; x, dx batch-major (B, T, I), time reversed when
+    reverse."""
     B, T, I = x.shape
     R = (t1 - t0) * B
     if I == 0 or r1 <= r0:
@@ -329,7 +330,7 @@ def _grads_rows(x, reverse, W, dz, t0, t1, r0, r1, xs, dx):
         b, tt = _tm_row(B, T, reverse, t0, r)
         xc[r, :] = x[b, tt, :]
     dz2 = dz[:t1 - t0].reshape(R, dz.shape[2])
-    np.dot(dz2[r0:r1], W.T, dxc[r0:r1])
+    project(dz2[r0:r1], WT, 1, I, 0, I, dxc[r0:r1])
     for r in range(r0, r1):
         b, tt = _tm_row(B, T, reverse, t0, r)
         dx[b, tt, :] = dxc[r, :]
@@ -643,6 +644,13 @@ def _pack_all(U, G, units):
 
 
 @njit(**_JIT)
+def _pack_wt(W):
+    """W (I, G*H) transposed for dx = dz W^T: panels of its rows (float32),
+    the transposed view (float64), as ``pack_rows_t``."""
+    return pack_rows_t(W, 0, W.shape[0])
+
+
+@njit(**_JIT)
 def _pack_all_t(U, units):
     """U.T packed for the row split's backward blocks (``pack_rows_t``), or
     an empty pack when the units are split."""
@@ -703,6 +711,7 @@ def lstm_backward(x, reverse, W, U, mask_tm, hs, cs, gates, d_out, dh, dc,
     (2 * Tc * B * I,) are scratch; work and pack (the cython kernel's
     scratch) are not used."""
     split, blocks = _plan(x.shape[0], 4, U.shape[0], nthreads)
+    W = _pack_wt(W)   # (the weight gradients' dx = dz W^T)
     if len(blocks) == 1:
         _lstm_grad_steps(x, reverse, W, U, mask_tm, hs, cs, gates, d_out, dh,
                          dc, dx, dW, dU, db, dz, xs)
@@ -910,6 +919,7 @@ def rnn_backward(x, reverse, W, U, mask_tm, hs, act, d_out, dh, dx, dW, dU,
     cell state (dz (Tc, B, H)).  dh (B, H): dL/dh_T on entry, dL/dh0 on
     exit."""
     split, blocks = _plan(x.shape[0], 1, U.shape[0], nthreads)
+    W = _pack_wt(W)   # (the weight gradients' dx = dz W^T)
     if len(blocks) == 1:
         _rnn_grad_steps(x, reverse, W, U, mask_tm, hs, act, d_out, dh, dx, dW,
                         dU, db, dz, xs)
