@@ -504,7 +504,7 @@ def _product_tn_impl(A, Bm, b0, C, acc):
         # a block of columns is copied for BLAS
         cols = Bm if b0 == 0 and C.shape[1] == Bm.shape[1] else \
             np.ascontiguousarray(Bm[:, b0:b0 + C.shape[1]])
-        part = np.dot(A.T, cols)
+        part = np.dot(np.ascontiguousarray(A).T, cols)
         if acc:
             C += part
         else:
