@@ -64,11 +64,16 @@ def _time_major(a, go_backwards):
 
 
 def _kernel_input(x, go_backwards):
-    """x as the forward kernels read it: as given (batch-major, C-contiguous)
-    when read forwards, else a time-major copy in reading order."""
+    """(x, batch_major): x as the forward kernels read it.  Read forwards,
+    as given (batch-major, C-contiguous); one step's x is the same bytes
+    time-major (so its projection stays one product over all rows, not one
+    per batch row); else a time-major copy in reading order."""
+    B, T, I = x.shape
+    if T == 1:
+        return np.ascontiguousarray(x).reshape(1, B, I), False
     if go_backwards:
-        return _time_major(x, True)
-    return np.ascontiguousarray(x)
+        return _time_major(x, True), False
+    return np.ascontiguousarray(x), True
 
 
 def _seen(mask_tm):
@@ -134,7 +139,7 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
         return LSTMResult(out, h, c, ws if training else None)
 
     dt = x.dtype
-    x_in = _kernel_input(x, go_backwards)
+    x_in, batch_major = _kernel_input(x, go_backwards)
     mask_tm = _NO_MASK if mask is None else _time_major(mask, go_backwards).view(np.uint8)
     # the states of every step when training (the backward reads them),
     # else two slots that alternate; the kernel writes the outputs itself
@@ -152,7 +157,7 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
         _backend.module(name).lstm_forward(
             x_in, np.ascontiguousarray(W), np.ascontiguousarray(U),
             np.ascontiguousarray(b), mask_tm, hs, cs, gates, outputs, work,
-            training, threads, batch_major=not go_backwards)
+            training, threads, batch_major=batch_major)
     seen = None if mask is None else _seen(mask_tm)
     _zero_unseen(outputs, seen)
     last = T if training else T % 2
@@ -323,7 +328,7 @@ def rnn_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *,
         return RNNResult(out, h, ws if training else None)
 
     dt = x.dtype
-    x_in = _kernel_input(x, go_backwards)
+    x_in, batch_major = _kernel_input(x, go_backwards)
     mask_tm = _NO_MASK if mask is None else _time_major(mask, go_backwards).view(np.uint8)
     hs = _aligned_empty((T + 1, B, H), dt)
     hs[0] = h0
@@ -335,7 +340,7 @@ def rnn_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *,
         _backend.module(name).rnn_forward(
             x_in, np.ascontiguousarray(W), np.ascontiguousarray(U),
             np.ascontiguousarray(b), mask_tm, hs, outputs, work,
-            ACTIVATIONS[activation], threads, batch_major=not go_backwards)
+            ACTIVATIONS[activation], threads, batch_major=batch_major)
     seen = None if mask is None else _seen(mask_tm)
     _zero_unseen(outputs, seen)
     if training:
