@@ -280,6 +280,56 @@ def _barrier(state, n, sense):
     return s
 
 
+# A call's state array: the barrier's four slots, then the spin team's
+# (``_SpinTeam``): GO counts the calls part 0 let go, DONE the workers
+# back from this call, TEAM is 1 on the spin team's array.
+_GO, _DONE, _TEAM = 4, 5, 6
+_STATE_LEN = 8
+_IDLE_SPINS = 1 << 18   # a spin-team worker spins this long for the next call (~50-100 us)
+
+
+@njit(**_JIT)
+def _team_start(state, i):
+    """A part's first act: on the spin team, part 0 lets its workers go
+    (they spin on state[_GO]: this thread has released the GIL by now, so
+    they take it without waiting)."""
+    if i == 0 and state[_TEAM] != 0:
+        _atomic_add(state, _GO, 1)
+
+
+@njit(**_JIT)
+def _team_end(state, i, n):
+    """A part's last act: on the spin team, part 0 waits until the n - 1
+    workers are back in their idle wait (having given the GIL back), so
+    that this thread takes the GIL without waiting for it."""
+    if i == 0 and state[_TEAM] != 0:
+        _team_wait(state, n - 1)
+
+
+@njit(**_JIT)
+def _team_wait(state, workers):
+    """Wait until state[_DONE] reaches workers."""
+    k = 0
+    while _atomic_load(state, _DONE) < workers:
+        k += 1
+        if k > _SPINS:
+            _sched_yield()
+
+
+@njit(**_JIT)
+def _team_idle(state, seen, done, spins):
+    """A spin-team worker between calls: count itself back (when done),
+    then spin up to ``spins`` times until state[_GO] differs from seen.
+    Returns state[_GO], or -1 when it did not change."""
+    if done:
+        _atomic_add(state, _DONE, 1)
+    for _ in range(spins):
+        go = _atomic_load(state, _GO)
+        if go != seen:
+            return go
+    return -1
+
+
 # ---------------------------------------------------------------- shared ---
 @njit(**_JIT)
 def _project_block(x, bm, P, G, H, j0, w, Z, b0, b1):
@@ -586,6 +636,7 @@ def _lstm_forward_part(i, n, units, p0, p1, x, bm, W, Wp, U, Up, bias, mask_tm,
     waits for another before the first step), then the time loop for units
     [p0, p1) of every row (units: each thread packs its own columns of W and
     U) or for rows [p0, p1) (on Wp, Up: all of W and U packed once)."""
+    _team_start(bar, i)
     H = U.shape[0]
     if units:
         _project_block(x, bm, pack_columns(W, 4, p0, p1), 4, H, p0, p1 - p0, gates,
@@ -596,6 +647,7 @@ def _lstm_forward_part(i, n, units, p0, p1, x, bm, W, Wp, U, Up, bias, mask_tm,
         _project_block(x, bm, Wp, 4, H, 0, H, gates, p0, p1)
         _lstm_steps(_mask_rows(mask_tm, p0, p1), Up, bias, hs, cs, gates, out,
                     training, p0, p1)
+    _team_end(bar, i, n)
 
 
 @njit(**_JIT)
@@ -605,6 +657,7 @@ def _lstm_backward_part(i, n, units, p0, p1, x, reverse, W, U, UT, mask_tm, hs,
     once), chunk by chunk: the time loop (units, or rows [p0, p1) on UT, U.T
     packed once), then, meeting the others between phases, its rows of dx
     (x gathered) and its columns of dW, dU and db."""
+    _team_start(bar, i)
     T, Tc, B, GH = gates.shape[0], dz.shape[0], dh.shape[0], dz.shape[2]
     sense = 0
     work = np.empty((0 if units else p1 - p0, cols(UT)), dh.dtype)
@@ -619,6 +672,7 @@ def _lstm_backward_part(i, n, units, p0, p1, x, reverse, W, U, UT, mask_tm, hs,
                                    d_out, dh, dc, dz, work, t0, t1, p0, p1)
         sense = _weight_grads_part(i, n, x, reverse, W, hs, dz, t0, t1, t1 == T,
                                    xs, dx, dW, dU, db, bar, sense)
+    _team_end(bar, i, n)
 
 
 @njit(**_JIT)
@@ -659,13 +713,27 @@ def _pack_all_t(U, units):
 
 def _run_parts(fn, split, blocks):
     """fn(i, n, units, p0, p1, bar) for every part, all at once (they meet
-    at bar): the first on this thread, the rest on the pool's threads."""
+    at bar): the first on this thread, the rest on the spin team's workers
+    (``_SpinTeam``), or, while another thread's call holds the team, on
+    the thread pool's."""
     n = len(blocks)
-    bar = np.zeros(4, np.int64)
-    _run_parallel(lambda i: fn(i, n, split == "units", *blocks[i], bar),
-                  [(i,) for i in range(n)])
-    if split == "units":
-        _note_call(bar[2], bar[3])
+    units = split == "units"
+    team = _spin_team(n - 1)
+    if team.lock.acquire(blocking=False):
+        try:
+            bar = team.state
+            team.run(lambda i: fn(i, n, units, *blocks[i], bar),
+                     [(i,) for i in range(n)])
+            meetings, slow_waits = int(bar[2]), int(bar[3])
+        finally:
+            team.lock.release()
+    else:
+        bar = np.zeros(_STATE_LEN, np.int64)
+        _run_parallel(lambda i: fn(i, n, units, *blocks[i], bar),
+                      [(i,) for i in range(n)])
+        meetings, slow_waits = bar[2], bar[3]
+    if units:
+        _note_call(meetings, slow_waits)
 
 
 def _kernel_x(x, batch_major):
@@ -808,6 +876,7 @@ def _rnn_forward_part(i, n, units, p0, p1, x, bm, W, Wp, U, Up, bias, mask_tm,
                       hs, out, act, bar):
     """Part i of n of a threaded RNN forward pass (as ``_lstm_forward_part``;
     the input projection goes into hs[1:])."""
+    _team_start(bar, i)
     H = hs.shape[2]
     if units:
         _project_block(x, bm, pack_columns(W, 1, p0, p1), 1, H, p0, p1 - p0, hs[1:],
@@ -816,6 +885,7 @@ def _rnn_forward_part(i, n, units, p0, p1, x, bm, W, Wp, U, Up, bias, mask_tm,
     else:
         _project_block(x, bm, Wp, 1, H, 0, H, hs[1:], p0, p1)
         _rnn_steps(_mask_rows(mask_tm, p0, p1), Up, bias, hs, out, act, p0, p1)
+    _team_end(bar, i, n)
 
 
 @njit(**_JIT)
@@ -823,6 +893,7 @@ def _rnn_backward_part(i, n, units, p0, p1, x, reverse, W, U, UT, mask_tm, hs,
                        act, d_out, dh, dx, dW, dU, db, dz, xs, bar):
     """Part i of n of a threaded RNN backward pass (as
     ``_lstm_backward_part``)."""
+    _team_start(bar, i)
     T, Tc = hs.shape[0] - 1, dz.shape[0]
     sense = 0
     work = np.empty((0 if units else p1 - p0, cols(UT)), dh.dtype)
@@ -836,6 +907,7 @@ def _rnn_backward_part(i, n, units, p0, p1, x, reverse, W, U, UT, mask_tm, hs,
                                   dh, dz, work, t0, t1, p0, p1)
         sense = _weight_grads_part(i, n, x, reverse, W, hs, dz, t0, t1, t1 == T,
                                    xs, dx, dW, dU, db, bar, sense)
+    _team_end(bar, i, n)
 
 
 def rnn_forward(x, W, U, bias, mask_tm, hs, out, work, act, nthreads,
@@ -1057,6 +1129,117 @@ def _workers(n):
                 initializer=_serial_blas_in_this_thread)
             _executor_key = (key, n)
         return _executor
+
+
+class _SpinTeam:
+    """Worker threads for the parts of a call, kept spinning for a while
+    between calls (as the cython kernels' team, csrc/fr_pool.c).
+
+    A thread pool hands a part to a sleeping worker and waits on a
+    condition for it (two wake-ups, about 50 us a call here, a third of a
+    SimpleRNN 1x100x128x256 forward).  Here the caller announces the call
+    (``job``), then runs part 0, whose first act (``_team_start``, the GIL
+    already released) bumps state[_GO]; the workers, spinning on it in
+    ``_team_idle``, take the GIL (free) and run their parts; part 0's
+    last act (``_team_end``) waits until every worker is back in
+    ``_team_idle`` (GIL released again).  So no thread ever waits for the
+    GIL or for a wake-up while the team is busy.  A worker that saw no call
+    for ``_IDLE_SPINS`` spins sleeps on a condition until the next one is
+    announced.  One call at a time (``lock``)."""
+
+    def __init__(self, workers):
+        self.pid = os.getpid()
+        self.state = np.zeros(_STATE_LEN, np.int64)
+        self.state[_TEAM] = 1
+        self.lock = threading.Lock()
+        self.cond = threading.Condition()
+        self.posted = 0       # the ticket (state[_GO] value) of the last call
+        self.sleeping = 0
+        self.closed = False
+        self.job = (0, None, ())
+        self.errors = []
+        self.threads = [threading.Thread(target=self._work, args=(k,), daemon=True,
+                                         name=f"fastrnn-numba-team-{k}")
+                        for k in range(workers)]
+        for t in self.threads:
+            t.start()
+
+    def _work(self, k):
+        _serial_blas_in_this_thread()
+        seen, done = 0, False
+        while True:
+            go = _team_idle(self.state, seen, done, _IDLE_SPINS)
+            done = False
+            if go < 0:
+                with self.cond:
+                    if self.closed:
+                        return
+                    if self.posted == seen:
+                        self.sleeping += 1
+                        self.cond.wait()
+                        self.sleeping -= 1
+                continue
+            seen = go
+            ticket, fn, parts = self.job
+            if ticket == go and k + 1 < len(parts):
+                try:
+                    fn(*parts[k + 1])
+                except BaseException as e:   # re-raised by the caller
+                    self.errors.append(e)
+                done = True
+
+    def run(self, fn, parts):
+        """fn(*part) for every part, the first on this thread, at most
+        len(self.threads) + 1 of them; re-raises the first error."""
+        st = self.state
+        st[:_GO] = 0
+        st[_DONE] = 0
+        ticket = int(st[_GO]) + 1
+        self.errors = []
+        self.job = (ticket, fn, parts)
+        with self.cond:
+            self.posted = ticket
+            if self.sleeping:
+                self.cond.notify_all()
+        try:
+            fn(*parts[0])
+        except BaseException:
+            if st[_GO] == ticket:   # let go: wait for the workers
+                _team_wait(st, len(parts) - 1)
+            else:                   # failed before: nobody started
+                with self.cond:
+                    self.posted = ticket - 1
+            raise
+        if st[_GO] != ticket:   # part 0 never let the workers go
+            with self.cond:
+                self.posted = ticket - 1
+            raise RuntimeError("fastrnn: a spin-team call's part 0 did not "
+                               "call _team_start")
+        if self.errors:
+            raise self.errors[0]
+
+    def close(self):
+        """Let the workers end once idle (a larger team replaces this one)."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+
+_team = None
+_team_lock = threading.Lock()
+
+
+def _spin_team(workers):
+    """The process's spin team, with at least ``workers`` workers (a fresh
+    one after fork: the parent's threads do not exist there)."""
+    global _team
+    with _team_lock:
+        t = _team
+        if t is None or t.pid != os.getpid() or len(t.threads) < workers:
+            if t is not None and t.pid == os.getpid():
+                t.close()
+            _team = t = _SpinTeam(workers)
+        return t
 
 
 def _run_parallel(fn, parts):

@@ -433,3 +433,109 @@ def test_numba_backs_off_after_stalled_unit_split_calls(monkeypatch):
     assert nk._stall["len"] == 0 and nk._stall["streak"] == 0
     stats = nk.team_stats()
     assert stats == {"team_calls": 8, "stalled_calls": 6, "backoff_calls": 12}
+
+
+def _team_parts():
+    from numba import njit
+    from fastrnn import _numba_kernels as nk
+
+    @njit(nogil=True)
+    def part(i, n, state, out, fail):
+        nk._team_start(state, i)
+        if i == fail:
+            raise ValueError("part failed")
+        out[i] = i + 1
+        if fail < 0:
+            nk._barrier(state, n, 0)
+        nk._team_end(state, i, n)
+
+    @njit(nogil=True)
+    def silent(i, out):   # never lets the workers go
+        out[i] = 1
+    return part, silent
+
+
+def _wait_until(cond, timeout=5.0):
+    import time
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+@pytest.mark.skipif("numba" not in fastrnn.available_backends(),
+                    reason="numba is not installed")
+def test_numba_spin_team_runs_parts_sleeps_and_wakes():
+    """The spin team runs part 0 here and the others on its workers, which
+    meet it at the barrier; idle, the workers go to sleep and the next call
+    wakes them; a worker's error is re-raised by the caller; a part 0 that
+    fails before letting the workers go (or never does) leaves the team
+    usable; closed, the workers end."""
+    from fastrnn import _numba_kernels as nk
+    part, silent = _team_parts()
+    team = nk._SpinTeam(2)
+    try:
+        for rnd in range(3):
+            out = np.zeros(3, np.int64)
+            st = team.state
+            team.run(lambda i: part(i, 3, st, out, -1), [(0,), (1,), (2,)])
+            assert list(out) == [1, 2, 3]
+            assert st[2] == 1 and st[nk._DONE] == 2      # one meeting, both back
+            assert _wait_until(lambda: team.sleeping == 2), "the workers never slept"
+        # two parts on a team of two workers: the second worker sits it out
+        out = np.zeros(2, np.int64)
+        team.run(lambda i: part(i, 2, team.state, out, -1), [(0,), (1,)])
+        assert list(out) == [1, 2]
+        # a worker's error comes back to the caller
+        out = np.zeros(3, np.int64)
+        with pytest.raises(ValueError, match="part failed"):
+            team.run(lambda i: part(i, 3, team.state, out, 2), [(0,), (1,), (2,)])
+        assert list(out) == [1, 2, 0]
+        # part 0 fails before the workers go (here: in Python)
+        def broken(i):
+            if i == 0:
+                raise TypeError("no such signature")
+            part(i, 3, team.state, out, -1)
+        with pytest.raises(TypeError, match="no such signature"):
+            team.run(broken, [(0,), (1,), (2,)])
+        with pytest.raises(RuntimeError, match="did not call _team_start"):
+            team.run(lambda i: silent(i, out), [(0,), (1,), (2,)])
+        assert _wait_until(lambda: team.sleeping == 2)
+        out = np.zeros(3, np.int64)
+        team.run(lambda i: part(i, 3, team.state, out, -1), [(0,), (1,), (2,)])
+        assert list(out) == [1, 2, 3]
+    finally:
+        team.close()
+    for t in team.threads:
+        t.join(timeout=5)
+        assert not t.is_alive()
+
+
+@pytest.mark.skipif("numba" not in fastrnn.available_backends(),
+                    reason="numba is not installed")
+def test_numba_kernels_run_their_parts_on_the_spin_team(rng, monkeypatch):
+    """A threaded numba call goes through the spin team (its GO count
+    grows), and gives the results of the one-thread call, also after the
+    workers fell asleep."""
+    import time
+    from fastrnn import _numba_kernels as nk
+    monkeypatch.setattr(nk, "_stall", {"team_calls": 0, "stalled_calls": 0,
+                                       "backoff_calls": 0, "streak": 0, "left": 0,
+                                       "len": 0})
+    B, T, I, H = 1, 12, 9, 256   # batch 1: the units are split
+    x = rng.standard_normal((B, T, I)).astype(np.float32)
+    W = (rng.standard_normal((I, 4 * H)) / 5).astype(np.float32)
+    U = (rng.standard_normal((H, 4 * H)) / 20).astype(np.float32)
+    b = np.zeros(4 * H, np.float32)
+    monkeypatch.setattr(_backend, "_num_threads", 1)
+    want = ops.lstm_forward(x, W, U, b, backend="numba").outputs
+    monkeypatch.setattr(_backend, "_num_threads", 2)
+    assert nk._split_plan(B, 4, H, 2)[0] == "units"
+    for pause in (0, 0.05):
+        time.sleep(pause)
+        before = nk._spin_team(1).state[nk._GO]
+        got = ops.lstm_forward(x, W, U, b, backend="numba").outputs
+        assert nk._spin_team(1).state[nk._GO] > before
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
