@@ -29,8 +29,11 @@ otherwise the batch rows are split, when there are at least 4 per thread:
 each block's time loop runs on its own thread without meetings.  After
 unit-split calls that stalled (a thread of the call not running), the next
 ones run on one thread for a while (``_plan``, ``_note_call``).
-The kernels release the GIL; threads are a Python thread pool.  BLAS stays
-single-threaded in every thread.
+The kernels release the GIL; a call's parts run on this thread and on the
+workers of a spin team (``_SpinTeam``: Python threads that spin between
+calls, so handing them a call costs no wake-up), or on a thread pool's
+while another thread's call holds the team.  BLAS stays single-threaded
+in every thread.
 """
 import math
 import os
@@ -254,7 +257,7 @@ def _sched_yield(typingctx):
     return sig, codegen
 
 
-_SPINS = 1 << 14      # spins (a few tens of microseconds) before yielding
+_SPINS = 1 << 14      # spins (5-10 us here) before yielding
 
 
 @njit(**_JIT)
