@@ -143,19 +143,39 @@ static inline float fr_sigmoidf(float x)
     return 1.0f / (1.0f + fr_expf(-x));
 }
 
+/* e^x - 1 for x <= 0 (and NaN), accurate also near 0: x = n ln 2 + r as in
+ * fr_expf, e^r - 1 from the same polynomial without its leading 1, then
+ * 2^n (e^r - 1) + (2^n - 1) (for n = 0, the polynomial alone). */
+static inline float fr_expm1f_neg(float x)
+{
+    x = x < -87.0f ? -87.0f : x;
+    float fn = x * 1.44269504088896341f + 12582912.0f;
+    fn -= 12582912.0f;
+    float r = x - fn * 0.693359375f;
+    r = r + fn * 2.12194440e-4f;
+    float p = 1.9875691500E-4f;
+    p = p * r + 1.3981999507E-3f;
+    p = p * r + 8.3334519073E-3f;
+    p = p * r + 4.1665795894E-2f;
+    p = p * r + 1.6666665459E-1f;
+    p = p * r + 5.0000001201E-1f;
+    p = p * r * r + r;
+    int32_t bits = ((int32_t)fn + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return scale * p + (scale - 1.0f);
+}
+
+/* tanh x = -m / (2 + m) with m = e^(-2|x|) - 1, the sign of x restored:
+ * one exponential and one division, no branch (within 2.5 ulp of tanh
+ * over [-10, 10] and at tiny |x|, where m keeps its relative accuracy;
+ * NaN stays NaN). */
 static inline float fr_tanhf(float x)
 {
     float ax = x < 0 ? -x : x;
-    /* small |x|: odd polynomial (Cephes tanhf), no cancellation */
-    float z = x * x;
-    float small = ((((-5.70498872745E-3f * z + 2.06390887954E-2f) * z
-                     - 5.37397155531E-2f) * z + 1.33314422036E-1f) * z
-                   - 3.33332819422E-1f) * z * x + x;
-    /* larger |x|: 1 - 2 / (exp(2|x|) + 1), with the sign of x */
-    float e = fr_expf(2.0f * ax);
-    float big = 1.0f - 2.0f / (e + 1.0f);
-    big = x < 0 ? -big : big;
-    return ax < 0.625f ? small : big;   /* NaN: takes big, which is NaN */
+    float m = fr_expm1f_neg(-2.0f * ax);
+    float t = -m / (2.0f + m);
+    return x < 0 ? -t : t;
 }
 
 static inline double fr_sigmoid(double x)
