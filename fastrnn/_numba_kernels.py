@@ -64,17 +64,14 @@ _E2, _E3, _E4, _E5, _E6, _E7, _E8, _E9, _E10, _E11, _E12, _E13 = (
 _T3, _T5, _T7, _T9, _T11, _T13, _T15 = (
     -1 / 3, 2 / 15, -17 / 315, 62 / 2835, -1382 / 155925, 21844 / 6081075,
     -929569 / 638512875)
-# float32: Cephes expf (ln 2 split in two, degree-6 polynomial) and tanhf.
+# float32: Cephes expf (ln 2 split in two, degree-6 polynomial).
 _F = np.float32
 _F_HI, _F_LO = _F(88.0), _F(-87.0)           # exp's argument range
 _F_LOG2E, _F_ROUND = _F(_LOG2E), _F(12582912.0)   # 1.5 * 2**23 rounds
 _F_LN2_HI, _F_LN2_LO = _F(0.693359375), _F(-2.12194440e-4)
 _F_P = tuple(_F(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
                              4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
-_F_T = tuple(_F(c) for c in (-5.70498872745e-3, 2.06390887954e-2,
-                             -5.37397155531e-2, 1.33314422036e-1,
-                             -3.33332819422e-1))
-_F0, _F1, _F2, _F_SMALL = _F(0), _F(1), _F(2), _F(0.625)
+_F0, _F1, _F2 = _F(0), _F(1), _F(2)
 
 
 # ---------------------------------------------------- elementwise math ---
@@ -163,16 +160,34 @@ def _sigmoid32(x):
 
 
 @njit(inline="always", **_JIT)
+def _expm1_neg32(x):
+    """exp(x) - 1 for a float32 x <= 0 (clamped at -87), accurate also near
+    0: as ``_exp32`` without the polynomial's leading 1, then
+    2^n (e^r - 1) + (2^n - 1); NaN propagates."""
+    x = _F_LO if x < _F_LO else x
+    n = x * _F_LOG2E + _F_ROUND
+    n = n - _F_ROUND
+    r = x - n * _F_LN2_HI - n * _F_LN2_LO
+    p = _F_P[0]
+    p = p * r + _F_P[1]
+    p = p * r + _F_P[2]
+    p = p * r + _F_P[3]
+    p = p * r + _F_P[4]
+    p = p * r + _F_P[5]
+    p = p * r * r + r
+    scale = _pow2f(np.int32(n))
+    return scale * p + (scale - _F1)
+
+
+@njit(inline="always", **_JIT)
 def _tanh32(x):
-    """tanh(x) for a float32 x, in float32: an odd polynomial below
-    |x| = 0.625, else 1 - 2 / (exp(2|x|) + 1) with the sign of x."""
+    """tanh(x) for a float32 x, in float32: -m / (2 + m) with
+    m = exp(-2|x|) - 1, the sign of x restored (one exponential, one
+    division, no branch; as the cython kernels' fr_tanhf)."""
     a = -x if x < _F0 else x
-    z = x * x
-    small = ((((_F_T[0] * z + _F_T[1]) * z + _F_T[2]) * z + _F_T[3]) * z
-             + _F_T[4]) * z * x + x
-    big = _F1 - _F2 / (_exp32(_F2 * a) + _F1)
-    big = -big if x < _F0 else big
-    return small if a < _F_SMALL else big   # NaN: big, which is NaN
+    m = _expm1_neg32(-_F2 * a)
+    t = -m / (_F2 + m)
+    return -t if x < _F0 else t
 
 
 def _sigmoid(x):
