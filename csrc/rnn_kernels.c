@@ -115,11 +115,10 @@ static int fr_team(int nthreads, int B, int H)
 #define FR_IVDEP
 #endif
 
-static inline float fr_expf(float x)
+/* x = n ln 2 + r (x within [-87, 88], or NaN): returns e^r - 1 (Cephes
+ * expf's degree-6 polynomial, without its leading 1) and sets *scale = 2^n. */
+static inline float fr_exp_reduced(float x, float *scale)
 {
-    /* clamp to the finite range; comparisons leave NaN untouched */
-    x = x > 88.0f ? 88.0f : x;
-    x = x < -87.0f ? -87.0f : x;
     /* n = round(x / ln 2), exactly, without libm */
     float fn = x * 1.44269504088896341f + 12582912.0f;
     fn -= 12582912.0f;
@@ -131,11 +130,18 @@ static inline float fr_expf(float x)
     p = p * r + 4.1665795894E-2f;
     p = p * r + 1.6666665459E-1f;
     p = p * r + 5.0000001201E-1f;
-    p = p * r * r + r + 1.0f;
     int32_t bits = ((int32_t)fn + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
+    memcpy(scale, &bits, sizeof *scale);
+    return p * r * r + r;
+}
+
+static inline float fr_expf(float x)
+{
+    /* clamp to the finite range; comparisons leave NaN untouched */
+    x = x > 88.0f ? 88.0f : x;
+    x = x < -87.0f ? -87.0f : x;
+    float scale, em1 = fr_exp_reduced(x, &scale);
+    return (em1 + 1.0f) * scale;
 }
 
 static inline float fr_sigmoidf(float x)
@@ -143,27 +149,13 @@ static inline float fr_sigmoidf(float x)
     return 1.0f / (1.0f + fr_expf(-x));
 }
 
-/* e^x - 1 for x <= 0 (and NaN), accurate also near 0: x = n ln 2 + r as in
- * fr_expf, e^r - 1 from the same polynomial without its leading 1, then
- * 2^n (e^r - 1) + (2^n - 1) (for n = 0, the polynomial alone). */
+/* e^x - 1 for x <= 0 (and NaN), accurate also near 0: 2^n (e^r - 1) +
+ * (2^n - 1) (for n = 0, the polynomial alone). */
 static inline float fr_expm1f_neg(float x)
 {
     x = x < -87.0f ? -87.0f : x;
-    float fn = x * 1.44269504088896341f + 12582912.0f;
-    fn -= 12582912.0f;
-    float r = x - fn * 0.693359375f;
-    r = r + fn * 2.12194440e-4f;
-    float p = 1.9875691500E-4f;
-    p = p * r + 1.3981999507E-3f;
-    p = p * r + 8.3334519073E-3f;
-    p = p * r + 4.1665795894E-2f;
-    p = p * r + 1.6666665459E-1f;
-    p = p * r + 5.0000001201E-1f;
-    p = p * r * r + r;
-    int32_t bits = ((int32_t)fn + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return scale * p + (scale - 1.0f);
+    float scale, em1 = fr_exp_reduced(x, &scale);
+    return scale * em1 + (scale - 1.0f);
 }
 
 /* tanh x = -m / (2 + m) with m = e^(-2|x|) - 1, the sign of x restored:

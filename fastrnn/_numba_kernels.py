@@ -135,11 +135,9 @@ def _tanh64(x):
 
 
 @njit(inline="always", **_JIT)
-def _exp32(x):
-    """exp(x) for a float32 x within about 1 ulp, x clamped to [-87, 88]
-    (no overflow to inf nor underflow to 0); NaN propagates."""
-    x = _F_HI if x > _F_HI else x
-    x = _F_LO if x < _F_LO else x
+def _exp32_reduced(x):
+    """(e^r - 1, 2^n) for a float32 x = n ln 2 + r within [-87, 88] (or
+    NaN): Cephes expf's polynomial without its leading 1."""
     n = x * _F_LOG2E + _F_ROUND
     n = n - _F_ROUND                   # round(x / ln 2), no libm call
     r = x - n * _F_LN2_HI - n * _F_LN2_LO
@@ -149,8 +147,17 @@ def _exp32(x):
     p = p * r + _F_P[3]
     p = p * r + _F_P[4]
     p = p * r + _F_P[5]
-    p = p * r * r + r + _F1
-    return p * _pow2f(np.int32(n))
+    return p * r * r + r, _pow2f(np.int32(n))
+
+
+@njit(inline="always", **_JIT)
+def _exp32(x):
+    """exp(x) for a float32 x within about 1 ulp, x clamped to [-87, 88]
+    (no overflow to inf nor underflow to 0); NaN propagates."""
+    x = _F_HI if x > _F_HI else x
+    x = _F_LO if x < _F_LO else x
+    em1, scale = _exp32_reduced(x)
+    return (em1 + _F1) * scale
 
 
 @njit(inline="always", **_JIT)
@@ -162,21 +169,10 @@ def _sigmoid32(x):
 @njit(inline="always", **_JIT)
 def _expm1_neg32(x):
     """exp(x) - 1 for a float32 x <= 0 (clamped at -87), accurate also near
-    0: as ``_exp32`` without the polynomial's leading 1, then
-    2^n (e^r - 1) + (2^n - 1); NaN propagates."""
+    0: 2^n (e^r - 1) + (2^n - 1); NaN propagates."""
     x = _F_LO if x < _F_LO else x
-    n = x * _F_LOG2E + _F_ROUND
-    n = n - _F_ROUND
-    r = x - n * _F_LN2_HI - n * _F_LN2_LO
-    p = _F_P[0]
-    p = p * r + _F_P[1]
-    p = p * r + _F_P[2]
-    p = p * r + _F_P[3]
-    p = p * r + _F_P[4]
-    p = p * r + _F_P[5]
-    p = p * r * r + r
-    scale = _pow2f(np.int32(n))
-    return scale * p + (scale - _F1)
+    em1, scale = _exp32_reduced(x)
+    return scale * em1 + (scale - _F1)
 
 
 @njit(inline="always", **_JIT)
