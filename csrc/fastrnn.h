@@ -186,6 +186,10 @@ void fr_set_blas_threads_fn(int (*fn)(int));
  * (when the pool is free and not backing off). */
 int fr_team_plan(int nthreads, int B, int H, int *rows);
 
+/* The same for a forward pass with G gate blocks (4 LSTM, 1 RNN), whose
+ * row split also covers small steps by width G*H (see rnn_kernels.c). */
+int fr_forward_team_plan(int nthreads, int G, int B, int H, int *rows);
+
 /* The thread team's counters: calls run by a team, team calls that stalled
  * (threads asleep > 1/3 of the call: oversubscribed cores), and calls run
  * on the caller's thread alone during the back-off that follows a stall

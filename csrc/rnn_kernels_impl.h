@@ -4,6 +4,7 @@
  * Expected macros: REAL, SUF, BLAS_T, SIGMOID(x), TANH(x); FR_F32 in the
  * float instantiation (the packed-panel kernels); and from rnn_kernels.c:
  * FR_VECTORIZE, FR_IVDEP, FR_CHUNK, FR_NR_ALL, fr_split, fr_split_rows,
+ * fr_forward_split_rows,
  * fr_team; the team (fr_pool_run, fr_barrier) from fr_pool.h.
  *
  * Threading: each kernel is one job for the team ("persistent threads").
@@ -308,10 +309,11 @@ static void FN(run_forward)(FN(fwd_team) *tm, fr_job_fn job, void *arg, int nthr
                             int xbm, int G, int T, int B, int I, int H, const REAL *W,
                             const REAL *U, REAL *work)
 {
-    const int n = fr_team(nthreads, B, H);
+    const int rows = fr_forward_split_rows(B, G, H, nthreads);
+    const int n = rows ? nthreads : fr_team(nthreads, B, H);
     tm->nthreads = nthreads < 1 ? 1 : nthreads;
     tm->xbm = xbm != 0;
-    tm->rows = n > 1 && fr_split_rows(B, H, n);
+    tm->rows = n > 1 && rows;
     tm->proj = 0;
 #ifdef FR_F32
     tm->proj = work && I > 0 && B >= FR_PROJ_MIN_B;

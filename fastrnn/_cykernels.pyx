@@ -64,6 +64,7 @@ cdef extern from "fastrnn.h" nogil:
     long fr_team_skipped_workers()
     void fr_team_set_worker_delay_us(long us)
     int fr_team_plan(int nthreads, int B, int H, int *rows)
+    int fr_forward_team_plan(int nthreads, int G, int B, int H, int *rows)
     size_t fr_lstm_forward_work(int B, int I, int H, int nthreads)
     size_t fr_lstm_backward_work(int B, int I, int H, int nthreads)
     size_t fr_rnn_work(int B, int I, int H, int nthreads)
@@ -102,11 +103,13 @@ def lstm_backward_work_len(int B, int I, int H, int nthreads):
     return fr_lstm_backward_work(B, I, H, nthreads)
 
 
-def team_plan(int nthreads, int B, int H):
+def team_plan(int nthreads, int B, int H, int G=0):
     """(threads, split) a kernel call gets for nthreads, B rows, H units:
-    split is "rows" or "units" (see csrc/rnn_kernels.c)."""
+    split is "rows" or "units" (see csrc/rnn_kernels.c).  G = 0: a backward
+    pass (or an LSTM forward); G = 4 or 1: an LSTM or RNN forward pass."""
     cdef int rows = 0
-    cdef int n = fr_team_plan(nthreads, B, H, &rows)
+    cdef int n = (fr_forward_team_plan(nthreads, G, B, H, &rows) if G > 0
+                  else fr_team_plan(nthreads, B, H, &rows))
     return n, ("rows" if rows else "units")
 
 

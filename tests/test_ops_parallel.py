@@ -85,6 +85,28 @@ def test_team_plan(threads, B, H, plan, monkeypatch):
     """Which split the tests above exercise (and the rule itself)."""
     from fastrnn import _cykernels
     assert _cykernels.team_plan(threads, B, H) == plan
+    assert _cykernels.team_plan(threads, B, H, G=4) == plan   # LSTM forward: the same
+
+
+@pytest.mark.skipif("cython" not in fastrnn.available_backends(),
+                    reason="the cython backend is not built")
+@pytest.mark.skipif(bool(os.environ.get("FASTRNN_SPLIT")),
+                    reason="FASTRNN_SPLIT forces a split (a measurement knob)")
+@pytest.mark.parametrize("threads, B, H, plan", [
+    (2, 32, 128, (2, "rows")),      # an RNN step of 128 units: rows
+    (2, 64, 256, (2, "rows")),      # up to 4 * FR_SMALL_H
+    (2, 64, 257, (2, "units")),     # past it
+    (2, 7, 128, (2, "units")),      # too few rows
+    (3, 13, 67, (3, "rows")),       # test_threaded_kernels_match_reference's rows case
+    (2, 1, 256, (2, "units")),      # batch 1
+])
+def test_rnn_forward_team_plan(threads, B, H, plan):
+    """The RNN forward splits rows for steps up to 256 units wide (its
+    backward, as the LSTM's, from 64 units on splits the units)."""
+    from fastrnn import _cykernels
+    assert _cykernels.team_plan(threads, B, H, G=1) == plan
+    if H > 64 and B > 1:
+        assert _cykernels.team_plan(threads, B, H)[1] == "units"
 
 
 @pytest.mark.skipif("numba" not in fastrnn.available_backends(),
