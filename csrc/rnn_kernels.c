@@ -70,32 +70,34 @@ static int fr_unit_chunks(int H)
     return (H + FR_CHUNK - 1) / FR_CHUNK;
 }
 
-/* Whether a team of n splits the rows (else the units). */
-static int fr_split_rows(int B, int H, int n)
+/* Whether a team of n splits the rows (else the units): when there are more
+ * threads than chunks of units, or at most small_h units, and enough rows. */
+static int fr_split_rows_upto(int B, int H, int n, int small_h)
 {
     if (n <= 1)
         return 0;
     int forced = fr_forced_split();
     if (forced < 2)
         return forced && B >= n;
-    return (n > fr_unit_chunks(H) || H <= FR_SMALL_H) && B >= n * FR_MIN_ROWS;
+    return (n > fr_unit_chunks(H) || H <= small_h) && B >= n * FR_MIN_ROWS;
 }
 
-/* The forward's choice, as fr_split_rows but with the small-layer bound on
- * a step's width G*H: an RNN step (G = 1) is a quarter of an LSTM step of
- * the same H, so the row split pays up to 4*FR_SMALL_H units there (ops,
- * SimpleRNN forward, 2 threads, units / rows, ms: 8x100x64x128 0.16-0.18 /
- * 0.15, 16x100x64x128 0.29 / 0.25-0.27, 32x100x64x128 0.52-0.55 / 0.50,
+static int fr_split_rows(int B, int H, int n)
+{
+    return fr_split_rows_upto(B, H, n, FR_SMALL_H);
+}
+
+/* The forward's choice, with the small-layer bound on a step's width G*H:
+ * an RNN step (G = 1) is a quarter of an LSTM step of the same H, so the
+ * row split pays up to 4*FR_SMALL_H units there (ops, SimpleRNN forward,
+ * 2 threads, units / rows, ms: 8x100x64x128 0.16-0.18 / 0.15,
+ * 16x100x64x128 0.29 / 0.25-0.27, 32x100x64x128 0.52-0.55 / 0.50,
  * 64x50x128x256 1.54-1.57 / 1.46-1.50, 32x100x128x256 1.52 / 1.54-1.55).
  * The backward keeps fr_split_rows: its row split measured slower there
  * (SimpleRNN 32x100x64x128 fwd+bwd 1.73-1.85 / 2.16-2.23). */
 static int fr_forward_split_rows(int B, int G, int H, int n)
 {
-    if (n <= 1)
-        return 0;
-    if (fr_forced_split() < 2)
-        return fr_split_rows(B, H, n);
-    return (n > fr_unit_chunks(H) || G * H <= 4 * FR_SMALL_H) && B >= n * FR_MIN_ROWS;
+    return fr_split_rows_upto(B, H, n, 4 * FR_SMALL_H / G);
 }
 
 /* Work items for a flexible (row split) job on n threads: up to 4 per
