@@ -203,6 +203,12 @@ void fr_team_stats(long *team_calls, long *stalled_calls, long *backoff_calls);
 long fr_team_skipped_workers(void);
 void fr_team_set_worker_delay_us(long us);
 
+/* Wake the team's sleeping workers for a call about to come (a caller's
+ * preparing overlaps their wake-up; see fr_pool_prime), and the number of
+ * such wake-ups sent so far. */
+void fr_team_prime(void);
+long fr_team_primes(void);
+
 #ifdef __cplusplus
 }
 #endif

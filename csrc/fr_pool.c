@@ -188,6 +188,7 @@ static pthread_mutex_t busy = PTHREAD_MUTEX_INITIALIZER;   /* one caller at a ti
 static pthread_mutex_t sleep_mx = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t sleep_cv = PTHREAD_COND_INITIALIZER;
 static atomic_int sleepers;
+static atomic_uint prime_epoch;          /* bumped by fr_pool_prime */
 static int nworkers;                     /* started workers, tids 1..nworkers */
 static fr_slot slots[FR_MAX_THREADS];
 static fr_job_fn job_fn;                 /* the current job, written under busy */
@@ -233,10 +234,14 @@ static void *fr_worker(void *p)
         if (g == seen) {
             pthread_mutex_lock(&sleep_mx);
             atomic_fetch_add(&sleepers, 1);
-            while ((g = atomic_load_explicit(&slot->go, memory_order_acquire)) == seen)
+            const unsigned epoch = atomic_load(&prime_epoch);
+            while ((g = atomic_load_explicit(&slot->go, memory_order_acquire)) == seen
+                   && atomic_load(&prime_epoch) == epoch)
                 pthread_cond_wait(&sleep_cv, &sleep_mx);
             atomic_fetch_sub(&sleepers, 1);
             pthread_mutex_unlock(&sleep_mx);
+            if (g == seen)      /* primed: spin again for the coming job */
+                continue;
         }
         seen = g;
         long delay = atomic_load_explicit(&worker_delay_us, memory_order_relaxed);
@@ -397,6 +402,21 @@ void fr_pool_set_worker_delay_us(long us)
     atomic_store(&worker_delay_us, us > 0 ? us : 0);
 }
 
+void fr_pool_prime(void)
+{
+    if (atomic_load(&sleepers) == 0)
+        return;
+    pthread_mutex_lock(&sleep_mx);
+    atomic_fetch_add(&prime_epoch, 1);
+    pthread_cond_broadcast(&sleep_cv);
+    pthread_mutex_unlock(&sleep_mx);
+}
+
+long fr_pool_primes(void)
+{
+    return (long)atomic_load(&prime_epoch);
+}
+
 void fr_pool_set_blas_threads_fn(int (*fn)(int))
 {
     blas_threads_fn = fn;
@@ -434,6 +454,15 @@ long fr_pool_skipped_workers(void)
 void fr_pool_set_worker_delay_us(long us)
 {
     (void)us;
+}
+
+void fr_pool_prime(void)
+{
+}
+
+long fr_pool_primes(void)
+{
+    return 0;
 }
 
 void fr_pool_set_blas_threads_fn(int (*fn)(int))

@@ -53,6 +53,15 @@ long fr_pool_skipped_workers(void);
  * job (0: no delay), to make late workers happen on purpose. */
 void fr_pool_set_worker_delay_us(long us);
 
+/* Wake the sleeping workers, if any, to spin (FR_IDLE_SPIN_NS) for a job
+ * about to come: a caller with some preparing left to do before its
+ * fr_pool_run calls this first, so that the workers' wake-up (tens of
+ * microseconds on a virtual machine) overlaps the preparing.  Does nothing
+ * (no system call) when no worker sleeps.  fr_pool_primes: the wake-ups
+ * sent so far (tests). */
+void fr_pool_prime(void);
+long fr_pool_primes(void);
+
 /* A function that sets the calling thread's BLAS thread count (OpenBLAS's
  * openblas_set_num_threads_local); the pool's workers call it with 1 when
  * they start, so BLAS calls inside a team never start BLAS threads. */

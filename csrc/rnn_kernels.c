@@ -615,3 +615,13 @@ void fr_team_set_worker_delay_us(long us)
 {
     fr_pool_set_worker_delay_us(us);
 }
+
+void fr_team_prime(void)
+{
+    fr_pool_prime();
+}
+
+long fr_team_primes(void)
+{
+    return fr_pool_primes();
+}

@@ -192,6 +192,17 @@ _serial_blas = _SerialBlas()
 PARALLEL_STEP_WORK = 1 << 16
 
 
+def prime(backend, threads):
+    """Before a kernel call on ``threads`` threads: wake the backend's
+    sleeping worker threads now (when threads > 1 and the backend has a
+    team to wake), so that their wake-up overlaps the call's checks and
+    allocations instead of delaying its first step."""
+    if threads > 1:
+        fn = getattr(_loaded.get(backend), "prime_team", None)
+        if fn is not None:
+            fn()
+
+
 def thread_plan(backend, B, G, H):
     """(kernel_threads, blas_context) for one kernel call on B rows, G gate
     blocks and H units: the threads the kernel may use, and the context

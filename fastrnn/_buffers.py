@@ -18,6 +18,7 @@ never reused.  The pool keeps at most ``FASTRNN_BUFFER_POOL_MB`` MiB
 first; ``release()`` empties it.  Small buffers (under 128 KiB) come from
 NumPy directly: the C allocator already reuses those.
 """
+import math
 import os
 import sys
 import threading
@@ -54,7 +55,7 @@ class BufferPool:
         """An uninitialised C-contiguous array of ``shape`` and ``dtype``
         whose data starts on a 64-byte boundary."""
         dtype = np.dtype(dtype)
-        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        n = int(math.prod(shape)) * dtype.itemsize
         if n < MIN_POOLED_BYTES or self._limit <= 0:
             raw = np.empty(n + ALIGN, np.uint8)
             return _carve(raw, n, shape, dtype)

@@ -63,6 +63,8 @@ cdef extern from "fastrnn.h" nogil:
     void fr_team_stats(long *team_calls, long *stalled_calls, long *backoff_calls)
     long fr_team_skipped_workers()
     void fr_team_set_worker_delay_us(long us)
+    void fr_team_prime()
+    long fr_team_primes()
     int fr_team_plan(int nthreads, int B, int H, int *rows)
     int fr_forward_team_plan(int nthreads, int G, int B, int H, int *rows)
     size_t fr_lstm_forward_work(int B, int I, int H, int nthreads)
@@ -121,6 +123,18 @@ def team_stats():
     fr_team_stats(&team, &stalled, &backoff)
     return {"team_calls": team, "stalled_calls": stalled, "backoff_calls": backoff,
             "skipped_workers": fr_team_skipped_workers()}
+
+
+def prime_team():
+    """Wake the team's sleeping workers (if any) to spin for a call about to
+    come, so that their wake-up overlaps the caller's preparing (see
+    csrc/fr_pool.h, fr_pool_prime)."""
+    fr_team_prime()
+
+
+def _team_primes():
+    """Tests: the wake-ups ``prime_team`` has sent so far."""
+    return fr_team_primes()
 
 
 def _set_worker_delay_us(long us):

@@ -127,6 +127,8 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
     go_backwards = _checks.flag("go_backwards", go_backwards)
     training = _checks.flag("return_workspace", return_workspace)
     name = _backend.resolve(backend)
+    threads, blas = _backend.thread_plan(name, B, 4, H)
+    _backend.prime(name, threads)
     ws = Workspace("lstm", name, (B, T, I, H), x.dtype, go_backwards,
                    bias is not None)
 
@@ -149,7 +151,6 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
     cs[0] = c0
     gates = _aligned_empty((T, B, 4 * H), dt)
     outputs = _aligned_empty((B, T, H), dt)
-    threads, blas = _backend.thread_plan(name, B, 4, H)
     # the kernel's packed copy of the weights (see csrc/fastrnn.h)
     work = _aligned_empty((_pack_len(name, B, I, H, threads)
                            if dt == np.float32 or (B == 1 and threads > 1) else 0,), dt)
@@ -245,9 +246,11 @@ def lstm_backward(workspace, d_outputs, d_h=None, d_c=None):
     when the forward had no bias.
     """
     _check_workspace(workspace, "lstm")
+    B, T, I, H = workspace.shape
+    threads, blas = _backend.thread_plan(workspace.backend, B, 4, H)
+    _backend.prime(workspace.backend, threads)
     d_out, (d_h, d_c) = _d_arrays(workspace, d_outputs,
                                   [("d_h", d_h), ("d_c", d_c)])
-    B, T, I, H = workspace.shape
     dt = workspace.dtype
     if "reference" in workspace.data:
         g = reference.lstm_backward(workspace.data["reference"], d_out, d_h, d_c)
@@ -258,7 +261,6 @@ def lstm_backward(workspace, d_outputs, d_h=None, d_c=None):
     d_out = _kernel_d_out(d_out, d["seen"])   # outputs are in reading order
     dh = np.array(d_h, dtype=dt, order="C", copy=True)
     dc = np.array(d_c, dtype=dt, order="C", copy=True)
-    threads, blas = _backend.thread_plan(workspace.backend, B, 4, H)
     module = _backend.module(workspace.backend)
     # first, so that the pool hands it the forward's work buffer (same size)
     pack = _aligned_empty((_pack_len(workspace.backend, B, I, H, threads)
@@ -317,6 +319,8 @@ def rnn_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *,
     go_backwards = _checks.flag("go_backwards", go_backwards)
     training = _checks.flag("return_workspace", return_workspace)
     name = _backend.resolve(backend)
+    threads, blas = _backend.thread_plan(name, B, 1, H)
+    _backend.prime(name, threads)
     ws = Workspace("rnn", name, (B, T, I, H), x.dtype, go_backwards,
                    bias is not None, activation)
 
@@ -333,7 +337,6 @@ def rnn_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *,
     hs = _aligned_empty((T + 1, B, H), dt)
     hs[0] = h0
     outputs = _aligned_empty((B, T, H), dt)
-    threads, blas = _backend.thread_plan(name, B, 1, H)
     work = _aligned_empty((_pack_len(name, B, I, H, threads, "rnn")
                            if dt == np.float32 else 0,), dt)
     with blas:
@@ -353,8 +356,10 @@ def rnn_backward(workspace, d_outputs, d_h=None):
     """Backward pass of ``rnn_forward``.  Returns
     ``RNNGrads(x, h0, kernel, recurrent_kernel, bias)``."""
     _check_workspace(workspace, "rnn")
-    d_out, (d_h,) = _d_arrays(workspace, d_outputs, [("d_h", d_h)])
     B, T, I, H = workspace.shape
+    threads, blas = _backend.thread_plan(workspace.backend, B, 1, H)
+    _backend.prime(workspace.backend, threads)
+    d_out, (d_h,) = _d_arrays(workspace, d_outputs, [("d_h", d_h)])
     dt = workspace.dtype
     if "reference" in workspace.data:
         g = reference.rnn_backward(workspace.data["reference"], d_out, d_h)
@@ -363,7 +368,6 @@ def rnn_backward(workspace, d_outputs, d_h=None):
     d = workspace.data
     d_out = _kernel_d_out(d_out, d["seen"])   # outputs are in reading order
     dh = np.array(d_h, dtype=dt, order="C", copy=True)
-    threads, blas = _backend.thread_plan(workspace.backend, B, 1, H)
     # first, so that the pool hands it the forward's work buffer (same size)
     pack = _aligned_empty((_pack_len(workspace.backend, B, I, H, threads, "rnn")
                            if dt == np.float32 else 0,), dt)

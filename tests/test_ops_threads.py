@@ -150,3 +150,54 @@ def test_late_workers(kind, dtype, B, H, split, rng, kernels, monkeypatch):
         assert skipped >= 1      # at least one of its forward/backward calls
     else:
         assert skipped == 0
+
+
+@pytest.mark.skipif("cython" not in fastrnn.available_backends(),
+                    reason="the cython backend is not built")
+@pytest.mark.parametrize("kind", ["lstm", "rnn"])
+def test_threaded_calls_prime_the_team_first(kind, rng, kernels, monkeypatch):
+    """fastrnn.ops wakes the team's sleeping workers (prime_team) before it
+    checks and allocates for a threaded call, so that their wake-up
+    overlaps that work; a call on one thread wakes nobody."""
+    from fastrnn import _cykernels
+    events = []
+    monkeypatch.setattr(_cykernels, "prime_team", lambda: events.append("prime"))
+    for name in (f"{kind}_forward", f"{kind}_backward"):
+        def logged(*args, _real=getattr(_cykernels, name), _name=name, **kw):
+            events.append(_name)
+            return _real(*args, **kw)
+        monkeypatch.setattr(_cykernels, name, logged)
+    kernels.threads_at_any_size(monkeypatch, 2)
+    p = kernels.make_problem(rng, kind, 8, 5, 3, 16, np.float32)
+    expected = kernels.run_ops(p, "numpy")
+    got = kernels.run_ops(p, "cython")    # inference, training, backward
+    fwd, bwd = f"{kind}_forward", f"{kind}_backward"
+    assert events == ["prime", fwd, "prime", fwd, "prime", bwd]
+    kernels.assert_results_close(got, expected, "primed calls")
+    events.clear()
+    monkeypatch.setattr(_backend, "_num_threads", 1)
+    kernels.run_ops(p, "cython")
+    assert events == [fwd, fwd, bwd]
+
+
+@pytest.mark.skipif("cython" not in fastrnn.available_backends(),
+                    reason="the cython backend is not built")
+def test_prime_wakes_sleeping_workers(rng, kernels, monkeypatch):
+    """Once the team's workers sleep (idle for more than 50 us), prime_team
+    wakes them (counted); a threaded call right after is still right."""
+    import time
+    from fastrnn import _cykernels
+    kernels.threads_at_any_size(monkeypatch, 2)
+    p = kernels.make_problem(rng, "lstm", 6, 4, 3, 16, np.float64)
+    expected = kernels.run_ops(p, "numpy")
+    kernels.run_ops(p, "cython")          # the workers exist
+    for _ in range(100):                  # (a loaded machine may be slow to let them sleep)
+        time.sleep(0.01)
+        before = _cykernels._team_primes()
+        _cykernels.prime_team()
+        if _cykernels._team_primes() > before:
+            break
+    else:
+        pytest.fail("prime_team never found a sleeping worker to wake")
+    kernels.assert_results_close(kernels.run_ops(p, "cython"), expected,
+                                 "right after a prime")
