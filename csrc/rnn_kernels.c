@@ -359,73 +359,108 @@ static void fr_sgemm_panels(int M, int K, int np, const float *restrict A, int l
     }
 }
 
-/* C (M x n, row stride ldc) = A^T Bm, or C += A^T Bm when acc: A is K x M
- * (rows lda apart), Bm K x n (rows ldb apart).  The backward pass's weight
- * gradients dW = x^T dz and dU = h^T dz of a chunk of (t, b) rows, for a
- * thread's columns: blocks of FR_TN_KB rows of Bm are packed, a panel at a
- * time, into a buffer on the stack, and every row of C is multiplied by it
- * in tiles of 8, 4, 2, 1 rows that read A transposed (fr_panel_tile_ta):
- * no BLAS call (whose speed on these machines depends on
- * OPENBLAS_CORETYPE) and no scratch from the caller. */
+/* C rows [0, M) (row stride ldc, nc <= FR_NR columns) = A^T panel, or +=
+ * when add: A is kk x M (rows lda apart), the panel kk x FR_NR; tiles of
+ * 8, 4, 2, 1 rows that read A transposed (fr_panel_tile_ta).  Always
+ * inlined, so that it is compiled for each target of its caller's clones. */
+static inline __attribute__((always_inline)) void fr_tn_rows(int M, int kk, const float *restrict A, int lda,
+                              const float *restrict panel, int nc, int add,
+                              float *restrict C, int ldc, float *restrict tmp)
+{
+    int m = 0;
+    if (nc == FR_NR) {   /* whole panels: straight into C */
+        for (; m + FR_MR <= M; m += FR_MR) {
+            if (add)
+                fr_panel_tile_ta(FR_MR, 1, 1, 1, kk, A + m, lda, panel,
+                                 C + (size_t)m * ldc, ldc);
+            else
+                fr_panel_tile_ta(FR_MR, 1, 1, 0, kk, A + m, lda, panel,
+                                 C + (size_t)m * ldc, ldc);
+        }
+    }
+    /* the rest (and every row of a partial panel) through tmp */
+    for (; m < M;) {
+        const int r = M - m >= FR_MR ? FR_MR : M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
+        if (r == FR_MR)
+            fr_panel_tile_ta(FR_MR, 1, 1, 0, kk, A + m, lda, panel, tmp, FR_NR);
+        else if (r == 4)
+            fr_panel_tile_ta(4, 1, 1, 0, kk, A + m, lda, panel, tmp, FR_NR);
+        else if (r == 2)
+            fr_panel_tile_ta(2, 2, 1, 0, kk, A + m, lda, panel, tmp, FR_NR);
+        else
+            fr_panel_tile_ta(1, FR_KU, 1, 0, kk, A + m, lda, panel, tmp, FR_NR);
+        for (int i = 0; i < r; i++) {
+            float *row = C + (size_t)(m + i) * ldc;
+            const float *t = tmp + (size_t)i * FR_NR;
+            if (add)
+                for (int c = 0; c < nc; c++)
+                    row[c] += t[c];
+            else
+                memcpy(row, t, (size_t)nc * sizeof(float));
+        }
+        m += r;
+    }
+}
+
+/* The weight gradients of a chunk of K (t, b) rows, for a thread's n
+ * columns: C1 = A1^T Bm (M1 x n), C2 = A2^T Bm (M2 x n) and the column sums
+ * of Bm into s (n), or all three added to when acc.  A1 is K x M1, A2 K x
+ * M2, Bm K x n (rows lda1, lda2, ldb apart); C1 and C2 have row stride ldc.
+ * The backward's dW = x^T dz, dU = h^T dz and db = sum dz: blocks of
+ * FR_TN_KB rows of dz are packed, a panel at a time, into a buffer on the
+ * stack (summing its columns on the way), once for both products; every
+ * row of C1 and C2 is multiplied by it (fr_tn_rows).  No BLAS call (whose
+ * speed on these machines depends on OPENBLAS_CORETYPE) and no scratch
+ * from the caller.  M1 may be 0 (no input: dW is empty). */
 #define FR_TN_KB 128
 FR_VECTORIZE
-static void fr_sgemm_tn(int M, int K, int n, const float *restrict A, int lda,
-                        const float *restrict Bm, int ldb, float *restrict C, int ldc,
-                        int acc)
+static void fr_sgemm_tn2(int M1, const float *restrict A1, int lda1,
+                         int M2, const float *restrict A2, int lda2,
+                         int K, int n, const float *restrict Bm, int ldb,
+                         float *restrict C1, float *restrict C2, int ldc,
+                         float *restrict s, int acc)
 {
     float panel[FR_TN_KB * FR_NR] __attribute__((aligned(64)));
     float tmp[FR_MR * FR_NR] __attribute__((aligned(64)));
+    if (!acc)
+        memset(s, 0, (size_t)n * sizeof(float));
     if (K <= 0) {   /* an empty sum */
-        for (int m = 0; m < M && !acc; m++)
-            memset(C + (size_t)m * ldc, 0, (size_t)n * sizeof(float));
+        for (int m = 0; m < M1 && !acc; m++)
+            memset(C1 + (size_t)m * ldc, 0, (size_t)n * sizeof(float));
+        for (int m = 0; m < M2 && !acc; m++)
+            memset(C2 + (size_t)m * ldc, 0, (size_t)n * sizeof(float));
         return;
     }
     for (int kb = 0; kb < K; kb += FR_TN_KB) {
         const int kk = K - kb < FR_TN_KB ? K - kb : FR_TN_KB;
         const int add = acc || kb > 0;
-        const float *Ak = A + (size_t)kb * lda;
         for (int c0 = 0; c0 < n; c0 += FR_NR) {
             const int nc = n - c0 < FR_NR ? n - c0 : FR_NR;
+            float sum[FR_NR] __attribute__((aligned(64))) = {0};
             for (int k = 0; k < kk; k++) {
-                memcpy(panel + (size_t)k * FR_NR, Bm + (size_t)(kb + k) * ldb + c0,
-                       (size_t)nc * sizeof(float));
-                for (int c = nc; c < FR_NR; c++)
-                    panel[(size_t)k * FR_NR + c] = 0;
-            }
-            float *Cp = C + c0;
-            int m = 0;
-            if (nc == FR_NR) {   /* whole panels: straight into C */
-                for (; m + FR_MR <= M; m += FR_MR) {
-                    if (add)
-                        fr_panel_tile_ta(FR_MR, 1, 1, 1, kk, Ak + m, lda, panel,
-                                         Cp + (size_t)m * ldc, ldc);
-                    else
-                        fr_panel_tile_ta(FR_MR, 1, 1, 0, kk, Ak + m, lda, panel,
-                                         Cp + (size_t)m * ldc, ldc);
+                const float *restrict src = Bm + (size_t)(kb + k) * ldb + c0;
+                float *restrict dst = panel + (size_t)k * FR_NR;
+                if (nc == FR_NR) {
+                    for (int c = 0; c < FR_NR; c++) {
+                        dst[c] = src[c];
+                        sum[c] += src[c];
+                    }
+                } else {
+                    for (int c = 0; c < nc; c++) {
+                        dst[c] = src[c];
+                        sum[c] += src[c];
+                    }
+                    for (int c = nc; c < FR_NR; c++)
+                        dst[c] = 0;
                 }
             }
-            /* the rest (and every row of a partial panel) through tmp */
-            for (; m < M;) {
-                const int r = M - m >= FR_MR ? FR_MR : M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
-                if (r == FR_MR)
-                    fr_panel_tile_ta(FR_MR, 1, 1, 0, kk, Ak + m, lda, panel, tmp, FR_NR);
-                else if (r == 4)
-                    fr_panel_tile_ta(4, 1, 1, 0, kk, Ak + m, lda, panel, tmp, FR_NR);
-                else if (r == 2)
-                    fr_panel_tile_ta(2, 2, 1, 0, kk, Ak + m, lda, panel, tmp, FR_NR);
-                else
-                    fr_panel_tile_ta(1, FR_KU, 1, 0, kk, Ak + m, lda, panel, tmp, FR_NR);
-                for (int i = 0; i < r; i++) {
-                    float *row = Cp + (size_t)(m + i) * ldc;
-                    const float *t = tmp + (size_t)i * FR_NR;
-                    if (add)
-                        for (int c = 0; c < nc; c++)
-                            row[c] += t[c];
-                    else
-                        memcpy(row, t, (size_t)nc * sizeof(float));
-                }
-                m += r;
-            }
+            for (int c = 0; c < nc; c++)
+                s[c0 + c] += sum[c];
+            if (M1 > 0)
+                fr_tn_rows(M1, kk, A1 + (size_t)kb * lda1, lda1, panel, nc, add,
+                           C1 + c0, ldc, tmp);
+            fr_tn_rows(M2, kk, A2 + (size_t)kb * lda2, lda2, panel, nc, add,
+                       C2 + c0, ldc, tmp);
         }
     }
 }

@@ -587,16 +587,14 @@ static void FN(weight_grads_cols)(const BLAS_T *blas, int c0, int c1, int first,
         return;
 #ifdef FR_F32
     (void)blas, (void)ld_x, (void)beta;
-    if (I > 0)
-        fr_sgemm_tn(I, R, c1 - c0, xs, I, dz + c0, GH, dW + c0, GH, !first);
-    fr_sgemm_tn(H, R, c1 - c0, hs + row0 * H, H, dz + c0, GH, dU + c0, GH, !first);
+    fr_sgemm_tn2(I, xs, ld_x, H, hs + row0 * H, H, R, c1 - c0, dz + c0, GH,
+                 dW + c0, dU + c0, GH, db + c0, !first);
 #else
     if (I > 0)
         FN(gemm_rm)(blas, 1, 0, I, c1 - c0, R, 1, xs, ld_x, dz + c0, GH,
                     beta, dW + c0, GH);
     FN(gemm_rm)(blas, 1, 0, H, c1 - c0, R, 1, hs + row0 * H, H, dz + c0, GH,
                 beta, dU + c0, GH);
-#endif
     if (first)
         for (int j = c0; j < c1; j++)
             db[j] = 0;
@@ -605,6 +603,7 @@ static void FN(weight_grads_cols)(const BLAS_T *blas, int c0, int c1, int first,
         for (int j = c0; j < c1; j++)
             db[j] += row[j];
     }
+#endif
 }
 
 /* Both parts on a team of n that meets at bar (thread tid's rows and

@@ -45,7 +45,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from ._numba_panels import (cols, pack_columns, pack_rows_t, product, product_tn,
+from ._numba_panels import (cols, pack_columns, pack_rows_t, product, product_tn2,
                              project)
 
 # Fast-math flags that keep NaN/inf semantics (no "nnan"/"ninf").
@@ -413,16 +413,9 @@ def _grads_cols(hs, dz, t0, t1, c0, c1, first, xs, dW, dU, db):
     if c1 <= c0:
         return
     dz2 = dz[:t1 - t0].reshape(R, G_H)
-    if I > 0:
-        xc, _ = _chunk_views(xs, R, I)
-        product_tn(xc, dz2, c0, dW[:, c0:c1], not first)
-    product_tn(hs[t0:t1].reshape(R, H), dz2, c0, dU[:, c0:c1], not first)
-    if first:
-        db[c0:c1] = 0
-    for r in range(R):
-        row = dz2[r]
-        for k in range(c0, c1):
-            db[k] += row[k]
+    xc, _ = _chunk_views(xs, R, I)
+    product_tn2(xc, hs[t0:t1].reshape(R, H), dz2, c0, dW[:, c0:c1], dU[:, c0:c1],
+                db[c0:c1], not first)
 
 
 @njit(**_JIT)

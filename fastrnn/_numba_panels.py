@@ -290,64 +290,93 @@ def _project_panels(A, P, G, H, j0, w, Z):
 TN_KB = 128     # rows of dz packed at a time for the weight gradients
 
 
+@njit(inline="always", **_JIT)
+def _tn_rows(A, a_off, lda, flat, kk, nc, add, C, c0, tmp):
+    """Rows of C, columns [c0, c0 + nc) = A.T (A's kk rows from a_off, lda
+    apart) @ the packed panel ``flat`` (kk x NR), or += when add: tiles
+    that read A transposed; partial panels and the last rows through tmp."""
+    M = C.shape[0]
+    ldc = C.strides[0] // 4
+    m = 0
+    if nc == NR:   # whole panels: straight into C
+        while m + 8 <= M:
+            if add:
+                _tile8ta(A, a_off + m, lda, flat, 0, kk, C, m * ldc + c0, ldc)
+            else:
+                _tile8t(A, a_off + m, lda, flat, 0, kk, C, m * ldc + c0, ldc)
+            m += 8
+    while m < M:   # the rest through tmp
+        r = 8 if M - m >= 8 else 4 if M - m >= 4 else 2 if M - m >= 2 else 1
+        if r == 8:
+            _tile8t(A, a_off + m, lda, flat, 0, kk, tmp, 0, NR)
+        elif r == 4:
+            _tile4t(A, a_off + m, lda, flat, 0, kk, tmp, 0, NR)
+        elif r == 2:
+            _tile2t(A, a_off + m, lda, flat, 0, kk, tmp, 0, NR)
+        else:
+            _tile1t(A, a_off + m, lda, flat, 0, kk, tmp, 0, NR)
+        for i in range(r):
+            row = C[m + i]
+            if add:
+                for c in range(nc):
+                    row[c0 + c] += tmp[i, c]
+            else:
+                for c in range(nc):
+                    row[c0 + c] = tmp[i, c]
+        m += r
+
+
 @njit(**_JIT)
-def _tn_product(A, Bm, b0, C, acc):
-    """C (M, n) = A.T @ Bm[:, b0:b0 + n], or C += that when acc: A (K, M)
-    (rows contiguous, any row stride), Bm C-contiguous.  Blocks of TN_KB rows of Bm are
-    packed a panel at a time and every row of C multiplied by it in tiles
-    that read A transposed; partial panels and the last rows go through a
-    small buffer."""
-    K, M = A.shape
-    n = C.shape[1]
-    if M == 0 or n == 0:
+def _tn_product2(A1, A2, Bm, b0, C1, C2, s, acc):
+    """C1 (M1, n) = A1.T @ Bm[:, b0:b0 + n], C2 (M2, n) = A2.T @ the same
+    and s (n) = its column sums, or all three added to when acc: A1 (K,
+    M1), A2 (K, M2) (rows contiguous, any row stride), Bm C-contiguous.
+    The backward's dW = x^T dz, dU = h^T dz and db for a thread's columns:
+    blocks of TN_KB rows of Bm are packed a panel at a time (its columns
+    summed on the way), once for both products, and every row of C1 and C2
+    multiplied by it (``_tn_rows``)."""
+    K, M1 = A1.shape
+    M2 = A2.shape[1]
+    n = C2.shape[1]
+    if n == 0:
         return
-    assert Bm.shape[0] == K and C.shape[0] == M and 0 <= b0 and b0 + n <= Bm.shape[1]
-    assert A.strides[1] == 4 and C.strides[1] == 4
-    ldb = Bm.shape[1]
+    assert (Bm.shape[0] == K and A2.shape[0] == K and C1.shape[0] == M1
+            and C2.shape[0] == M2 and C1.shape[1] == n and s.shape[0] == n
+            and 0 <= b0 and b0 + n <= Bm.shape[1])
+    # (NumPy may give an empty array any strides)
+    assert M1 == 0 or (A1.strides[1] == 4 and C1.strides[1] == 4)
+    assert M2 == 0 or (A2.strides[1] == 4 and C2.strides[1] == 4)
+    if not acc:
+        s[:] = 0
     if K == 0:
         if not acc:
-            C[:, :] = 0
+            C1[:, :] = 0
+            C2[:, :] = 0
         return
-    lda, ldc = A.strides[0] // 4, C.strides[0] // 4
+    ldb = Bm.shape[1]
+    lda1, lda2 = A1.strides[0] // 4, A2.strides[0] // 4
     panel = _empty_panels(1, TN_KB)
     flat = panel.reshape(TN_KB * NR)
     tmp = np.empty((8, NR), np.float32)
+    sums = np.empty(NR, np.float32)
     for kb in range(0, K, TN_KB):
         kk = min(TN_KB, K - kb)
         add = acc or kb > 0
         for c0 in range(0, n, NR):
             nc = min(NR, n - c0)
+            sums[:] = 0
             for k in range(kk):
-                _copy_run(flat, k * NR, Bm, (kb + k) * ldb + b0 + c0, nc)
+                o = (kb + k) * ldb + b0 + c0
+                _copy_run(flat, k * NR, Bm, o, nc)
+                for c in range(nc):
+                    sums[c] += flat[k * NR + c]
                 for c in range(nc, NR):
                     flat[k * NR + c] = 0
-            m = 0
-            if nc == NR:   # whole panels: straight into C
-                while m + 8 <= M:
-                    if add:
-                        _tile8ta(A, kb * lda + m, lda, flat, 0, kk, C, m * ldc + c0, ldc)
-                    else:
-                        _tile8t(A, kb * lda + m, lda, flat, 0, kk, C, m * ldc + c0, ldc)
-                    m += 8
-            while m < M:   # the rest through tmp
-                r = 8 if M - m >= 8 else 4 if M - m >= 4 else 2 if M - m >= 2 else 1
-                if r == 8:
-                    _tile8t(A, kb * lda + m, lda, flat, 0, kk, tmp, 0, NR)
-                elif r == 4:
-                    _tile4t(A, kb * lda + m, lda, flat, 0, kk, tmp, 0, NR)
-                elif r == 2:
-                    _tile2t(A, kb * lda + m, lda, flat, 0, kk, tmp, 0, NR)
-                else:
-                    _tile1t(A, kb * lda + m, lda, flat, 0, kk, tmp, 0, NR)
-                for i in range(r):
-                    row = C[m + i]
-                    if add:
-                        for c in range(nc):
-                            row[c0 + c] += tmp[i, c]
-                    else:
-                        for c in range(nc):
-                            row[c0 + c] = tmp[i, c]
-                m += r
+            for c in range(nc):
+                s[c0 + c] += sums[c]
+            if M1 > 0:
+                _tn_rows(A1, kb * lda1, lda1, flat, kk, nc, add, C1, c0, tmp)
+            _tn_rows(A2, kb * lda2, lda2, flat, kk, nc, add, C2, c0, tmp)
 
 
 @njit(**_JIT)
@@ -436,10 +465,11 @@ def project(A, P, G, H, j0, w, Z):
     plain matrix, by BLAS) (typing stub)."""
 
 
-def product_tn(A, Bm, b0, C, acc):
-    """C = A.T @ Bm[:, b0:b0 + C.shape[1]], or C += that when acc (the
-    weight gradients; Bm C-contiguous):
-    float32 on packed panels (``_tn_product``), float64 by BLAS (typing
+def product_tn2(A1, A2, Bm, b0, C1, C2, s, acc):
+    """C1 = A1.T @ Bm[:, b0:b0 + n], C2 = A2.T @ the same and s = its column
+    sums (n = C2.shape[1]), or all three added to when acc (the weight
+    gradients dW, dU and db; Bm C-contiguous): float32 on packed panels,
+    one packing for both (``_tn_product2``), float64 by BLAS (typing
     stub)."""
 
 
@@ -495,20 +525,36 @@ def _project_impl(A, P, G, H, j0, w, Z):
     return blas
 
 
-@overload(product_tn, jit_options=_JIT)
-def _product_tn_impl(A, Bm, b0, C, acc):
-    if A.dtype == types.float32:
-        return lambda A, Bm, b0, C, acc: _tn_product(A, Bm, b0, C, acc)
+@njit(**_JIT)
+def _blas_tn(A, cols, C, acc):
+    """C = A.T @ cols, or C += that when acc, by BLAS (float64)."""
+    if A.shape[1] == 0:
+        return
+    part = np.dot(np.ascontiguousarray(A).T, cols)
+    if acc:
+        C += part
+    else:
+        C[:, :] = part
 
-    def blas(A, Bm, b0, C, acc):
+
+@overload(product_tn2, jit_options=_JIT)
+def _product_tn2_impl(A1, A2, Bm, b0, C1, C2, s, acc):
+    if A1.dtype == types.float32:
+        return lambda A1, A2, Bm, b0, C1, C2, s, acc: _tn_product2(
+            A1, A2, Bm, b0, C1, C2, s, acc)
+
+    def blas(A1, A2, Bm, b0, C1, C2, s, acc):
+        n = C2.shape[1]
         # a block of columns is copied for BLAS
-        cols = Bm if b0 == 0 and C.shape[1] == Bm.shape[1] else \
-            np.ascontiguousarray(Bm[:, b0:b0 + C.shape[1]])
-        part = np.dot(np.ascontiguousarray(A).T, cols)
-        if acc:
-            C += part
-        else:
-            C[:, :] = part
+        cols = Bm if b0 == 0 and n == Bm.shape[1] else \
+            np.ascontiguousarray(Bm[:, b0:b0 + n])
+        _blas_tn(A1, cols, C1, acc)
+        _blas_tn(A2, cols, C2, acc)
+        if not acc:
+            s[:] = 0
+        for r in range(cols.shape[0]):
+            for c in range(n):
+                s[c] += cols[r, c]
     return blas
 
 

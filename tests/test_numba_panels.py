@@ -126,36 +126,51 @@ def test_copy_refuses_arrays_that_are_not_contiguous():
 
 
 @njit
-def _product_tn(A, Bm, b0, C, acc):
-    panels.product_tn(A, Bm, b0, C, acc)
+def _product_tn2(A1, A2, Bm, b0, C1, C2, s, acc):
+    panels.product_tn2(A1, A2, Bm, b0, C1, C2, s, acc)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("acc", [False, True], ids=["set", "add"])
 @pytest.mark.parametrize("K", [1, 5, 128, 129, 300])
-@pytest.mark.parametrize("M", [1, 3, 8, 13, 21])
+@pytest.mark.parametrize("M1, M2", [(0, 1), (3, 8), (8, 13), (21, 2)])
 @pytest.mark.parametrize("b0, n", [(0, 32), (16, 16), (5, 70), (32, 33)])
-def test_weight_gradient_product_matches_numpy(b0, n, M, K, acc, dtype):
-    """C (+)= A.T @ Bm[:, b0:b0 + n] (the backward's dW = x^T dz, dU = h^T
-    dz for a thread's columns): float32 on the transposed-A tiles, in
-    blocks of 128 rows of Bm (K = 129, 300: several, accumulated), whole
-    and partial panels, tiles of every row count; C a column slice of a
-    wider array (row stride), float64 by BLAS."""
-    rng = np.random.default_rng(K * 100 + M + n)
-    A = rng.standard_normal((K, M + 3)).astype(dtype)[:, 1:M + 1]   # row stride M + 3
+def test_weight_gradient_products_match_numpy(b0, n, M1, M2, K, acc, dtype):
+    """C1 (+)= A1.T @ Bm[:, b0:b0 + n], C2 (+)= A2.T @ the same and s (+)=
+    its column sums (the backward's dW = x^T dz, dU = h^T dz and db for a
+    thread's columns, one packing of dz for all three): float32 on the
+    transposed-A tiles, in blocks of 128 rows of Bm (K = 129, 300: several,
+    accumulated), whole and partial panels, tiles of every row count, no
+    input (M1 = 0); C1, C2 and s slices of wider arrays (row stride);
+    float64 by BLAS."""
+    rng = np.random.default_rng(K * 100 + M1 * 10 + M2 + n)
     Bm = rng.standard_normal((K, b0 + n + 7)).astype(dtype)
-    wide = rng.standard_normal((M, n + 20)).astype(dtype)
-    before = wide.copy()
-    C = wide[:, 10:10 + n]
-    _product_tn(A, Bm, b0, C, acc)
-    want = A.astype(np.float64).T @ Bm[:, b0:b0 + n].astype(np.float64)
-    if acc:
-        want += before[:, 10:10 + n]
+    want_s = Bm[:, b0:b0 + n].astype(np.float64).sum(axis=0)
+    wide_s = rng.standard_normal(n + 20).astype(dtype)
+    before_s = wide_s.copy()
+    As, Cs, wides, befores = [], [], [], []
+    for M in (M1, M2):
+        A = rng.standard_normal((K, M + 3)).astype(dtype)[:, 1:M + 1]   # row stride M + 3
+        wide = rng.standard_normal((M, n + 20)).astype(dtype)
+        As.append(A)
+        wides.append(wide)
+        befores.append(wide.copy())
+        Cs.append(wide[:, 10:10 + n])
+    _product_tn2(As[0], As[1], Bm, b0, Cs[0], Cs[1], wide_s[10:10 + n], acc)
     tol = 1e-5 if dtype == np.float32 else 1e-12
-    np.testing.assert_allclose(C, want, rtol=tol, atol=tol * np.sqrt(K))
-    # the columns either side are left alone
-    np.testing.assert_array_equal(wide[:, :10], before[:, :10])
-    np.testing.assert_array_equal(wide[:, 10 + n:], before[:, 10 + n:])
+    for A, C, wide, before in zip(As, Cs, wides, befores):
+        want = A.astype(np.float64).T @ Bm[:, b0:b0 + n].astype(np.float64)
+        if acc:
+            want += before[:, 10:10 + n]
+        np.testing.assert_allclose(C, want, rtol=tol, atol=tol * np.sqrt(K))
+        # the columns either side are left alone
+        np.testing.assert_array_equal(wide[:, :10], before[:, :10])
+        np.testing.assert_array_equal(wide[:, 10 + n:], before[:, 10 + n:])
+    if acc:
+        want_s += before_s[10:10 + n]
+    np.testing.assert_allclose(wide_s[10:10 + n], want_s, rtol=tol, atol=tol * np.sqrt(K))
+    np.testing.assert_array_equal(wide_s[:10], before_s[:10])
+    np.testing.assert_array_equal(wide_s[10 + n:], before_s[10 + n:])
 
 
 @njit
