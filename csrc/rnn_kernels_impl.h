@@ -383,26 +383,51 @@ static int FN(project_own)(const BLAS_T *blas, const FN(fwd_team) *tm, REAL *wor
     return 1;
 }
 
-/* The row split: pieces of the input projection, then blocks of batch rows
- * that run the whole time loop, claimed by whichever threads are running
- * (a late thread takes fewer; work's shared packed U was packed by the
- * caller before the team started). */
+/* The row split's input projection.  With x batch-major, each block of
+ * batch rows projects its own rows just before its steps (project_block),
+ * so that its pre-activations are still in cache when its steps read them
+ * (all of them at once can outgrow the cache: LSTM 128x20x32x64, 2.6 MB).
+ * Else (a time-major copy of x) pieces of all rows first, claimed by
+ * whichever threads run, before any block starts. */
+static void FN(project_pieces)(FN(fwd_team) *tm, const BLAS_T *blas, REAL *work, int G,
+                               int T, int B, int I, int H, const REAL *x, const REAL *W,
+                               REAL *z)
+{
+    int k;
+    if (tm->xbm)
+        return;
+    while ((k = fr_work_claim(&tm->items[0], tm->npieces)) >= 0) {
+        int r0, r1;
+        fr_split(T * B, 1, k, tm->npieces, &r0, &r1);
+        FN(project_rows)(blas, tm, work, r0, r1, G, T, B, I, H, x, W, z);
+        fr_work_finish(&tm->items[0]);
+    }
+    fr_work_wait(&tm->items[0], tm->npieces);
+}
+
+static void FN(project_block)(FN(fwd_team) *tm, const BLAS_T *blas, REAL *work, int G,
+                              int T, int B, int I, int H, const REAL *x, const REAL *W,
+                              REAL *z, int b0, int b1)
+{
+    if (tm->xbm)   /* x's rows b * T + t of batch rows [b0, b1) */
+        FN(project_rows)(blas, tm, work, b0 * T, b1 * T, G, T, B, I, H, x, W, z);
+}
+
+/* The row split: the input projection (project_pieces, project_block),
+ * and blocks of batch rows that run the whole time loop, claimed by
+ * whichever threads are running (a late thread takes fewer; work's shared
+ * packed U was packed by the caller before the team started). */
 static void FN(lstm_forward_rows)(FN(lstm_fwd_args) *a)
 {
     const int T = a->T, B = a->B, H = a->H, training = a->training;
     const size_t BH = (size_t)B * H, BG = (size_t)B * 4 * H;
     int k;
-    while ((k = fr_work_claim(&a->tm.items[0], a->tm.npieces)) >= 0) {
-        int r0, r1;
-        fr_split(T * B, 1, k, a->tm.npieces, &r0, &r1);
-        FN(project_rows)(a->blas, &a->tm, a->work, r0, r1, 4, T, B, a->I, H, a->x, a->W,
-                         a->gates);
-        fr_work_finish(&a->tm.items[0]);
-    }
-    fr_work_wait(&a->tm.items[0], a->tm.npieces);
+    FN(project_pieces)(&a->tm, a->blas, a->work, 4, T, B, a->I, H, a->x, a->W, a->gates);
     while ((k = fr_work_claim(&a->tm.items[1], a->tm.nblocks)) >= 0) {
         int b0, b1;
         fr_split(B, 1, k, a->tm.nblocks, &b0, &b1);
+        FN(project_block)(&a->tm, a->blas, a->work, 4, T, B, a->I, H, a->x, a->W,
+                          a->gates, b0, b1);
         const int Bk = b1 - b0;
         const size_t oh = (size_t)b0 * H, og = (size_t)b0 * 4 * H;
         REAL *Up = NULL, *rec = NULL;   /* (float64: BLAS, rec stays NULL) */
@@ -813,17 +838,13 @@ static void FN(rnn_forward_job)(void *arg, int tid, int n)
     REAL *Up = NULL, *rec = NULL;
     int ldr = 0;
     if (a->tm.rows) {   /* as the LSTM's lstm_forward_rows */
-        while ((k = fr_work_claim(&a->tm.items[0], a->tm.npieces)) >= 0) {
-            int r0, r1;
-            fr_split(T * B, 1, k, a->tm.npieces, &r0, &r1);
-            FN(project_rows)(a->blas, &a->tm, a->work, r0, r1, 1, T, B, a->I, H, a->x,
-                             a->W, a->hs + BH);
-            fr_work_finish(&a->tm.items[0]);
-        }
-        fr_work_wait(&a->tm.items[0], a->tm.npieces);
+        FN(project_pieces)(&a->tm, a->blas, a->work, 1, T, B, a->I, H, a->x, a->W,
+                           a->hs + BH);
         while ((k = fr_work_claim(&a->tm.items[1], a->tm.nblocks)) >= 0) {
             int b0, b1;
             fr_split(B, 1, k, a->tm.nblocks, &b0, &b1);
+            FN(project_block)(&a->tm, a->blas, a->work, 1, T, B, a->I, H, a->x, a->W,
+                              a->hs + BH, b0, b1);
 #ifdef FR_F32
             if (a->work)
                 FN(scratch_slots)(a->work, H, 1, H, B, a->tm.nthreads, 0, 1, 0, H, b0,

@@ -126,16 +126,19 @@ def test_threads_work_in_a_forked_child(backend, B, H, rng, kernels, monkeypatch
 @pytest.mark.parametrize("kind", ["lstm", "rnn"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("B, H, split", [(16, 16, "rows"), (5, 48, "units")])
-def test_late_workers(kind, dtype, B, H, split, rng, kernels, monkeypatch):
+@pytest.mark.parametrize("go_backwards", [False, True])
+def test_late_workers(kind, dtype, B, H, split, go_backwards, rng, kernels,
+                      monkeypatch):
     """Workers that start 20 ms late (on purpose): a row-split call does
     their share itself and they skip it (counted), a unit-split call waits
     for them; the results are right either way, forward and backward, with
-    masks and go_backwards."""
+    masks, read forwards (x batch-major: each block of rows projects its
+    own) and backwards (a time-major copy, projected in pieces first)."""
     from fastrnn import _cykernels
     kernels.threads_at_any_size(monkeypatch, 2)
     assert _cykernels.team_plan(2, B, H) == (2, split)
     p = kernels.make_problem(rng, kind, B, 9, 5, H, dtype, mask="random",
-                             go_backwards=True)
+                             go_backwards=go_backwards)
     expected = kernels.run_ops(p, "numpy")
     kernels.run_ops(p, "cython")                    # the workers exist
     before = _cykernels.team_stats()["skipped_workers"]
