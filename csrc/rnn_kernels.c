@@ -550,10 +550,11 @@ const char *fr_compiler(void)
 
 /* The backward's pack: the packed U^T (G*H rows of H + FR_NR_ALL*n
  * columns) and the product rows (B); then, from FR_PROJ_MIN_B rows on, the
- * packed W^T (G*H rows of I rounded up to panels) for dx = dz W^T, when the
- * whole still fits in the forward's work: the two share one pool buffer
- * (fastrnn/ops.py), so packing W^T never adds to a training step's memory
- * (LSTM 64x50x256x256 packs it; 16x100x128x512 and 32x100x64x128 do not). */
+ * packed W^T (G*H rows of I rounded up to panels) for dx = dz W^T.  The
+ * forward's work and this share one pool buffer of the larger size
+ * (fastrnn/ops.py), so W^T adds to a training step's memory only what the
+ * pack outgrows the work by (LSTM 64x50x256x256: nothing; 32x100x64x128:
+ * 32 KiB; 16x100x128x512: 256 KiB). */
 static size_t fr_backward_base(int G, int B, int H, int nthreads)
 {
     return ((size_t)H + (size_t)FR_NR_ALL * nthreads) * ((size_t)G * H + B);
@@ -561,11 +562,10 @@ static size_t fr_backward_base(int G, int B, int H, int nthreads)
 
 static size_t fr_backward_wt(int G, int B, int I, int H, int nthreads)
 {
+    (void)nthreads;
     if (B < FR_PROJ_MIN_B || I < 1)
         return 0;
-    const size_t wt = (size_t)G * H * FR_NR * fr_panels(I);
-    return fr_backward_base(G, B, H, nthreads) + wt <= fr_forward_work(G, B, I, H, nthreads)
-           ? wt : 0;
+    return (size_t)G * H * FR_NR * fr_panels(I);
 }
 
 static size_t fr_backward_work(int G, int B, int I, int H, int nthreads)

@@ -275,18 +275,20 @@ def test_float32_weight_gradients_match_float64(threaded, B, T, I, H, kind, thre
 @pytest.mark.skipif("cython" not in fastrnn.available_backends(),
                     reason="the cython backend is not built")
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_backward_packs_w_transposed_only_within_the_forwards_work(threads):
-    """From 8 rows on the backward's pack also holds W^T packed (for dx)
-    when that fits in the forward's work length (the two share one buffer),
-    so the tests above run both ways: with I = 100 at B=20, H=16; not at
-    B=16, H=64, nor under 8 rows."""
+def test_backward_packs_w_transposed_from_8_rows(threads):
+    """From 8 rows on (with input features) the backward's pack also holds
+    W^T packed, for dx = dz W^T on the panel kernel; under 8 rows, or
+    without features, dx is BLAS's (so the tests above run both ways).  The
+    forward's work and the pack are one pool buffer of the larger length."""
     from fastrnn import _cykernels as cy
-    for B, I, H in [(20, 100, 16), (16, 100, 64), (3, 100, 40)]:
+    from fastrnn import ops
+    for B, I, H in [(20, 100, 16), (16, 100, 64), (3, 100, 40), (16, 0, 64)]:
         base = (H + 32 * threads) * (4 * H + B)
         n = cy.lstm_backward_work_len(B, I, H, threads)
-        assert n <= max(base, cy.lstm_forward_work_len(B, I, H, threads))
-        assert (n > base) == (B == 20), (B, I, H)
-        assert n == base + (4 * H * 128 if B == 20 else 0)
+        packs = B >= 8 and I > 0
+        assert n == base + (4 * H * 32 * -(-I // 32) if packs else 0), (B, I, H)
+        assert ops._pack_len("cython", B, I, H, threads) == max(
+            n, cy.lstm_forward_work_len(B, I, H, threads))
 
 
 @pytest.mark.skipif("cython" not in fastrnn.available_backends(),
