@@ -75,6 +75,7 @@ def test_chunk_steps_rule():
     assert ops._chunk_steps(50, 64) == 5        # 10 x 5
     assert ops._chunk_steps(100, 16) == 17      # 5 x 17 + 15
     assert ops._chunk_steps(100, 1) == 100      # one chunk
+    assert ops._chunk_steps(20, 128) == 2       # 10 x 2: 256 rows each
 
 
 @pytest.mark.parametrize("backend_name", COMPILED)
