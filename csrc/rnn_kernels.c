@@ -560,9 +560,8 @@ static size_t fr_backward_base(int G, int B, int H, int nthreads)
     return ((size_t)H + (size_t)FR_NR_ALL * nthreads) * ((size_t)G * H + B);
 }
 
-static size_t fr_backward_wt(int G, int B, int I, int H, int nthreads)
+static size_t fr_backward_wt(int G, int B, int I, int H)
 {
-    (void)nthreads;
     if (B < FR_PROJ_MIN_B || I < 1)
         return 0;
     return (size_t)G * H * FR_NR * fr_panels(I);
@@ -574,12 +573,13 @@ static size_t fr_backward_work(int G, int B, int I, int H, int nthreads)
         return 0;
     if (nthreads < 1)
         nthreads = 1;
-    return fr_backward_base(G, B, H, nthreads) + fr_backward_wt(G, B, I, H, nthreads);
+    return fr_backward_base(G, B, H, nthreads) + fr_backward_wt(G, B, I, H);
 }
 
 static int fr_backward_packs_wt(int G, int B, int I, int H, int nthreads)
 {
-    return fr_backward_wt(G, B, I, H, nthreads < 1 ? 1 : nthreads) > 0;
+    (void)nthreads;
+    return fr_backward_wt(G, B, I, H) > 0;
 }
 
 size_t fr_lstm_backward_work(int B, int I, int H, int nthreads)
