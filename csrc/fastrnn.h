@@ -15,7 +15,10 @@
  *   bias  (G*H)           bias (zeros when the layer has none)
  *   mask  (T, B) uint8    nonzero = row b takes step t; NULL = no mask.
  *                         A masked row carries its state over unchanged.
- *   hs    (T+1, B, H)     hs[0] = h0 on entry; hs[t+1] = state after step t
+ *   out   (B, T, H)       the outputs, batch-major in reading order: out[:, t]
+ *                         is h after step t (masked rows: the state they
+ *                         carry).  The states h are kept only there: the
+ *                         backward passes read h_{t-1} from out and h0.
  *
  * BLAS is passed in as function pointers (the caller hands in SciPy's
  * ?gemm/?gemv from scipy.linalg.cython_blas), so nothing else is linked.
@@ -56,11 +59,12 @@ enum { FR_ACT_TANH = 0, FR_ACT_RELU = 1, FR_ACT_LINEAR = 2 };
  * LSTM forward.
  *   batch_major  nonzero: x is (B, T, I), batch-major, read forwards (no
  *          time-major copy needed); zero: x is (T, B, I) in reading order.
- *   hs, cs (T+1, B, H) when training, else (2, B, H): hs[0] = h0, cs[0] = c0
- *          on entry; the state after step t is in hs[t+1], cs[t+1]
- *          (training) or hs[(t+1) % 2], cs[(t+1) % 2] (inference).
- *   out    (B, T, H)  the outputs, batch-major in reading order: out[:, t]
- *          is h after step t (masked rows: the state they carry).
+ *   hs     (2, B, H): hs[0] = h0 on entry; h after step t is in
+ *          hs[(t+1) % 2] (and in out[:, t])
+ *   cs     (T+1, B, H) when training, else (2, B, H): cs[0] = c0 on entry;
+ *          the cell state after step t is in cs[t+1] (training) or
+ *          cs[(t+1) % 2] (inference).
+ *   out    (B, T, H)  the outputs (see above)
  *   gates  (T, B, 4H) scratch; when training, holds on exit the activated
  *          gates i, f, g, o that lstm_backward needs.
  *   work   fr_lstm_forward_work(B, I, H, nthreads) scratch, or NULL: the
@@ -84,8 +88,8 @@ int fr_lstm_forward_f64(const fr_dblas *blas, int nthreads, int training,
                         double *work);
 
 /*
- * LSTM backward (BPTT), from the forward's saved hs, cs (T+1, B, H) and
- * activated gates (T, B, 4H).  The time loop runs in chunks of Tc steps
+ * LSTM backward (BPTT), from the forward's outputs, cell states cs
+ * (T+1, B, H) and activated gates (T, B, 4H).  The time loop runs in chunks of Tc steps
  * (1 <= Tc <= T) from the end; after each chunk, that chunk's share of dx,
  * dW, dU and db is computed by GEMMs over its Tc*B rows, so the
  * pre-activation gradients are kept for one chunk only.  Unlike the rest,
@@ -94,7 +98,12 @@ int fr_lstm_forward_f64(const fr_dblas *blas, int nthreads, int training,
  *   reverse  nonzero when the forward read the sequence from its end
  *          (go_backwards): reading-order step t is x[:, T-1-t]
  *   x      (B, T, I)   the forward's inputs, batch-major
- *   d_out  (B, T, H)   gradient w.r.t. the outputs hs[1:], batch-major in
+ *   h0     (B, H)      the forward's initial state
+ *   out    (B, T, H)   the forward's outputs, where they may have been
+ *                      zeroed before a row's first unmasked step (Keras's
+ *                      rule for masked sequences): h_{t-1} is read from
+ *                      out[:, t-1], or from h0 up to that first step
+ *   d_out  (B, T, H)   gradient w.r.t. the outputs out, batch-major in
  *                      reading order (the caller has folded in Keras's
  *                      zero-output-before-first-step rule)
  *   dh, dc (B, H)      in: gradient w.r.t. the final h and c;
@@ -107,28 +116,29 @@ int fr_lstm_forward_f64(const fr_dblas *blas, int nthreads, int training,
  *          float32, the threads' packed (transposed) rows of U for dz U^T
  *          and, from 8 rows on when it fits in the length of the forward's
  *          work, W^T packed for dx = dz W^T
- *   xs     2 * Tc * B * I scratch (NULL allowed when I = 0): one chunk's
- *          rows of x and of dx
+ *   xs     Tc * B * (2 * I + H) scratch: one chunk's rows of x, of dx
+ *          and of h_{t-1}
  */
 int fr_lstm_backward_f32(const fr_sblas *blas, int nthreads, int reverse, int T, int Tc,
                          int B, int I, int H, const float *x, const float *W,
-                         const float *U, const unsigned char *mask, const float *hs,
-                         const float *cs, const float *gates, const float *d_out,
+                         const float *U, const unsigned char *mask, const float *h0,
+                         const float *out, const float *cs, const float *gates, const float *d_out,
                          float *dh, float *dc, float *dx, float *dW, float *dU,
                          float *db, float *dz, float *work, float *pack, float *xs);
 int fr_lstm_backward_f64(const fr_dblas *blas, int nthreads, int reverse, int T, int Tc,
                          int B, int I, int H, const double *x, const double *W,
-                         const double *U, const unsigned char *mask, const double *hs,
-                         const double *cs, const double *gates, const double *d_out,
+                         const double *U, const unsigned char *mask, const double *h0,
+                         const double *out, const double *cs, const double *gates, const double *d_out,
                          double *dh, double *dc, double *dx, double *dW, double *dU,
                          double *db, double *dz, double *work, double *pack, double *xs);
 
 /*
- * Simple RNN forward: hs[t+1] = act(x[t] W + hs[t] U + bias).
+ * Simple RNN forward: h_t = act(x[t] W + h_{t-1} U + bias).
  *   batch_major  as for the LSTM
- *   hs   (T+1, B, H): hs[0] = h0 on entry; hs[1:] also holds the
- *        pre-activations while they are computed (no other buffer)
- *   out  (B, T, H): the outputs hs[1:], batch-major (as the LSTM's)
+ *   h0   (B, H) the initial state
+ *   out  (B, T, H): the outputs h_t, batch-major (as the LSTM's); it also
+ *        holds the pre-activations while they are computed (no other
+ *        buffer)
  *   work fr_rnn_work(B, I, H, nthreads) scratch, or NULL: float32, the
  *        threads' packed columns of U and, from 8 rows on, of W (with NULL,
  *        BLAS on U and W as they are)
@@ -138,29 +148,29 @@ int fr_rnn_forward_f32(const fr_sblas *blas, int nthreads, int act, int batch_ma
                        int T, int B, int I, int H,
                        const float *x, const float *W, const float *U,
                        const float *bias, const unsigned char *mask,
-                       float *hs, float *out, float *work);
+                       const float *h0, float *out, float *work);
 int fr_rnn_forward_f64(const fr_dblas *blas, int nthreads, int act, int batch_major,
                        int T, int B, int I, int H,
                        const double *x, const double *W, const double *U,
                        const double *bias, const unsigned char *mask,
-                       double *hs, double *out, double *work);
+                       const double *h0, double *out, double *work);
 
 /*
  * Simple RNN backward, with the activation's derivative taken from the saved
- * outputs hs.  Arguments as for the LSTM (x and dx batch-major, reverse,
- * xs), without the cell state; dz is (Tc, B, H); pack is
+ * outputs.  Arguments as for the LSTM (x and dx batch-major, reverse, h0,
+ * out, xs), without the cell state; dz is (Tc, B, H); pack is
  * fr_rnn_work(B, I, H, nthreads) long, or NULL.
  */
 int fr_rnn_backward_f32(const fr_sblas *blas, int nthreads, int act, int reverse, int T,
                         int Tc, int B, int I, int H, const float *x, const float *W,
-                        const float *U, const unsigned char *mask, const float *hs,
-                        const float *d_out, float *dh, float *dx, float *dW,
+                        const float *U, const unsigned char *mask, const float *h0,
+                        const float *out, const float *d_out, float *dh, float *dx, float *dW,
                         float *dU, float *db, float *dz, float *work, float *pack,
                         float *xs);
 int fr_rnn_backward_f64(const fr_dblas *blas, int nthreads, int act, int reverse, int T,
                         int Tc, int B, int I, int H, const double *x, const double *W,
-                        const double *U, const unsigned char *mask, const double *hs,
-                        const double *d_out, double *dh, double *dx, double *dW,
+                        const double *U, const unsigned char *mask, const double *h0,
+                        const double *out, const double *d_out, double *dh, double *dx, double *dW,
                         double *dU, double *db, double *dz, double *work, double *pack,
                         double *xs);
 

@@ -216,7 +216,8 @@ static int FN(check_sizes)(int T, int B, int I, int H, int G)
     if (T < 1 || B < 1 || I < 0 || H < 1)
         return 1;
     /* every product used as a BLAS dimension or stride must fit an int */
-    if ((long long)T * B > 2147483647LL || (long long)B * G * H > 2147483647LL)
+    if ((long long)T * B > 2147483647LL || (long long)B * G * H > 2147483647LL ||
+        (long long)T * H > 2147483647LL)
         return 1;
     return 0;
 }
@@ -224,24 +225,32 @@ static int FN(check_sizes)(int T, int B, int I, int H, int G)
 /* Rows [r0, r1) of the input projection z = x W of every step (G gate
  * blocks: 4 for the LSTM, 1 for the RNN), counted in x's memory order: x
  * is time-major (T, B, I) in reading order, or, when xbm, batch-major
- * (B, T, I) read forwards (row r = b*T + t; each batch row's run of steps
- * is one product into z rows B apart).  z is (T, B, G*H).  float32 with
- * panels: units [j0, j0 + w) of each gate block, on W's columns packed by
- * fr_pack_panels(I, H, G, j0, w, W, panels); else every column by BLAS. */
-static void FN(project)(const BLAS_T *blas, const REAL *panels, int xbm, int r0,
-                        int r1, int G, int T, int B, int I, int H, int j0, int w,
-                        const REAL *x, const REAL *W, REAL *z)
+ * (B, T, I) read forwards (row r = b*T + t).  z is time-major (T, B, G*H),
+ * or batch-major (B, T, G*H) when zbm (the RNN's outputs); where the two
+ * orders differ, each run of rows of x is one product into z rows B (or
+ * T) apart.  float32 with panels: units [j0, j0 + w) of each gate block,
+ * on W's columns packed by fr_pack_panels(I, H, G, j0, w, W, panels); else
+ * every column by BLAS. */
+static void FN(project)(const BLAS_T *blas, const REAL *panels, int xbm, int zbm,
+                        int r0, int r1, int G, int T, int B, int I, int H, int j0,
+                        int w, const REAL *x, const REAL *W, REAL *z)
 {
     const size_t GH = (size_t)G * H;
     for (int r = r0; r < r1;) {
         int m = r1 - r;
         size_t zr = (size_t)r * GH, ldz = GH;
-        if (xbm) {
+        if (xbm && !zbm) {   /* a batch row's steps, B rows apart in z */
             const int b = r / T, t = r % T;
             if (m > T - t)
                 m = T - t;
             zr = ((size_t)t * B + b) * GH;
             ldz = (size_t)B * GH;
+        } else if (!xbm && zbm) {   /* a step's batch rows, T rows apart in z */
+            const int t = r / B, b = r % B;
+            if (m > B - b)
+                m = B - b;
+            zr = ((size_t)b * T + t) * GH;
+            ldz = (size_t)T * GH;
         }
         const REAL *A = x + (size_t)r * I;
 #ifdef FR_F32
@@ -257,19 +266,20 @@ static void FN(project)(const BLAS_T *blas, const REAL *panels, int xbm, int r0,
     }
 }
 
-/* z[:, q*H + j0 : q*H + j1] += h U[:, same columns], for each gate block q. */
+/* z[:, q*H + j0 : q*H + j1] += h U[:, same columns], for each gate block q
+ * (rows of h ldh apart, of z ldz apart). */
 static void FN(recurrent_projection)(const BLAS_T *blas, int G, int B, int H, int j0,
-                                     int j1, const REAL *h, const REAL *U,
-                                     REAL *z)
+                                     int j1, const REAL *h, int ldh, const REAL *U,
+                                     REAL *z, int ldz)
 {
     const int GH = G * H;
     if (j0 == 0 && j1 == H) {   /* the whole layer: one GEMM */
-        FN(gemm_rm)(blas, 0, 0, B, GH, H, 1, h, H, U, GH, 1, z, GH);
+        FN(gemm_rm)(blas, 0, 0, B, GH, H, 1, h, ldh, U, GH, 1, z, ldz);
         return;
     }
     for (int q = 0; q < G; q++)
-        FN(gemm_rm)(blas, 0, 0, B, j1 - j0, H, 1, h, H, U + q * H + j0, GH,
-                    1, z + q * H + j0, GH);
+        FN(gemm_rm)(blas, 0, 0, B, j1 - j0, H, 1, h, ldh, U + q * H + j0, GH,
+                    1, z + q * H + j0, ldz);
 }
 
 /* What the team of one forward call (LSTM or RNN) shares: rows, the team
@@ -277,9 +287,10 @@ static void FN(recurrent_projection)(const BLAS_T *blas, int G, int B, int H, in
  * claimed from items[0] (input projection pieces) and items[1] (row
  * blocks), no barrier), else the hidden units (a barrier per step); proj,
  * float32: the input projection on packed W (fr_project_panels); xbm: x
- * is batch-major (see project). */
+ * is batch-major, zbm: the projection too (the RNN's, into the outputs;
+ * see project). */
 typedef struct {
-    int nthreads, rows, npieces, nblocks, proj, xbm;
+    int nthreads, rows, npieces, nblocks, proj, xbm, zbm;
     fr_barrier bar;
     fr_work items[2];
 } FN(fwd_team);
@@ -294,8 +305,8 @@ typedef struct {
     FN(fwd_team) tm;
 } FN(lstm_fwd_args);
 
-/* Slot of the state after step t (t = -1: the initial state) in hs or cs:
- * every step's when training, else two that alternate. */
+/* Slot of the state after step t (t = -1: the initial state) in cs:
+ * every step's when training, else two that alternate (as always in hs). */
 static inline size_t FN(state_slot)(int training, int t)
 {
     return (size_t)(training ? t + 1 : (t + 1) & 1);
@@ -313,6 +324,7 @@ static void FN(run_forward)(FN(fwd_team) *tm, fr_job_fn job, void *arg, int nthr
     const int n = rows ? nthreads : fr_team(nthreads, B, H);
     tm->nthreads = nthreads < 1 ? 1 : nthreads;
     tm->xbm = xbm != 0;
+    tm->zbm = G == 1;   /* the RNN projects into its (batch-major) outputs */
     tm->rows = n > 1 && rows;
     tm->proj = 0;
 #ifdef FR_F32
@@ -353,7 +365,7 @@ static void FN(project_rows)(const BLAS_T *blas, const FN(fwd_team) *tm, REAL *w
 #else
     (void)work;
 #endif
-    FN(project)(blas, panels, tm->xbm, r0, r1, G, T, B, I, H, 0, H, x, W, z);
+    FN(project)(blas, panels, tm->xbm, tm->zbm, r0, r1, G, T, B, I, H, 0, H, x, W, z);
 }
 
 /* The unit split's input projection: a thread's own columns (units
@@ -370,7 +382,7 @@ static int FN(project_own)(const BLAS_T *blas, const FN(fwd_team) *tm, REAL *wor
         if (w > 0) {
             REAL *Wp = FN(w_panels_slot)(work, G, I, H, B, tm->nthreads, tid, 0, j0);
             fr_pack_panels(I, H, G, j0, w, W, Wp);
-            FN(project)(blas, Wp, tm->xbm, 0, T * B, G, T, B, I, H, j0, w, x, W, z);
+            FN(project)(blas, Wp, tm->xbm, tm->zbm, 0, T * B, G, T, B, I, H, j0, w, x, W, z);
         }
         return 0;
     }
@@ -379,7 +391,7 @@ static int FN(project_own)(const BLAS_T *blas, const FN(fwd_team) *tm, REAL *wor
 #endif
     int r0, r1;
     fr_split(T * B, 1, tid, n, &r0, &r1);
-    FN(project)(blas, NULL, tm->xbm, r0, r1, G, T, B, I, H, 0, H, x, W, z);
+    FN(project)(blas, NULL, tm->xbm, tm->zbm, r0, r1, G, T, B, I, H, 0, H, x, W, z);
     return 1;
 }
 
@@ -444,15 +456,16 @@ static void FN(lstm_forward_rows)(FN(lstm_fwd_args) *a)
             const size_t prev = FN(state_slot)(training, t - 1) * BH + oh;
             const size_t next = FN(state_slot)(training, t) * BH + oh;
             const unsigned char *m = a->mask ? a->mask + (size_t)t * B + b0 : NULL;
-            const REAL *hp = a->hs + prev;
+            const REAL *hp = a->hs + FN(state_slot)(0, t - 1) * BH + oh;
 #ifdef FR_F32
             if (rec)
                 fr_sgemm_panels(Bk, H, np, hp, H, Up, rec, ldr);
             else
 #endif
-            FN(recurrent_projection)(a->blas, 4, Bk, H, 0, H, hp, a->U, z);
+            FN(recurrent_projection)(a->blas, 4, Bk, H, 0, H, hp, H, a->U, z, 4 * H);
             FN(lstm_cell)(Bk, H, 0, H, a->bias, m, z, rec, (size_t)ldr, hp, a->cs + prev,
-                          a->hs + next, a->cs + next, a->out + ((size_t)b0 * T + t) * H,
+                          a->hs + FN(state_slot)(0, t) * BH + oh, a->cs + next,
+                          a->out + ((size_t)b0 * T + t) * H,
                           (size_t)T * H);
         }
         fr_work_finish(&a->tm.items[1]);
@@ -521,7 +534,7 @@ static void FN(lstm_forward_job)(void *arg, int tid, int n)
         REAL *z = a->gates + t * BG;
         const size_t prev = FN(state_slot)(training, t - 1) * BH;
         const size_t next = FN(state_slot)(training, t) * BH;
-        const REAL *hp = a->hs + prev;
+        const REAL *hp = a->hs + FN(state_slot)(0, t - 1) * BH;
         const unsigned char *m = a->mask ? a->mask + (size_t)t * B : NULL;
         if (w > 0) {
 #ifdef FR_F32
@@ -533,9 +546,9 @@ static void FN(lstm_forward_job)(void *arg, int tid, int n)
                 FN(gemm_rm)(a->blas, 0, 0, 1, 4 * w, H, 1, hp, H, Up, 4 * w, 0,
                             rec, 4 * w);
             else
-                FN(recurrent_projection)(a->blas, 4, B, H, j0, j1, hp, a->U, z);
+                FN(recurrent_projection)(a->blas, 4, B, H, j0, j1, hp, H, a->U, z, 4 * H);
             FN(lstm_cell)(B, H, j0, j1, a->bias, m, z, rec, (size_t)ldr, hp, a->cs + prev,
-                          a->hs + next, a->cs + next, a->out + (size_t)t * H,
+                          a->hs + FN(state_slot)(0, t) * BH, a->cs + next, a->out + (size_t)t * H,
                           (size_t)T * H);
         }
         fr_barrier_wait(&a->tm.bar, n, &sense);
@@ -566,22 +579,43 @@ static inline size_t FN(tm_row)(int T, int B, int I, int reverse, size_t r)
     return (b * (size_t)T + (reverse ? (size_t)T - 1 - t : t)) * (size_t)I;
 }
 
+/* Row b of h_{t-1}, which the forward kept in its outputs out (B, T, H):
+ * out[b, t-1], or h0[b] up to the row's first unmasked step first[b]
+ * (first NULL: no mask), before which out holds zeros (Keras's rule). */
+static inline const REAL *FN(h_prev)(const REAL *h0, const REAL *out, const int *first,
+                                     int T, int H, int t, int b)
+{
+    if (first ? t <= first[b] : t == 0)
+        return h0 + (size_t)b * H;
+    return out + ((size_t)b * T + t - 1) * H;
+}
+
 /* The weight gradients of the chunk of steps [t0, t1), whose
  * pre-activation gradients are in dz (t1 - t0, B, G*H), with x and dx
  * batch-major (B, T, I) (time reversed when reverse), in two parts:
- * rows [r0, r1) of the chunk: x's rows gathered into xs and dx's rows =
- * dz W^T computed into xs's second half and scattered to dx; then, once
- * every row of x is in xs, columns [c0, c1): dW = x^T dz,
- * dU = hs[t0:t1]^T dz and db = column sums of dz, set on the first chunk
- * and accumulated after.  xs: 2 * (t1 - t0) * B * I scratch. */
+ * rows [r0, r1) of the chunk: x's rows gathered into xs, dx's rows =
+ * dz W^T computed into xs's second part and scattered to dx, and the rows
+ * of h_{t-1} gathered into its third part; then, once every row is in xs,
+ * columns [c0, c1): dW = x^T dz, dU = h_{t-1}^T dz and db = column sums of
+ * dz, set on the first chunk and accumulated after.  xs:
+ * (t1 - t0) * B * (2 * I + H) scratch. */
 static void FN(weight_grads_rows)(const BLAS_T *blas, int r0, int r1, int t0, int t1,
-                                  int T, int B, int I, int GH, int reverse,
+                                  int T, int B, int I, int H, int GH, int reverse,
                                   const REAL *x, const REAL *W, const REAL *Wt,
+                                  const REAL *h0, const REAL *out, const int *first,
                                   const REAL *dz, REAL *xs, REAL *dx)
 {
     const int R = (t1 - t0) * B;
     const size_t row0 = (size_t)t0 * B;   /* the chunk's first (t, b) row */
-    if (I <= 0 || r1 <= r0)
+    if (r1 <= r0)
+        return;
+    REAL *hc = xs + (size_t)2 * R * I;
+    for (int r = r0; r < r1; r++) {
+        const int t = t0 + r / B, b = r % B;
+        memcpy(hc + (size_t)r * H, FN(h_prev)(h0, out, first, T, H, t, b),
+               (size_t)H * sizeof(REAL));
+    }
+    if (I <= 0)
         return;
     REAL *xc = xs + (size_t)r0 * I, *dxc = xs + ((size_t)R + r0) * I;
     for (int r = r0; r < r1; r++)
@@ -602,23 +636,23 @@ static void FN(weight_grads_rows)(const BLAS_T *blas, int r0, int r1, int t0, in
 
 static void FN(weight_grads_cols)(const BLAS_T *blas, int c0, int c1, int first,
                                   int t0, int t1, int B, int I, int H, int GH,
-                                  const REAL *hs, const REAL *dz, const REAL *xs,
+                                  const REAL *dz, const REAL *xs,
                                   REAL *dW, REAL *dU, REAL *db)
 {
     const int R = (t1 - t0) * B, ld_x = I > 0 ? I : 1;
-    const size_t row0 = (size_t)t0 * B;
+    const REAL *hc = xs + (size_t)2 * R * I;   /* the rows of h_{t-1} */
     const REAL beta = first ? 0 : 1;
     if (c1 <= c0)
         return;
 #ifdef FR_F32
     (void)blas, (void)ld_x, (void)beta;
-    fr_sgemm_tn2(I, xs, ld_x, H, hs + row0 * H, H, R, c1 - c0, dz + c0, GH,
+    fr_sgemm_tn2(I, xs, ld_x, H, hc, H, R, c1 - c0, dz + c0, GH,
                  dW + c0, dU + c0, GH, db + c0, !first);
 #else
     if (I > 0)
         FN(gemm_rm)(blas, 1, 0, I, c1 - c0, R, 1, xs, ld_x, dz + c0, GH,
                     beta, dW + c0, GH);
-    FN(gemm_rm)(blas, 1, 0, H, c1 - c0, R, 1, hs + row0 * H, H, dz + c0, GH,
+    FN(gemm_rm)(blas, 1, 0, H, c1 - c0, R, 1, hc, H, dz + c0, GH,
                 beta, dU + c0, GH);
     if (first)
         for (int j = c0; j < c1; j++)
@@ -638,18 +672,19 @@ static void FN(weight_grads)(const BLAS_T *blas, int tid, int n, fr_barrier *bar
                              int *sense, fr_work *items, int first, int t0, int t1,
                              int T, int B, int I, int H, int G, int reverse,
                              const REAL *x, const REAL *W, const REAL *Wt,
-                             const REAL *hs, const REAL *dz, REAL *xs, REAL *dx,
+                             const REAL *h0, const REAL *out, const int *firsts,
+                             const REAL *dz, REAL *xs, REAL *dx,
                              REAL *dW, REAL *dU, REAL *db)
 {
     const int GH = G * H, R = (t1 - t0) * B;
     int r0, r1, c0, c1;
     if (!items) {
         fr_split(R, 1, tid, n, &r0, &r1);
-        FN(weight_grads_rows)(blas, r0, r1, t0, t1, T, B, I, GH, reverse, x, W, Wt,
-                              dz, xs, dx);
+        FN(weight_grads_rows)(blas, r0, r1, t0, t1, T, B, I, H, GH, reverse, x, W, Wt,
+                              h0, out, firsts, dz, xs, dx);
         fr_barrier_wait(bar, n, sense);   /* the chunk's x rows are all in xs */
         fr_split(GH, FR_CHUNK, tid, n, &c0, &c1);
-        FN(weight_grads_cols)(blas, c0, c1, first, t0, t1, B, I, H, GH, hs, dz, xs,
+        FN(weight_grads_cols)(blas, c0, c1, first, t0, t1, B, I, H, GH, dz, xs,
                               dW, dU, db);
         return;
     }
@@ -657,14 +692,14 @@ static void FN(weight_grads)(const BLAS_T *blas, int tid, int n, fr_barrier *bar
     int k;
     while ((k = fr_work_claim(&items[0], nr)) >= 0) {
         fr_split(R, 1, k, nr, &r0, &r1);
-        FN(weight_grads_rows)(blas, r0, r1, t0, t1, T, B, I, GH, reverse, x, W, Wt,
-                              dz, xs, dx);
+        FN(weight_grads_rows)(blas, r0, r1, t0, t1, T, B, I, H, GH, reverse, x, W, Wt,
+                              h0, out, firsts, dz, xs, dx);
         fr_work_finish(&items[0]);
     }
     fr_work_wait(&items[0], nr);
     while ((k = fr_work_claim(&items[1], nc)) >= 0) {
         fr_split(GH, FR_CHUNK, k, nc, &c0, &c1);
-        FN(weight_grads_cols)(blas, c0, c1, first, t0, t1, B, I, H, GH, hs, dz, xs,
+        FN(weight_grads_cols)(blas, c0, c1, first, t0, t1, B, I, H, GH, dz, xs,
                               dW, dU, db);
         fr_work_finish(&items[1]);
     }
@@ -709,9 +744,10 @@ typedef struct {
     int G, act, T, Tc, B, I, H;
     const REAL *x, *W, *U;
     const unsigned char *mask;
-    const REAL *hs, *cs, *gates, *d_out;
+    const REAL *h0, *out, *cs, *gates, *d_out;
     REAL *dh, *dc, *dx, *dW, *dU, *db, *dz, *work, *pack, *xs;
     int reverse, nthreads, rows, nblocks;
+    int *first;   /* with a mask: each row's first unmasked step (T: none) */
     REAL *Wt;   /* float32 from FR_PROJ_MIN_B rows: W^T packed in panels (for dx) */
     fr_barrier bar;
     fr_work *items;
@@ -722,34 +758,33 @@ typedef struct {
 FR_VECTORIZE
 static void FN(rnn_cell)(int B, int H, int j0, int j1, int act,
                          const REAL *restrict bias, const unsigned char *mask,
-                         const REAL *restrict hprev, REAL *restrict h,
-                         REAL *restrict hout, size_t ldo)
+                         const REAL *restrict hprev, size_t ldp, REAL *restrict h,
+                         size_t ldh)
 {
-    /* h holds the step's pre-activations x W + h U on entry (in place:
-     * the forward pass keeps no separate buffer for them); the new h also
-     * goes into the outputs, row b at hout + b * ldo */
+    /* h (rows ldh apart: the outputs) holds the step's pre-activations
+     * x W + h U on entry, and the new h on exit (in place: the forward pass
+     * keeps no other buffer); rows of h_{t-1} ldp apart */
     for (int b = 0; b < B; b++) {
-        const REAL *restrict hp = hprev + (size_t)b * H;
-        REAL *restrict hn = h + (size_t)b * H;
-        REAL *restrict ho = hout + (size_t)b * ldo;
+        const REAL *restrict hp = hprev + (size_t)b * ldp;
+        REAL *restrict hn = h + (size_t)b * ldh;
         if (mask && !mask[b]) {
             FR_IVDEP
             for (int j = j0; j < j1; j++)
-                ho[j] = hn[j] = hp[j];
+                hn[j] = hp[j];
         } else if (act == FR_ACT_TANH) {
             FR_IVDEP
             for (int j = j0; j < j1; j++)
-                ho[j] = hn[j] = TANH(hn[j] + bias[j]);
+                hn[j] = TANH(hn[j] + bias[j]);
         } else if (act == FR_ACT_RELU) {
             FR_IVDEP
             for (int j = j0; j < j1; j++) {
                 REAL v = hn[j] + bias[j];
-                ho[j] = hn[j] = v > 0 ? v : (v == v ? (REAL)0 : v);   /* NaN stays NaN */
+                hn[j] = v > 0 ? v : (v == v ? (REAL)0 : v);   /* NaN stays NaN */
             }
         } else {
             FR_IVDEP
             for (int j = j0; j < j1; j++)
-                ho[j] = hn[j] += bias[j];
+                hn[j] += bias[j];
         }
     }
 }
@@ -757,11 +792,11 @@ static void FN(rnn_cell)(int B, int H, int j0, int j1, int act,
 FR_VECTORIZE
 static void FN(rnn_cell_grad)(int B, int H, int j0, int j1, int act,
                               const unsigned char *mask,
-                              const REAL *restrict h, const REAL *restrict dh,
+                              const REAL *restrict h, size_t ldh, const REAL *restrict dh,
                               REAL *restrict dz)
 {
     for (int b = 0; b < B; b++) {
-        const REAL *restrict hr = h + (size_t)b * H;
+        const REAL *restrict hr = h + (size_t)b * ldh;
         const REAL *restrict dhr = dh + (size_t)b * H;
         REAL *restrict dzr = dz + (size_t)b * H;
         if (mask && !mask[b]) {
@@ -790,29 +825,33 @@ typedef struct {
     int act, T, B, I, H;
     const REAL *x, *W, *U, *bias;
     const unsigned char *mask;
-    REAL *hs, *out, *work;
+    const REAL *h0;
+    REAL *out, *work;
     FN(fwd_team) tm;
 } FN(rnn_fwd_args);
 
 /* Steps 0..T-1 for batch rows [b0, b1) and units [j0, j1) (meeting at bar
  * after each step when given): h U on Up (float32 panels, into rec, then
- * added) or by BLAS, into hs[t+1], which holds x W (see rnn_cell). */
+ * added) or by BLAS, into out[:, t], which holds x W (see rnn_cell);
+ * h_{t-1} is h0 or out[:, t-1]. */
 static void FN(rnn_steps)(FN(rnn_fwd_args) *a, int b0, int b1, int j0, int j1,
                           const REAL *Up, REAL *rec, int ldr, fr_barrier *bar, int n,
                           int *sense)
 {
     const int T = a->T, B = a->B, H = a->H, Bk = b1 - b0, w = j1 - j0;
-    const size_t BH = (size_t)B * H, oh = (size_t)b0 * H;
+    const int ldo = T * H;   /* (fits an int: check_sizes) */
+    REAL *const ob = a->out + (size_t)b0 * ldo;
     for (int t = 0; t < T; t++) {
-        REAL *zt = a->hs + (t + 1) * BH + oh;   /* x W, then h */
-        const REAL *hp = a->hs + t * BH + oh;
+        REAL *zt = ob + (size_t)t * H;   /* x W, then h */
+        const REAL *hp = t ? zt - H : a->h0 + (size_t)b0 * H;
+        const int ldp = t ? ldo : H;
         const unsigned char *m = a->mask ? a->mask + (size_t)t * B + b0 : NULL;
         if (w > 0 && Bk > 0) {
 #ifdef FR_F32
             if (rec) {
-                fr_sgemm_panels(Bk, H, fr_panels(w), hp, H, Up, rec, ldr);
+                fr_sgemm_panels(Bk, H, fr_panels(w), hp, ldp, Up, rec, ldr);
                 for (int b = 0; b < Bk; b++) {
-                    REAL *restrict zr = zt + (size_t)b * H + j0;
+                    REAL *restrict zr = zt + (size_t)b * ldo + j0;
                     const REAL *restrict rr = rec + (size_t)b * ldr;
                     FR_IVDEP
                     for (int u = 0; u < w; u++)
@@ -820,9 +859,9 @@ static void FN(rnn_steps)(FN(rnn_fwd_args) *a, int b0, int b1, int j0, int j1,
                 }
             } else
 #endif
-            FN(recurrent_projection)(a->blas, 1, Bk, H, j0, j1, hp, a->U, zt);
-            FN(rnn_cell)(Bk, H, j0, j1, a->act, a->bias, m, hp, zt,
-                         a->out + ((size_t)b0 * T + t) * H, (size_t)T * H);
+            FN(recurrent_projection)(a->blas, 1, Bk, H, j0, j1, hp, ldp, a->U, zt, ldo);
+            FN(rnn_cell)(Bk, H, j0, j1, a->act, a->bias, m, hp, (size_t)ldp, zt,
+                         (size_t)ldo);
         }
         if (bar)
             fr_barrier_wait(bar, n, sense);
@@ -833,18 +872,17 @@ static void FN(rnn_forward_job)(void *arg, int tid, int n)
 {
     FN(rnn_fwd_args) *a = arg;
     const int T = a->T, B = a->B, H = a->H;
-    const size_t BH = (size_t)B * H;
     int sense = 0, k;
     REAL *Up = NULL, *rec = NULL;
     int ldr = 0;
     if (a->tm.rows) {   /* as the LSTM's lstm_forward_rows */
         FN(project_pieces)(&a->tm, a->blas, a->work, 1, T, B, a->I, H, a->x, a->W,
-                           a->hs + BH);
+                           a->out);
         while ((k = fr_work_claim(&a->tm.items[1], a->tm.nblocks)) >= 0) {
             int b0, b1;
             fr_split(B, 1, k, a->tm.nblocks, &b0, &b1);
             FN(project_block)(&a->tm, a->blas, a->work, 1, T, B, a->I, H, a->x, a->W,
-                              a->hs + BH, b0, b1);
+                              a->out, b0, b1);
 #ifdef FR_F32
             if (a->work)
                 FN(scratch_slots)(a->work, H, 1, H, B, a->tm.nthreads, 0, 1, 0, H, b0,
@@ -858,12 +896,12 @@ static void FN(rnn_forward_job)(void *arg, int tid, int n)
     int j0, j1;
     fr_split(H, FR_CHUNK, tid, n, &j0, &j1);
     const int w = j1 - j0;
-    /* the pre-activations go straight into hs[1:] (see rnn_cell) */
+    /* the pre-activations go straight into the outputs (see rnn_cell) */
     const int meet = FN(project_own)(a->blas, &a->tm, a->work, tid, n, 1, T, B, a->I, H,
-                                     j0, w, a->x, a->W, a->hs + BH);
+                                     j0, w, a->x, a->W, a->out);
     /* float32 with work: the step's h U on this thread's columns of U
      * packed once in panels, as in the LSTM forward (rec, then added into
-     * hs[t+1]); else BLAS adds it there in place. */
+     * out[:, t]); else BLAS adds it there in place. */
 #ifdef FR_F32
     if (a->work && w > 0) {
         FN(scratch_slots)(a->work, H, 1, H, B, a->tm.nthreads, tid, 0, j0, w, 0,
@@ -879,13 +917,13 @@ static void FN(rnn_forward_job)(void *arg, int tid, int n)
 int FN(fr_rnn_forward)(const BLAS_T *blas, int nthreads, int act, int batch_major,
                        int T, int B, int I,
                        int H, const REAL *x, const REAL *W, const REAL *U,
-                       const REAL *bias, const unsigned char *mask, REAL *hs,
+                       const REAL *bias, const unsigned char *mask, const REAL *h0,
                        REAL *out, REAL *work)
 {
-    if (!blas || !blas->gemm || !blas->gemv || !out || FN(check_sizes)(T, B, I, H, 1)
-        || act < 0 || act > 2)
+    if (!blas || !blas->gemm || !blas->gemv || !out || !h0 ||
+        FN(check_sizes)(T, B, I, H, 1) || act < 0 || act > 2)
         return 1;
-    FN(rnn_fwd_args) a = {blas, act, T, B, I, H, x, W, U, bias, mask, hs, out, work};
+    FN(rnn_fwd_args) a = {blas, act, T, B, I, H, x, W, U, bias, mask, h0, out, work};
     FN(run_forward)(&a.tm, FN(rnn_forward_job), &a, nthreads, batch_major, 1, T, B, I, H,
                     W, U, work);
     return 0;
@@ -914,7 +952,8 @@ static void FN(grad_steps)(FN(bwd_args) *a, int t0, int t1, int b0, int b1,
                                    a->cs + (t + 1) * BH + oh, a->cs + t * BH + oh,
                                    a->dh + oh, a->dc + oh, dzt + og);
             else
-                FN(rnn_cell_grad)(Bk, H, j0, j1, a->act, m, a->hs + (t + 1) * BH + oh,
+                FN(rnn_cell_grad)(Bk, H, j0, j1, a->act, m,
+                                  a->out + (size_t)b0 * ld_out + (size_t)t * H, ld_out,
                                   a->dh + oh, dzt + og);
         }
         if (bar)
@@ -989,8 +1028,8 @@ static void FN(backward_job)(void *arg, int tid, int n)
         }
         FN(weight_grads)(a->blas, tid, n, &a->bar, &sense, a->rows ? items + 1 : NULL,
                          t1 == T, t0, t1, T, B, a->I, H, a->G, a->reverse, a->x,
-                         a->W, a->Wt, a->hs, a->dz, a->xs, a->dx, a->dW, a->dU,
-                         a->db);
+                         a->W, a->Wt, a->h0, a->out, a->first, a->dz, a->xs, a->dx,
+                         a->dW, a->dU, a->db);
         if (a->rows)
             items += 3;
         else if (t0 > 0)
@@ -999,11 +1038,11 @@ static void FN(backward_job)(void *arg, int tid, int n)
 }
 
 /* Run a backward pass whose arguments a are filled in but for the team
- * fields: on a team that splits the hidden units, or, for the row split, a
- * flexible team with three fr_work phases per chunk and the weights packed
- * once by the caller (returns nonzero when the phases cannot be
- * allocated). */
-static int FN(run_backward)(FN(bwd_args) *a, int nthreads)
+ * fields and first: on a team that splits the hidden units, or, for the
+ * row split, a flexible team with three fr_work phases per chunk and the
+ * weights packed once by the caller (returns nonzero when the phases
+ * cannot be allocated). */
+static int FN(run_backward_team)(FN(bwd_args) *a, int nthreads)
 {
     const int B = a->B, H = a->H, n = fr_team(nthreads, B, H);
     a->nthreads = nthreads < 1 ? 1 : nthreads;
@@ -1038,17 +1077,39 @@ static int FN(run_backward)(FN(bwd_args) *a, int nthreads)
     return 0;
 }
 
+/* run_backward_team, with each row's first unmasked step found first when
+ * there is a mask (see h_prev). */
+static int FN(run_backward)(FN(bwd_args) *a, int nthreads)
+{
+    a->first = NULL;
+    if (a->mask) {
+        const int T = a->T, B = a->B;
+        a->first = malloc((size_t)B * sizeof *a->first);
+        if (!a->first)
+            return 1;
+        for (int b = 0; b < B; b++)
+            a->first[b] = T;
+        for (int t = T - 1; t >= 0; t--)
+            for (int b = 0; b < B; b++)
+                if (a->mask[(size_t)t * B + b])
+                    a->first[b] = t;
+    }
+    const int rc = FN(run_backward_team)(a, nthreads);
+    free(a->first);
+    return rc;
+}
+
 int FN(fr_lstm_backward)(const BLAS_T *blas, int nthreads, int reverse, int T, int Tc,
                          int B, int I, int H, const REAL *x, const REAL *W,
-                         const REAL *U, const unsigned char *mask, const REAL *hs,
-                         const REAL *cs, const REAL *gates, const REAL *d_out,
-                         REAL *dh, REAL *dc, REAL *dx, REAL *dW, REAL *dU,
-                         REAL *db, REAL *dz, REAL *work, REAL *pack, REAL *xs)
+                         const REAL *U, const unsigned char *mask, const REAL *h0,
+                         const REAL *out, const REAL *cs, const REAL *gates,
+                         const REAL *d_out, REAL *dh, REAL *dc, REAL *dx, REAL *dW,
+                         REAL *dU, REAL *db, REAL *dz, REAL *work, REAL *pack, REAL *xs)
 {
     if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 4) ||
-        Tc < 1 || Tc > T || (I > 0 && !xs))
+        Tc < 1 || Tc > T || !xs || !h0 || !out)
         return 1;
-    FN(bwd_args) a = {blas, 4, 0, T, Tc, B, I, H, x, W, U, mask, hs, cs, gates,
+    FN(bwd_args) a = {blas, 4, 0, T, Tc, B, I, H, x, W, U, mask, h0, out, cs, gates,
                       d_out, dh, dc, dx, dW, dU, db, dz, work, pack, xs,
                       reverse != 0};
     return FN(run_backward)(&a, nthreads);
@@ -1056,14 +1117,15 @@ int FN(fr_lstm_backward)(const BLAS_T *blas, int nthreads, int reverse, int T, i
 
 int FN(fr_rnn_backward)(const BLAS_T *blas, int nthreads, int act, int reverse, int T,
                         int Tc, int B, int I, int H, const REAL *x, const REAL *W,
-                        const REAL *U, const unsigned char *mask, const REAL *hs,
-                        const REAL *d_out, REAL *dh, REAL *dx, REAL *dW,
-                        REAL *dU, REAL *db, REAL *dz, REAL *work, REAL *pack, REAL *xs)
+                        const REAL *U, const unsigned char *mask, const REAL *h0,
+                        const REAL *out, const REAL *d_out, REAL *dh, REAL *dx,
+                        REAL *dW, REAL *dU, REAL *db, REAL *dz, REAL *work, REAL *pack,
+                        REAL *xs)
 {
     if (!blas || !blas->gemm || !blas->gemv || FN(check_sizes)(T, B, I, H, 1) ||
-        Tc < 1 || Tc > T || act < 0 || act > 2 || (I > 0 && !xs))
+        Tc < 1 || Tc > T || act < 0 || act > 2 || !xs || !h0 || !out)
         return 1;
-    FN(bwd_args) a = {blas, 1, act, T, Tc, B, I, H, x, W, U, mask, hs, NULL, NULL,
+    FN(bwd_args) a = {blas, 1, act, T, Tc, B, I, H, x, W, U, mask, h0, out, NULL, NULL,
                       d_out, dh, NULL, dx, dW, dU, db, dz, work, pack, xs,
                       reverse != 0};
     return FN(run_backward)(&a, nthreads);

@@ -33,28 +33,28 @@ cdef extern from "fastrnn.h" nogil:
                             double*)
     int fr_lstm_backward_f32(const fr_sblas*, int, int, int, int, int, int, int,
                              const float*, const float*, const float*,
-                             const unsigned char*, const float*, const float*,
+                             const unsigned char*, const float*, const float*, const float*,
                              const float*, const float*, float*, float*, float*,
                              float*, float*, float*, float*, float*, float*, float*)
     int fr_lstm_backward_f64(const fr_dblas*, int, int, int, int, int, int, int,
                              const double*, const double*, const double*,
-                             const unsigned char*, const double*, const double*,
+                             const unsigned char*, const double*, const double*, const double*,
                              const double*, const double*, double*, double*, double*,
                              double*, double*, double*, double*, double*, double*, double*)
     int fr_rnn_forward_f32(const fr_sblas*, int, int, int, int, int, int, int,
                            const float*, const float*, const float*, const float*,
-                           const unsigned char*, float*, float*, float*)
+                           const unsigned char*, const float*, float*, float*)
     int fr_rnn_forward_f64(const fr_dblas*, int, int, int, int, int, int, int,
                            const double*, const double*, const double*, const double*,
-                           const unsigned char*, double*, double*, double*)
+                           const unsigned char*, const double*, double*, double*)
     int fr_rnn_backward_f32(const fr_sblas*, int, int, int, int, int, int, int, int,
                             const float*, const float*, const float*,
-                            const unsigned char*, const float*, const float*,
+                            const unsigned char*, const float*, const float*, const float*,
                             float*, float*, float*, float*, float*, float*, float*, float*,
                             float*)
     int fr_rnn_backward_f64(const fr_dblas*, int, int, int, int, int, int, int, int,
                             const double*, const double*, const double*,
-                            const unsigned char*, const double*, const double*,
+                            const unsigned char*, const double*, const double*, const double*,
                             double*, double*, double*, double*, double*, double*, double*, double*,
                             double*)
     const char *fr_compiler()
@@ -165,13 +165,20 @@ cdef inline floating* _scratch(floating[::1] buf, str name, size_t need) except?
 
 
 cdef inline floating* _gather_scratch(floating[::1] xs, Py_ssize_t Tc, Py_ssize_t B,
-                                      Py_ssize_t I) except? NULL:
-    """The backward passes' xs: 2 * Tc * B * I elements (None needed when I = 0)."""
-    cdef size_t need = 2 * <size_t>Tc * <size_t>B * <size_t>I
-    if <size_t>xs.shape[0] < need:
-        raise ValueError(f"xs must have at least 2 * Tc * B * I = {need} elements, "
-                         f"got {xs.shape[0]}")
-    return &xs[0] if need > 0 else NULL
+                                      Py_ssize_t I, Py_ssize_t H) except NULL:
+    """The backward passes' xs: Tc * B * (2 * I + H) elements."""
+    cdef size_t need = <size_t>Tc * <size_t>B * (2 * <size_t>I + <size_t>H)
+    if <size_t>xs.shape[0] < need or need == 0:   # (need >= 1 for valid sizes)
+        raise ValueError(f"xs must have at least Tc * B * (2 * I + H) = {need} "
+                         f"elements, got {xs.shape[0]}")
+    return &xs[0]
+
+
+cdef inline void _expect_saved(const floating[:, ::1] h0, const floating[:, :, ::1] out,
+                               Py_ssize_t B, Py_ssize_t T, Py_ssize_t H) except *:
+    """The forward's h0 (B, H) and outputs (B, T, H), which backward reads."""
+    _expect("h0", (h0.shape[0], h0.shape[1]), (B, H))
+    _expect("out", (out.shape[0], out.shape[1], out.shape[2]), (B, T, H))
 
 
 cdef inline const unsigned char* _mask_ptr(const unsigned char[:, ::1] mask,
@@ -195,7 +202,7 @@ def lstm_forward(const floating[:, :, ::1] x, const floating[:, ::1] W,
     _expect("W", (W.shape[0], W.shape[1]), (I, 4 * H))
     _expect("U", (U.shape[0], U.shape[1]), (H, 4 * H))
     _expect("bias", (bias.shape[0],), (4 * H,))
-    _expect("hs", (hs.shape[0], hs.shape[1], hs.shape[2]), (T + 1 if training else 2, B, H))
+    _expect("hs", (hs.shape[0], hs.shape[1], hs.shape[2]), (2, B, H))
     _expect("cs", (cs.shape[0], cs.shape[1], cs.shape[2]), (T + 1 if training else 2, B, H))
     _expect("gates", (gates.shape[0], gates.shape[1], gates.shape[2]), (T, B, 4 * H))
     _expect("out", (out.shape[0], out.shape[1], out.shape[2]), (B, T, H))
@@ -225,9 +232,10 @@ def lstm_forward(const floating[:, :, ::1] x, const floating[:, ::1] W,
         raise ValueError("fastrnn: lstm_forward rejected its sizes")
 
 
-def lstm_backward(const floating[:, :, ::1] x, bint reverse, const floating[:, ::1] W,
+def lstm_backward(const floating[:, :, ::1] x, const floating[:, ::1] h0,
+                  const floating[:, :, ::1] out, bint reverse, const floating[:, ::1] W,
                   const floating[:, ::1] U, const unsigned char[:, ::1] mask,
-                  const floating[:, :, ::1] hs, const floating[:, :, ::1] cs,
+                  const floating[:, :, ::1] cs,
                   const floating[:, :, ::1] gates, const floating[:, :, ::1] d_out,
                   floating[:, ::1] dh, floating[:, ::1] dc, floating[:, :, ::1] dx,
                   floating[:, ::1] dW, floating[:, ::1] dU, floating[::1] db,
@@ -237,7 +245,7 @@ def lstm_backward(const floating[:, :, ::1] x, bint reverse, const floating[:, :
     cdef Py_ssize_t B = x.shape[0], T = x.shape[1], I = x.shape[2], H = U.shape[0]
     _expect("W", (W.shape[0], W.shape[1]), (I, 4 * H))
     _expect("U", (U.shape[0], U.shape[1]), (H, 4 * H))
-    _expect("hs", (hs.shape[0], hs.shape[1], hs.shape[2]), (T + 1, B, H))
+    _expect_saved(h0, out, B, T, H)
     _expect("cs", (cs.shape[0], cs.shape[1], cs.shape[2]), (T + 1, B, H))
     _expect("gates", (gates.shape[0], gates.shape[1], gates.shape[2]), (T, B, 4 * H))
     _expect("d_out", (d_out.shape[0], d_out.shape[1], d_out.shape[2]), (B, T, H))
@@ -258,7 +266,7 @@ def lstm_backward(const floating[:, :, ::1] x, bint reverse, const floating[:, :
         raise ValueError("T, B and H must be at least 1")
     if Tc < 1 or Tc > T:
         raise ValueError(f"dz must hold 1 to T={T} steps, got {Tc}")
-    cdef floating* pxs = _gather_scratch(xs, Tc, B, I)
+    cdef floating* pxs = _gather_scratch(xs, Tc, B, I, H)
     cdef floating* ppack = &pack[0] if pack.shape[0] > 0 else NULL
     cdef const unsigned char* m = _mask_ptr(mask, T, B)
     cdef const floating* px = &x[0, 0, 0] if I > 0 else NULL
@@ -269,13 +277,15 @@ def lstm_backward(const floating[:, :, ::1] x, bint reverse, const floating[:, :
     with nogil:
         if floating is float:
             rc = fr_lstm_backward_f32(&_SBLAS, nthreads, reverse, T, Tc, B, I, H,
-                                      px, pW, &U[0, 0], m, &hs[0, 0, 0], &cs[0, 0, 0],
+                                      px, pW, &U[0, 0], m, &h0[0, 0], &out[0, 0, 0],
+                                      &cs[0, 0, 0],
                                       &gates[0, 0, 0], &d_out[0, 0, 0], &dh[0, 0],
                                       &dc[0, 0], pdx, pdW, &dU[0, 0], &db[0],
                                       &dz[0, 0, 0], &work[0, 0], ppack, pxs)
         else:
             rc = fr_lstm_backward_f64(&_DBLAS, nthreads, reverse, T, Tc, B, I, H,
-                                      px, pW, &U[0, 0], m, &hs[0, 0, 0], &cs[0, 0, 0],
+                                      px, pW, &U[0, 0], m, &h0[0, 0], &out[0, 0, 0],
+                                      &cs[0, 0, 0],
                                       &gates[0, 0, 0], &d_out[0, 0, 0], &dh[0, 0],
                                       &dc[0, 0], pdx, pdW, &dU[0, 0], &db[0],
                                       &dz[0, 0, 0], &work[0, 0], ppack, pxs)
@@ -285,16 +295,17 @@ def lstm_backward(const floating[:, :, ::1] x, bint reverse, const floating[:, :
 
 def rnn_forward(const floating[:, :, ::1] x, const floating[:, ::1] W,
                 const floating[:, ::1] U, const floating[::1] bias,
-                const unsigned char[:, ::1] mask, floating[:, :, ::1] hs,
+                const unsigned char[:, ::1] mask, const floating[:, ::1] h0,
                 floating[:, :, ::1] out, floating[::1] work, int act, int nthreads,
                 bint batch_major=False):
-    """x as for lstm_forward."""
+    """x as for lstm_forward; h0 (B, H); out (B, T, H) the states after each
+    step (see csrc/fastrnn.h)."""
     cdef Py_ssize_t T = x.shape[1 if batch_major else 0], B = x.shape[0 if batch_major else 1]
     cdef Py_ssize_t I = x.shape[2], H = U.shape[0]
     _expect("W", (W.shape[0], W.shape[1]), (I, H))
     _expect("U", (U.shape[0], U.shape[1]), (H, H))
     _expect("bias", (bias.shape[0],), (H,))
-    _expect("hs", (hs.shape[0], hs.shape[1], hs.shape[2]), (T + 1, B, H))
+    _expect("h0", (h0.shape[0], h0.shape[1]), (B, H))
     _expect("out", (out.shape[0], out.shape[1], out.shape[2]), (B, T, H))
     if T < 1 or B < 1 or H < 1:
         raise ValueError("T, B and H must be at least 1")
@@ -308,19 +319,19 @@ def rnn_forward(const floating[:, :, ::1] x, const floating[:, ::1] W,
     with nogil:
         if floating is float:
             rc = fr_rnn_forward_f32(&_SBLAS, nthreads, act, batch_major, T, B, I, H,
-                                    px, pW, &U[0, 0], &bias[0], m, &hs[0, 0, 0],
+                                    px, pW, &U[0, 0], &bias[0], m, &h0[0, 0],
                                     &out[0, 0, 0], pwork)
         else:
             rc = fr_rnn_forward_f64(&_DBLAS, nthreads, act, batch_major, T, B, I, H,
-                                    px, pW, &U[0, 0], &bias[0], m, &hs[0, 0, 0],
+                                    px, pW, &U[0, 0], &bias[0], m, &h0[0, 0],
                                     &out[0, 0, 0], pwork)
     if rc:
         raise ValueError("fastrnn: rnn_forward rejected its sizes")
 
 
-def rnn_backward(const floating[:, :, ::1] x, bint reverse, const floating[:, ::1] W,
-                 const floating[:, ::1] U, const unsigned char[:, ::1] mask,
-                 const floating[:, :, ::1] hs, int act,
+def rnn_backward(const floating[:, :, ::1] x, const floating[:, ::1] h0,
+                 const floating[:, :, ::1] out, bint reverse, const floating[:, ::1] W,
+                 const floating[:, ::1] U, const unsigned char[:, ::1] mask, int act,
                  const floating[:, :, ::1] d_out, floating[:, ::1] dh,
                  floating[:, :, ::1] dx, floating[:, ::1] dW, floating[:, ::1] dU,
                  floating[::1] db, floating[:, :, ::1] dz, floating[:, ::1] work, floating[::1] pack,
@@ -329,7 +340,7 @@ def rnn_backward(const floating[:, :, ::1] x, bint reverse, const floating[:, ::
     cdef Py_ssize_t B = x.shape[0], T = x.shape[1], I = x.shape[2], H = U.shape[0]
     _expect("W", (W.shape[0], W.shape[1]), (I, H))
     _expect("U", (U.shape[0], U.shape[1]), (H, H))
-    _expect("hs", (hs.shape[0], hs.shape[1], hs.shape[2]), (T + 1, B, H))
+    _expect_saved(h0, out, B, T, H)
     _expect("d_out", (d_out.shape[0], d_out.shape[1], d_out.shape[2]), (B, T, H))
     _expect("dh", (dh.shape[0], dh.shape[1]), (B, H))
     _expect("dx", (dx.shape[0], dx.shape[1], dx.shape[2]), (B, T, I))
@@ -345,7 +356,7 @@ def rnn_backward(const floating[:, :, ::1] x, bint reverse, const floating[:, ::
         raise ValueError(f"dz must hold 1 to T={T} steps, got {Tc}")
     if act < 0 or act > 2:
         raise ValueError(f"act must be 0 (tanh), 1 (relu) or 2 (linear), got {act}")
-    cdef floating* pxs = _gather_scratch(xs, Tc, B, I)
+    cdef floating* pxs = _gather_scratch(xs, Tc, B, I, H)
     cdef floating* ppack = _scratch(pack, "pack", fr_rnn_work(B, I, H, nthreads))
     cdef const unsigned char* m = _mask_ptr(mask, T, B)
     cdef const floating* px = &x[0, 0, 0] if I > 0 else NULL
@@ -356,12 +367,14 @@ def rnn_backward(const floating[:, :, ::1] x, bint reverse, const floating[:, ::
     with nogil:
         if floating is float:
             rc = fr_rnn_backward_f32(&_SBLAS, nthreads, act, reverse, T, Tc, B, I, H,
-                                     px, pW, &U[0, 0], m, &hs[0, 0, 0], &d_out[0, 0, 0],
+                                     px, pW, &U[0, 0], m, &h0[0, 0], &out[0, 0, 0],
+                                     &d_out[0, 0, 0],
                                      &dh[0, 0], pdx, pdW, &dU[0, 0], &db[0],
                                      &dz[0, 0, 0], &work[0, 0], ppack, pxs)
         else:
             rc = fr_rnn_backward_f64(&_DBLAS, nthreads, act, reverse, T, Tc, B, I, H,
-                                     px, pW, &U[0, 0], m, &hs[0, 0, 0], &d_out[0, 0, 0],
+                                     px, pW, &U[0, 0], m, &h0[0, 0], &out[0, 0, 0],
+                                     &d_out[0, 0, 0],
                                      &dh[0, 0], pdx, pdW, &dU[0, 0], &db[0],
                                      &dz[0, 0, 0], &work[0, 0], ppack, pxs)
     if rc:

@@ -3,13 +3,20 @@
 Same contract as the Cython backend (see :mod:`fastrnn.ops`, which allocates
 every buffer and calls the four entry points ``lstm_forward``,
 ``lstm_backward``, ``rnn_forward`` and ``rnn_backward``).  Arrays are
-C-contiguous and time-major, in reading order: ``hs`` (T+1, B, H),
+C-contiguous; the time axis is in reading order unless said otherwise.
 ``mask_tm`` uint8 (T, B), or (0, 0) for "no mask"; the forward's x is
 (B, T, I) batch-major when ``batch_major`` (read forwards), else (T, B, I)
-time-major, and it writes the outputs (B, T, H) batch-major; the backward's
-``x`` and ``dx`` (B, T, I) and ``d_out`` (B, T, H) are batch-major (x and dx
-in the caller's time order, reversed when ``reverse``; a chunk's rows are
-gathered into scratch).
+time-major.  The states h of every step are kept only once, in the outputs
+``out`` (B, T, H), batch-major (out[:, t] = h after step t; masked rows:
+the state they carry): the LSTM's forward keeps h in two alternating slots
+``hs`` (2, B, H) besides (c in ``cs``, every step's when training), the
+RNN's forward computes the pre-activations into out and each h_t in place
+there, from h0 (B, H).  The backward passes read h_{t-1} from h0 and out
+(h0 up to a row's first unmasked step, before which ops has zeroed the
+outputs: ``_first_steps``); their ``x`` and ``dx`` (B, T, I) and ``d_out``
+(B, T, H) are batch-major too (x and dx in the caller's time order,
+reversed when ``reverse``); a chunk's rows of x, dx and h_{t-1} are
+gathered into the scratch ``xs`` (Tc * B * (2 * I + H),).
 
 Per call: the input projection of all steps (float32: each thread's part
 on W packed in panels, as the recurrent product; float64: BLAS); per step the
@@ -364,10 +371,38 @@ def _project_block(x, bm, P, G, H, j0, w, Z, b0, b1):
 
 
 @njit(**_JIT)
-def _chunk_views(xs, R, I):
-    """The backward scratch xs (2 * Tc * B * I,) as a chunk's rows of x and
-    of dx, (R, I) each."""
-    return xs[:R * I].reshape(R, I), xs[R * I:2 * R * I].reshape(R, I)
+def _chunk_views(xs, R, I, H):
+    """The backward scratch xs (Tc * B * (2 * I + H),) as a chunk's rows of
+    x and of dx, (R, I) each, and of h_{t-1}, (R, H)."""
+    return (xs[:R * I].reshape(R, I), xs[R * I:2 * R * I].reshape(R, I),
+            xs[2 * R * I:2 * R * I + R * H].reshape(R, H))
+
+
+@njit(inline="always", **_JIT)
+def _copy_vec(dst, src):
+    """dst[:] = src for two 1-d arrays of the same length (a plain loop,
+    which LLVM vectorises; Numba's slice assignment is a generic one)."""
+    for k in range(dst.shape[0]):
+        dst[k] = src[k]
+
+
+@njit(**_JIT)
+def _first_steps(mask_tm, B):
+    """first[b]: row b's first reading-order step taken (T when none; 0 for
+    every row without a mask).  Up to that step the row's state is h0 (its
+    outputs were zeroed there), so the backward reads h_{t-1} from h0 for
+    t <= first[b] and from the outputs out[b, t-1] after it."""
+    first = np.zeros(B, np.int64)
+    T = mask_tm.shape[0]
+    if T == 0:
+        return first
+    first[:] = T
+    for t in range(T - 1, -1, -1):
+        row = mask_tm[t]
+        for b in range(B):
+            if row[b] != 0:
+                first[b] = t
+    return first
 
 
 @njit(**_JIT)
@@ -379,51 +414,62 @@ def _tm_row(B, T, reverse, t0, r):
 
 
 @njit(**_JIT)
-def _grads_rows(x, reverse, WT, dz, t0, t1, r0, r1, xs, dx):
+def _grads_rows(x, h0, out, first, reverse, WT, dz, t0, t1, r0, r1, xs, dx):
     """Rows [r0, r1) of the chunk of steps [t0, t1) (rows of the flattened
-    (t, b) chunk): x's rows gathered into xs's first half (for dW), and
-    dx's = dz @ W.T (WT: W.T packed by ``_pack_wt``), through xs's second
-    half, scattered to dx; x, dx batch-major (B, T, I), time reversed when
-    reverse."""
+    (t, b) chunk): h_{t-1}'s rows gathered into xs's third part (from h0
+    up to step first[b], from the outputs out (B, T, H) after it: see
+    ``_first_steps``) and x's into its first (for dU and dW), and dx's =
+    dz @ W.T (WT: W.T packed by ``_pack_wt``), through xs's second part,
+    scattered to dx; x, dx batch-major (B, T, I), time reversed when
+    reverse (out in reading order)."""
     B, T, I = x.shape
     R = (t1 - t0) * B
-    if I == 0 or r1 <= r0:
+    if r1 <= r0:
         return
-    xc, dxc = _chunk_views(xs, R, I)
+    xc, dxc, hc = _chunk_views(xs, R, I, out.shape[2])
+    for r in range(r0, r1):
+        b = r % B
+        t = t0 + r // B
+        if t <= first[b]:
+            _copy_vec(hc[r], h0[b])
+        else:
+            _copy_vec(hc[r], out[b, t - 1])
+    if I == 0:
+        return
     for r in range(r0, r1):
         b, tt = _tm_row(B, T, reverse, t0, r)
-        xc[r, :] = x[b, tt, :]
+        _copy_vec(xc[r], x[b, tt])
     dz2 = dz[:t1 - t0].reshape(R, dz.shape[2])
     project(dz2[r0:r1], WT, 1, I, 0, I, dxc[r0:r1])
     for r in range(r0, r1):
         b, tt = _tm_row(B, T, reverse, t0, r)
-        dx[b, tt, :] = dxc[r, :]
+        _copy_vec(dx[b, tt], dxc[r])
 
 
 @njit(**_JIT)
-def _grads_cols(hs, dz, t0, t1, c0, c1, first, xs, dW, dU, db):
-    """Columns [c0, c1) of dW += x^T dz (x's chunk rows in xs, gathered by
-    ``_grads_rows``), dU += hs[t0:t1]^T dz and db += column sums of dz,
-    for the chunk of steps [t0, t1) (set on the first chunk)."""
-    I = dW.shape[0]
-    H = hs.shape[2]
-    B = hs.shape[1]
+def _grads_cols(dz, t0, t1, c0, c1, first, xs, dW, dU, db):
+    """Columns [c0, c1) of dW += x^T dz and dU += h_{t-1}^T dz (x's and
+    h_{t-1}'s chunk rows in xs, gathered by ``_grads_rows``) and db +=
+    column sums of dz, for the chunk of steps [t0, t1) (set on the first
+    chunk)."""
+    I, H = dW.shape[0], dU.shape[0]
     G_H = dz.shape[2]
-    R = (t1 - t0) * B
+    R = (t1 - t0) * dz.shape[1]
     if c1 <= c0:
         return
     dz2 = dz[:t1 - t0].reshape(R, G_H)
-    xc, _ = _chunk_views(xs, R, I)
-    product_tn2(xc, hs[t0:t1].reshape(R, H), dz2, c0, dW[:, c0:c1], dU[:, c0:c1],
-                db[c0:c1], not first)
+    xc, _, hc = _chunk_views(xs, R, I, H)
+    product_tn2(xc, hc, dz2, c0, dW[:, c0:c1], dU[:, c0:c1], db[c0:c1], not first)
 
 
 @njit(**_JIT)
-def _weight_grads(x, reverse, W, hs, dz, t0, t1, first, xs, dx, dW, dU, db):
+def _weight_grads(x, h0, out, first, reverse, W, dz, t0, t1, first_chunk, xs, dx,
+                  dW, dU, db):
     """The chunk's dx, dW, dU and db on one thread (``_grads_rows`` and
     ``_grads_cols`` over all rows and columns)."""
-    _grads_rows(x, reverse, W, dz, t0, t1, 0, (t1 - t0) * x.shape[0], xs, dx)
-    _grads_cols(hs, dz, t0, t1, 0, dz.shape[2], first, xs, dW, dU, db)
+    _grads_rows(x, h0, out, first, reverse, W, dz, t0, t1, 0,
+                (t1 - t0) * x.shape[0], xs, dx)
+    _grads_cols(dz, t0, t1, 0, dz.shape[2], first_chunk, xs, dW, dU, db)
 
 
 @njit(inline="always", **_JIT)
@@ -483,8 +529,9 @@ def _lstm_cell(mask_tm, t, gates_t, rec, bias, h_prev, c_prev, h_next,
 
 @njit(**_JIT)
 def _slot(training, t):
-    """Index in hs and cs of the state after step t (t = -1: the initial
-    state): every step's when training, else two that alternate."""
+    """Index in cs of the cell state after step t (t = -1: the initial
+    state): every step's when training, else two that alternate (as h's
+    always do in hs: ``_slot(False, t)``)."""
     return t + 1 if training else (t + 1) % 2
 
 
@@ -496,10 +543,11 @@ def _lstm_steps(mask_tm, Up, bias, hs, cs, gates, out, training, b0, b1):
     T, H = gates.shape[0], hs.shape[2]
     rec = np.empty((b1 - b0, cols(Up)), gates.dtype)
     for t in range(T):
-        p, q = _slot(training, t - 1), _slot(training, t)
+        p, q = _slot(False, t - 1), _slot(False, t)
+        pc, qc = _slot(training, t - 1), _slot(training, t)
         product(hs[p, b0:b1], Up, rec)
         _lstm_cell(mask_tm, t, gates[t, b0:b1], rec, bias, hs[p, b0:b1],
-                   cs[p, b0:b1], hs[q, b0:b1], cs[q, b0:b1], out[b0:b1, t], 0, H)
+                   cs[pc, b0:b1], hs[q, b0:b1], cs[qc, b0:b1], out[b0:b1, t], 0, H)
 
 
 @njit(**_JIT)
@@ -569,8 +617,8 @@ def _lstm_chunk_grad_steps(UT, mask_tm, cs, gates, d_out, dh, dc, dz, work,
 
 
 @njit(**_JIT)
-def _lstm_grad_steps(x, reverse, W, U, mask_tm, hs, cs, gates, d_out, dh, dc,
-                     dx, dW, dU, db, dz, xs):
+def _lstm_grad_steps(x, h0, out, first, reverse, W, U, mask_tm, cs, gates,
+                     d_out, dh, dc, dx, dW, dU, db, dz, xs):
     """The backward time loop, in chunks of dz.shape[0] steps from the end,
     each followed by its weight gradients; dh, dc end at step 0."""
     T, Tc = gates.shape[0], dz.shape[0]
@@ -580,7 +628,8 @@ def _lstm_grad_steps(x, reverse, W, U, mask_tm, hs, cs, gates, d_out, dh, dc,
         t0 = max(t1 - Tc, 0)
         _lstm_chunk_grad_steps(UT, mask_tm, cs, gates, d_out, dh, dc, dz, work,
                                t0, t1, 0, dh.shape[0])
-        _weight_grads(x, reverse, W, hs, dz, t0, t1, t1 == T, xs, dx, dW, dU, db)
+        _weight_grads(x, h0, out, first, reverse, W, dz, t0, t1, t1 == T, xs, dx,
+                      dW, dU, db)
 
 
 # ----------------------------------------------------- LSTM, unit split ---
@@ -594,9 +643,10 @@ def _lstm_steps_units(mask_tm, U, bias, hs, cs, gates, out, training, j0, j1,
     Uj = pack_columns(U, 4, j0, j1)
     rec = np.empty((hs.shape[1], cols(Uj)), gates.dtype)
     for t in range(T):
-        p, q = _slot(training, t - 1), _slot(training, t)
+        p, q = _slot(False, t - 1), _slot(False, t)
+        pc, qc = _slot(training, t - 1), _slot(training, t)
         product(hs[p], Uj, rec)
-        _lstm_cell(mask_tm, t, gates[t], rec, bias, hs[p], cs[p], hs[q], cs[q],
+        _lstm_cell(mask_tm, t, gates[t], rec, bias, hs[p], cs[pc], hs[q], cs[qc],
                    out[:, t], j0, j1)
         sense = _barrier(bar, n, sense)
     return sense
@@ -658,12 +708,13 @@ def _lstm_forward_part(i, n, units, p0, p1, x, bm, W, Wp, U, Up, bias, mask_tm,
 
 
 @njit(**_JIT)
-def _lstm_backward_part(i, n, units, p0, p1, x, reverse, W, U, UT, mask_tm, hs,
-                        cs, gates, d_out, dh, dc, dx, dW, dU, db, dz, xs, bar):
+def _lstm_backward_part(i, n, units, p0, p1, x, h0, out, first, reverse, W, U,
+                        UT, mask_tm, cs, gates, d_out, dh, dc, dx, dW, dU, db,
+                        dz, xs, bar):
     """Part i of n of a threaded backward pass (one call per thread, all at
     once), chunk by chunk: the time loop (units, or rows [p0, p1) on UT, U.T
     packed once), then, meeting the others between phases, its rows of dx
-    (x gathered) and its columns of dW, dU and db."""
+    (x and h_{t-1} gathered) and its columns of dW, dU and db."""
     _team_start(bar, i)
     T, Tc, B, GH = gates.shape[0], dz.shape[0], dh.shape[0], dz.shape[2]
     sense = 0
@@ -677,23 +728,24 @@ def _lstm_backward_part(i, n, units, p0, p1, x, reverse, W, U, UT, mask_tm, hs,
         else:
             _lstm_chunk_grad_steps(UT, _mask_rows(mask_tm, p0, p1), cs, gates,
                                    d_out, dh, dc, dz, work, t0, t1, p0, p1)
-        sense = _weight_grads_part(i, n, x, reverse, W, hs, dz, t0, t1, t1 == T,
-                                   xs, dx, dW, dU, db, bar, sense)
+        sense = _weight_grads_part(i, n, x, h0, out, first, reverse, W, dz, t0,
+                                   t1, t1 == T, xs, dx, dW, dU, db, bar, sense)
     _team_end(bar, i, n)
 
 
 @njit(**_JIT)
-def _weight_grads_part(i, n, x, reverse, W, hs, dz, t0, t1, first, xs, dx, dW,
-                       dU, db, bar, sense):
+def _weight_grads_part(i, n, x, h0, out, first, reverse, W, dz, t0, t1,
+                       first_chunk, xs, dx, dW, dU, db, bar, sense):
     """Part i of n of a chunk's weight gradients, between meetings of the n
-    threads (the chunk's dz complete; x's rows gathered; done)."""
+    threads (the chunk's dz complete; x's and h_{t-1}'s rows gathered;
+    done)."""
     R, GH = (t1 - t0) * x.shape[0], dz.shape[2]
     sense = _barrier(bar, n, sense)
     r0, r1 = _part(R, n, i, 1)
-    _grads_rows(x, reverse, W, dz, t0, t1, r0, r1, xs, dx)
+    _grads_rows(x, h0, out, first, reverse, W, dz, t0, t1, r0, r1, xs, dx)
     sense = _barrier(bar, n, sense)
     c0, c1 = _part(GH, n, i, UNIT_CHUNK)
-    _grads_cols(hs, dz, t0, t1, c0, c1, first, xs, dW, dU, db)
+    _grads_cols(dz, t0, t1, c0, c1, first_chunk, xs, dW, dU, db)
     return _barrier(bar, n, sense)
 
 
@@ -744,9 +796,11 @@ def _run_parts(fn, split, blocks):
 
 
 def _kernel_x(x, batch_major):
-    """(x, bm): x as the forward reads it, batch-major (bm) only in float32
-    (the projection on packed panels, a batch row's run of steps at a time;
-    float64 makes one GEMM of all rows, time-major, in reading order)."""
+    """(x, bm): x as the LSTM's forward reads it, batch-major (bm) only in
+    float32 (the projection on packed panels, a batch row's run of steps at
+    a time, into the time-major gates; float64 makes one GEMM of all rows,
+    time-major, in reading order).  (The RNN's projects into the
+    batch-major outputs: it reads x as given.)"""
     if batch_major and x.dtype != np.float32:
         return np.ascontiguousarray(x.swapaxes(0, 1)), False
     return x, batch_major
@@ -754,10 +808,12 @@ def _kernel_x(x, batch_major):
 
 def lstm_forward(x, W, U, bias, mask_tm, hs, cs, gates, out, work, training,
                  nthreads, batch_major=False):
-    """LSTM forward.  hs and cs ((T+1 if training else 2), B, H) hold h0,
-    c0 at index 0 on entry; on exit the state after step t is at hs[t+1],
-    cs[t+1] (training) or hs[(t+1) % 2], cs[(t+1) % 2], and out (B, T, H)
-    holds the outputs, batch-major (out[:, t]: h after step t).  gates
+    """LSTM forward.  hs (2, B, H) and cs ((T+1 if training else 2), B, H)
+    hold h0, c0 at index 0 on entry; on exit h after step t is at
+    hs[(t+1) % 2] (two slots that alternate) and c at cs[t+1] (training)
+    or cs[(t+1) % 2]; out (B, T, H) holds the outputs, batch-major
+    (out[:, t]: h after step t; masked rows: the state they carry), the
+    only place every step's h is kept.  gates
     (T, B, 4H): when training, on exit the activated gates i, f, g, o of
     taken rows.  work (the cython kernel's scratch for packed weights) is
     not used: the weights are packed here (``_numba_panels``).  x is
@@ -776,46 +832,101 @@ def lstm_forward(x, W, U, bias, mask_tm, hs, cs, gates, out, work, training,
         out, training, bar), split, blocks)
 
 
-def lstm_backward(x, reverse, W, U, mask_tm, hs, cs, gates, d_out, dh, dc,
+def lstm_backward(x, h0, out, reverse, W, U, mask_tm, cs, gates, d_out, dh, dc,
                   dx, dW, dU, db, dz, work, pack, xs, nthreads):
-    """LSTM backward through time.  x, dx (B, T, I) and d_out (B, T, H) are
-    batch-major; x and dx in the caller's time order (reading order is
-    reversed when reverse), d_out in reading order.  dh, dc (B, H): dL/dh_T,
+    """LSTM backward through time, from the forward's x, h0 (B, H), outputs
+    out (B, T, H), cell states cs (T+1, B, H) and gates (T, B, 4H).  x, dx
+    (B, T, I), out and d_out (B, T, H) are batch-major; x and dx in the
+    caller's time order (reading order is reversed when reverse), out and
+    d_out in reading order.  out may be zero before a row's first unmasked
+    step (Keras's rule): h_{t-1} is read from h0 up to that step, from
+    out[:, t-1] after it (it is used for dU only).  dh, dc (B, H): dL/dh_T,
     dL/dc_T on entry, dL/dh0, dL/dc0 on exit.  Writes dx, dW, dU and db;
     dz (Tc, B, 4H), for chunks of 1 <= Tc <= T steps, and xs
-    (2 * Tc * B * I,) are scratch; work and pack (the cython kernel's
-    scratch) are not used."""
+    (Tc * B * (2 * I + H),: a chunk's rows of x, of dx and of h_{t-1}) are
+    scratch; work and pack (the cython kernel's scratch) are not used.
+    x, h0 and out may be read-only."""
     split, blocks = _plan(x.shape[0], 4, U.shape[0], nthreads)
     W = _pack_wt(W)   # (the weight gradients' dx = dz W^T)
+    first = _first_steps(mask_tm, x.shape[0])
     if len(blocks) == 1:
-        _lstm_grad_steps(x, reverse, W, U, mask_tm, hs, cs, gates, d_out, dh,
-                         dc, dx, dW, dU, db, dz, xs)
+        _lstm_grad_steps(x, h0, out, first, reverse, W, U, mask_tm, cs, gates,
+                         d_out, dh, dc, dx, dW, dU, db, dz, xs)
         return
     UT = _pack_all_t(U, split == "units")
     _run_parts(lambda i, n, units, p0, p1, bar: _lstm_backward_part(
-        i, n, units, p0, p1, x, reverse, W, U, UT, mask_tm, hs, cs, gates, d_out,
-        dh, dc, dx, dW, dU, db, dz, xs, bar), split, blocks)
+        i, n, units, p0, p1, x, h0, out, first, reverse, W, U, UT, mask_tm, cs,
+        gates, d_out, dh, dc, dx, dW, dU, db, dz, xs, bar), split, blocks)
 
 
 # -------------------------------------------------------------------- RNN ---
+def _project_into(A, P, j0, w, Z):
+    """Z[:, j0:j0 + w] = A @ W's columns packed by ``pack_columns(W, 1, j0,
+    j0 + w)`` into P (``project`` with one gate block); float64 into
+    contiguous rows, all units: one BLAS product straight into Z (typing
+    stub)."""
+
+
+@overload(_project_into, jit_options=_JIT)
+def _project_into_impl(A, P, j0, w, Z):
+    if P.ndim == 2 and Z.layout == "C":
+        def direct(A, P, j0, w, Z):
+            if w == Z.shape[1] and A.shape[0] > 0 and A.shape[1] > 0:
+                np.dot(np.ascontiguousarray(A), P, Z)
+            else:
+                project(A, P, 1, Z.shape[1], j0, w, Z)
+        return direct
+    return lambda A, P, j0, w, Z: project(A, P, 1, Z.shape[1], j0, w, Z)
+
+
 @njit(**_JIT)
-def _rnn_cell(mask_tm, t, rec, bias, act, h_prev, h, out_t, j0, j1):
-    """One step's fused pass for units [j0, j1), in place: h (B, H) holds
-    x_t W on entry and act(x_t W + rec + bias) on exit on taken rows (rec
-    (B, j1 - j0): the units' h U); masked rows carry h_prev.  The new h
-    also goes into out_t (the step's outputs, a strided view).  Row by row
-    over views, one array read and written: LLVM vectorises it (with x_t W
-    in a second array aliasing h it did not)."""
-    B = h_prev.shape[0]
+def _rnn_project(x, bm, P, j0, w, out, b0, b1):
+    """The input projection x_t W of batch rows [b0, b1), units [j0, j0 + w)
+    (W's columns packed into P by ``pack_columns``), into the outputs out
+    (B, T, H), which hold the pre-activations until each step turns them
+    into h_t: from x batch-major (B, T, I) when bm, one product over the
+    rows' runs of steps (in out's order); else from x time-major in reading
+    order (T, B, I): at T = 1 one product too, else a row's run of steps
+    (rows B*I apart in x) or a step's rows (T*H apart in out) at a time,
+    whichever makes the fewer products."""
+    T, H = out.shape[1], out.shape[2]
+    nb = b1 - b0
+    if nb <= 0 or T == 0:
+        return
+    if bm:
+        _project_into(x[b0:b1].reshape(nb * T, x.shape[2]), P, j0, w,
+                      out[b0:b1].reshape(nb * T, H))
+    elif T == 1:
+        _project_into(x[0, b0:b1], P, j0, w, out[b0:b1].reshape(nb, H))
+    elif T >= nb:
+        for b in range(b0, b1):
+            _project_into(x[:, b], P, j0, w, out[b])
+    else:
+        for t in range(T):
+            _project_into(x[t, b0:b1], P, j0, w, out[b0:b1, t])
+
+
+@njit(**_JIT)
+def _rnn_cell(mask_tm, t, rec, bias, act, h0, out, j0, j1):
+    """One step's fused pass for units [j0, j1) of the rows of out (B, T, H)
+    (a block's: h0 (B, H) and mask_tm hold the same rows), in place:
+    out[:, t] holds x_t W on entry and h_t = act(x_t W + rec + bias) on exit
+    on taken rows (rec (B, j1 - j0): the units' h_{t-1} U); masked rows
+    carry h_{t-1} (h0 at t = 0, else out[:, t-1]).  Row by row over
+    contiguous views, one array read and written: LLVM vectorises it (with
+    x_t W in a second array aliasing h it did not)."""
+    B = out.shape[0]
     w = j1 - j0
-    cast = h_prev.dtype.type
+    cast = out.dtype.type
     zero = cast(0)
     bj = bias[j0:j1]
     for b in range(B):
-        hr, hp, r = h[b, j0:j1], h_prev[b, j0:j1], rec[b]
+        hr, r = out[b, t, j0:j1], rec[b]
         if not _taken(mask_tm, t, b):
-            for u in range(w):
-                hr[u] = hp[u]
+            if t == 0:
+                _copy_vec(hr, h0[b, j0:j1])
+            else:
+                _copy_vec(hr, out[b, t - 1, j0:j1])
         elif act == TANH:
             for u in range(w):
                 hr[u] = cast(_tanh(hr[u] + r[u] + bj[u]))
@@ -826,52 +937,53 @@ def _rnn_cell(mask_tm, t, rec, bias, act, h_prev, h, out_t, j0, j1):
         else:
             for u in range(w):
                 hr[u] += r[u] + bj[u]
-        on = out_t[b, j0:j1]
-        for u in range(w):
-            on[u] = hr[u]
 
 
 @njit(**_JIT)
-def _rnn_steps(mask_tm, Up, bias, hs, out, act, b0, b1):
-    """The forward time loop over batch rows [b0, b1) (mask_tm: those rows'
-    columns); hs[1:] holds x_t W on entry; Up is U packed."""
-    T, H = hs.shape[0] - 1, hs.shape[2]
-    rec = np.empty((b1 - b0, cols(Up)), hs.dtype)
+def _rnn_steps(mask_tm, Up, bias, h0, out, act):
+    """The forward time loop over the rows of out (B, T, H) (a block's:
+    mask_tm's columns and h0 (B, H) hold the same rows); out holds x_t W on
+    entry, h_t on exit; Up is U packed."""
+    T, H = out.shape[1], out.shape[2]
+    rec = np.empty((out.shape[0], cols(Up)), out.dtype)
     for t in range(T):
-        product(hs[t, b0:b1], Up, rec)
-        _rnn_cell(mask_tm, t, rec, bias, act, hs[t, b0:b1], hs[t + 1, b0:b1],
-                  out[b0:b1, t], 0, H)
+        if t == 0:
+            product(h0, Up, rec)
+        else:
+            product(out[:, t - 1], Up, rec)
+        _rnn_cell(mask_tm, t, rec, bias, act, h0, out, 0, H)
 
 
 # ------------------------------------------------------ RNN, unit split ---
 @njit(**_JIT)
-def _rnn_steps_units(mask_tm, U, bias, hs, out, act, j0, j1, bar, n, sense):
-    """The forward time loop for units [j0, j1) of every row (hs[1:] holds
-    x W on entry, as in ``_rnn_steps``), meeting the other n - 1 threads at
-    bar after each step."""
-    T, B = hs.shape[0] - 1, hs.shape[1]
-    w = j1 - j0
+def _rnn_steps_units(mask_tm, U, bias, h0, out, act, j0, j1, bar, n, sense):
+    """The forward time loop for units [j0, j1) of every row (out holds x W
+    on entry, as in ``_rnn_steps``), meeting the other n - 1 threads at bar
+    after each step (the next step reads every unit of out[:, t])."""
+    T, B = out.shape[1], out.shape[0]
     Uj = pack_columns(U, 1, j0, j1)
-    rec = np.empty((B, cols(Uj)), hs.dtype)
+    rec = np.empty((B, cols(Uj)), out.dtype)
     for t in range(T):
-        product(hs[t], Uj, rec)
-        _rnn_cell(mask_tm, t, rec, bias, act, hs[t], hs[t + 1], out[:, t], j0, j1)
+        if t == 0:
+            product(h0, Uj, rec)
+        else:
+            product(out[:, t - 1], Uj, rec)
+        _rnn_cell(mask_tm, t, rec, bias, act, h0, out, j0, j1)
         sense = _barrier(bar, n, sense)
     return sense
 
 
 @njit(**_JIT)
-def _rnn_chunk_grad_steps_units(U, mask_tm, hs, act, d_out, dh, dz, t0, t1, j0,
+def _rnn_chunk_grad_steps_units(U, mask_tm, out, act, d_out, dh, dz, t0, t1, j0,
                                 j1, bar, n, sense):
     """Steps t1-1 down to t0 of the backward time loop for units [j0, j1)
     of every row (as ``_lstm_chunk_grad_steps_units``)."""
     B = dh.shape[0]
-    w = j1 - j0
     UjT = pack_rows_t(U, j0, j1)
     part = np.empty((B, cols(UjT)), dh.dtype)
     for t in range(t1 - 1, t0 - 1, -1):
         dzt = dz[t - t0]
-        _rnn_cell_grad(mask_tm, t, act, hs[t + 1], d_out[:, t], dh, dzt, j0, j1)
+        _rnn_cell_grad(mask_tm, t, act, out, d_out, dh, dzt, j0, j1)
         sense = _barrier(bar, n, sense)
         product(dzt, UjT, part)
         _take_dh(mask_tm, t, part, dh, j0, j1)
@@ -880,75 +992,81 @@ def _rnn_chunk_grad_steps_units(U, mask_tm, hs, act, d_out, dh, dz, t0, t1, j0,
 
 @njit(**_JIT)
 def _rnn_forward_part(i, n, units, p0, p1, x, bm, W, Wp, U, Up, bias, mask_tm,
-                      hs, out, act, bar):
+                      h0, out, act, bar):
     """Part i of n of a threaded RNN forward pass (as ``_lstm_forward_part``;
-    the input projection goes into hs[1:])."""
+    the input projection goes into out)."""
     _team_start(bar, i)
-    H = hs.shape[2]
+    H = U.shape[0]
     if units:
-        _project_block(x, bm, pack_columns(W, 1, p0, p1), 1, H, p0, p1 - p0, hs[1:],
-                       0, hs.shape[1])
-        _rnn_steps_units(mask_tm, U, bias, hs, out, act, p0, p1, bar, n, 0)
+        _rnn_project(x, bm, pack_columns(W, 1, p0, p1), p0, p1 - p0, out, 0,
+                     out.shape[0])
+        _rnn_steps_units(mask_tm, U, bias, h0, out, act, p0, p1, bar, n, 0)
     else:
-        _project_block(x, bm, Wp, 1, H, 0, H, hs[1:], p0, p1)
-        _rnn_steps(_mask_rows(mask_tm, p0, p1), Up, bias, hs, out, act, p0, p1)
+        _rnn_project(x, bm, Wp, 0, H, out, p0, p1)
+        _rnn_steps(_mask_rows(mask_tm, p0, p1), Up, bias, h0[p0:p1], out[p0:p1],
+                   act)
     _team_end(bar, i, n)
 
 
 @njit(**_JIT)
-def _rnn_backward_part(i, n, units, p0, p1, x, reverse, W, U, UT, mask_tm, hs,
-                       act, d_out, dh, dx, dW, dU, db, dz, xs, bar):
+def _rnn_backward_part(i, n, units, p0, p1, x, h0, out, first, reverse, W, U, UT,
+                       mask_tm, act, d_out, dh, dx, dW, dU, db, dz, xs, bar):
     """Part i of n of a threaded RNN backward pass (as
     ``_lstm_backward_part``)."""
     _team_start(bar, i)
-    T, Tc = hs.shape[0] - 1, dz.shape[0]
+    T, Tc = x.shape[1], dz.shape[0]
     sense = 0
     work = np.empty((0 if units else p1 - p0, cols(UT)), dh.dtype)
     for t1 in range(T, 0, -Tc):
         t0 = max(t1 - Tc, 0)
         if units:
-            sense = _rnn_chunk_grad_steps_units(U, mask_tm, hs, act, d_out, dh, dz,
+            sense = _rnn_chunk_grad_steps_units(U, mask_tm, out, act, d_out, dh, dz,
                                                 t0, t1, p0, p1, bar, n, sense)
         else:
-            _rnn_chunk_grad_steps(UT, _mask_rows(mask_tm, p0, p1), hs, act, d_out,
+            _rnn_chunk_grad_steps(UT, _mask_rows(mask_tm, p0, p1), out, act, d_out,
                                   dh, dz, work, t0, t1, p0, p1)
-        sense = _weight_grads_part(i, n, x, reverse, W, hs, dz, t0, t1, t1 == T,
-                                   xs, dx, dW, dU, db, bar, sense)
+        sense = _weight_grads_part(i, n, x, h0, out, first, reverse, W, dz, t0,
+                                   t1, t1 == T, xs, dx, dW, dU, db, bar, sense)
     _team_end(bar, i, n)
 
 
-def rnn_forward(x, W, U, bias, mask_tm, hs, out, work, act, nthreads,
+def rnn_forward(x, W, U, bias, mask_tm, h0, out, work, act, nthreads,
                 batch_major=False):
-    """RNN forward: hs[t+1] = act(x_t @ W + hs[t] @ U + bias) for taken rows;
-    hs[1:] holds x_t @ W while it is computed (no other buffer); out
-    (B, T, H) gets the outputs hs[1:] batch-major.  act 0 tanh,
-    1 relu, 2 linear.  work (the cython kernel's packed weights) is not
-    used: the weights are packed here.  x as for ``lstm_forward``."""
-    x, bm = _kernel_x(x, batch_major)
-    B, H = hs.shape[1], hs.shape[2]
+    """RNN forward: h_t = act(x_t @ W + h_{t-1} @ U + bias) for taken rows
+    (masked rows carry h_{t-1}), from h0 (B, H) (may be read-only), into
+    out (B, T, H), batch-major in reading order (out[:, t] = h_t; the final
+    state is out[:, T-1]), which also holds x_t @ W while it is computed
+    (no other buffer).  act 0 tanh, 1 relu, 2 linear.  work (the cython
+    kernel's packed weights) is not used: the weights are packed here.  x
+    as for ``lstm_forward`` (float64 too reads a batch-major x as it is:
+    its projection is one product into out)."""
+    B, H = out.shape[0], out.shape[2]
     split, blocks = _plan(B, 1, H, nthreads)
     units = split == "units" and len(blocks) > 1
     Wp, Up = _pack_all(W, 1, units), _pack_all(U, 1, units)
+    bm = bool(batch_major)
     if len(blocks) == 1:
-        _project_block(x, bm, Wp, 1, H, 0, H, hs[1:], 0, B)
-        _rnn_steps(mask_tm, Up, bias, hs, out, act, 0, B)
+        _rnn_project(x, bm, Wp, 0, H, out, 0, B)
+        _rnn_steps(mask_tm, Up, bias, h0, out, act)
         return
     _run_parts(lambda i, n, units, p0, p1, bar: _rnn_forward_part(
-        i, n, units, p0, p1, x, bm, W, Wp, U, Up, bias, mask_tm, hs, out, act, bar),
+        i, n, units, p0, p1, x, bm, W, Wp, U, Up, bias, mask_tm, h0, out, act, bar),
         split, blocks)
 
 
 @njit(**_JIT)
-def _rnn_cell_grad(mask_tm, t, act, h_t, d_out_t, dh, dz_t, j0, j1):
-    """For units [j0, j1): dh += d_out_t; dz_t = dh * act'(h_t) on taken
-    rows, 0 on masked rows."""
+def _rnn_cell_grad(mask_tm, t, act, out, d_out, dh, dz_t, j0, j1):
+    """For units [j0, j1) of the rows of out and d_out (B, T, H) (a block's:
+    dh (B, H), dz_t and mask_tm hold the same rows): dh += d_out[:, t];
+    dz_t = dh * act'(h_t) on taken rows (h_t = out[:, t]), 0 on masked
+    rows."""
     B = dh.shape[0]
     w = j1 - j0
     zero = dh.dtype.type(0)
     one = dh.dtype.type(1)
     for b in range(B):
-        dhr, dor = dh[b, j0:j1], d_out_t[b, j0:j1]
-        dzr, hr = dz_t[b, j0:j1], h_t[b, j0:j1]
+        dhr, dor = dh[b, j0:j1], d_out[b, t, j0:j1]
+        dzr, hr = dz_t[b, j0:j1], out[b, t, j0:j1]
         for u in range(w):
             dhr[u] += dor[u]
         if not _taken(mask_tm, t, b):
@@ -964,22 +1082,22 @@ def _rnn_cell_grad(mask_tm, t, act, h_t, d_out_t, dh, dz_t, j0, j1):
 
 
 @njit(**_JIT)
-def _rnn_chunk_grad_steps(UT, mask_tm, hs, act, d_out, dh, dz, work, t0, t1,
+def _rnn_chunk_grad_steps(UT, mask_tm, out, act, d_out, dh, dz, work, t0, t1,
                           b0, b1):
     """Steps t1-1 down to t0 of the backward time loop for batch rows
-    [b0, b1) (as ``_lstm_chunk_grad_steps``)."""
+    [b0, b1) (as ``_lstm_chunk_grad_steps``; h_t is read from out)."""
     H = dh.shape[1]
+    outb, doutb, dhb = out[b0:b1], d_out[b0:b1], dh[b0:b1]
     for t in range(t1 - 1, t0 - 1, -1):
         dzt = dz[t - t0, b0:b1]
-        _rnn_cell_grad(mask_tm, t, act, hs[t + 1, b0:b1], d_out[b0:b1, t],
-                       dh[b0:b1], dzt, 0, H)
+        _rnn_cell_grad(mask_tm, t, act, outb, doutb, dhb, dzt, 0, H)
         product(dzt, UT, work)
-        _take_dh(mask_tm, t, work, dh[b0:b1], 0, H)
+        _take_dh(mask_tm, t, work, dhb, 0, H)
 
 
 @njit(**_JIT)
-def _rnn_grad_steps(x, reverse, W, U, mask_tm, hs, act, d_out, dh, dx, dW, dU,
-                    db, dz, xs):
+def _rnn_grad_steps(x, h0, out, first, reverse, W, U, mask_tm, act, d_out, dh,
+                    dx, dW, dU, db, dz, xs):
     """The backward time loop, in chunks as ``_lstm_grad_steps``; dh ends at
     step 0."""
     T, Tc = x.shape[1], dz.shape[0]
@@ -987,26 +1105,28 @@ def _rnn_grad_steps(x, reverse, W, U, mask_tm, hs, act, d_out, dh, dx, dW, dU,
     work = np.empty((dh.shape[0], cols(UT)), dh.dtype)
     for t1 in range(T, 0, -Tc):
         t0 = max(t1 - Tc, 0)
-        _rnn_chunk_grad_steps(UT, mask_tm, hs, act, d_out, dh, dz, work, t0, t1,
+        _rnn_chunk_grad_steps(UT, mask_tm, out, act, d_out, dh, dz, work, t0, t1,
                               0, dh.shape[0])
-        _weight_grads(x, reverse, W, hs, dz, t0, t1, t1 == T, xs, dx, dW, dU, db)
+        _weight_grads(x, h0, out, first, reverse, W, dz, t0, t1, t1 == T, xs, dx,
+                      dW, dU, db)
 
 
-def rnn_backward(x, reverse, W, U, mask_tm, hs, act, d_out, dh, dx, dW, dU,
+def rnn_backward(x, h0, out, reverse, W, U, mask_tm, act, d_out, dh, dx, dW, dU,
                  db, dz, work, pack, xs, nthreads):
     """RNN backward through time; arguments as ``lstm_backward`` without the
-    cell state (dz (Tc, B, H)).  dh (B, H): dL/dh_T on entry, dL/dh0 on
-    exit."""
+    cell state (dz (Tc, B, H)); act'(z_t) is taken from h_t = out[:, t].
+    dh (B, H): dL/dh_T on entry, dL/dh0 on exit."""
     split, blocks = _plan(x.shape[0], 1, U.shape[0], nthreads)
     W = _pack_wt(W)   # (the weight gradients' dx = dz W^T)
+    first = _first_steps(mask_tm, x.shape[0])
     if len(blocks) == 1:
-        _rnn_grad_steps(x, reverse, W, U, mask_tm, hs, act, d_out, dh, dx, dW,
-                        dU, db, dz, xs)
+        _rnn_grad_steps(x, h0, out, first, reverse, W, U, mask_tm, act, d_out,
+                        dh, dx, dW, dU, db, dz, xs)
         return
     UT = _pack_all_t(U, split == "units")
     _run_parts(lambda i, n, units, p0, p1, bar: _rnn_backward_part(
-        i, n, units, p0, p1, x, reverse, W, U, UT, mask_tm, hs, act, d_out, dh,
-        dx, dW, dU, db, dz, xs, bar), split, blocks)
+        i, n, units, p0, p1, x, h0, out, first, reverse, W, U, UT, mask_tm, act,
+        d_out, dh, dx, dW, dU, db, dz, xs, bar), split, blocks)
 
 
 # -------------------------------------------------------------- threads ---

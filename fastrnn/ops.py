@@ -12,8 +12,10 @@ read x and write the outputs batch-major, as given (only go_backwards makes
 the forward pass a time-major copy of x), and their backward passes read
 x and d_outputs and write dx batch-major too (a chunk of time steps at a
 time is gathered into scratch), keeping the pre-activation gradients of one
-chunk at a time (see ``_chunk_steps``).  This module allocates every buffer
-and calls one kernel entry point per pass.
+chunk at a time (see ``_chunk_steps``).  The states h of every step are kept
+once, as the outputs: the backward passes read h_{t-1} from them (and h0),
+so a training forward keeps no time-major copy of them.  This module
+allocates every buffer and calls one kernel entry point per pass.
 """
 from collections import namedtuple
 from dataclasses import dataclass, field
@@ -111,13 +113,14 @@ def _degenerate(B, T, H):
 # ------------------------------------------------------------------- LSTM ---
 def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
                  mask=None, go_backwards=False, return_workspace=False,
-                 backend="auto", _keep_x=True):
+                 backend="auto", _copy_arrays=True):
     """LSTM forward pass.
 
     Returns ``LSTMResult(outputs (B, T, H), h (B, H), c (B, H), workspace)``;
     ``workspace`` is None unless ``return_workspace=True``.  The workspace
-    keeps its own copy of ``x`` (``_keep_x=False``, for fastrnn.keras, which
-    hands the backward pass an unchanged x itself, keeps none).
+    keeps its own copies of ``x``, ``h0`` and the outputs, which its backward
+    pass reads (``_copy_arrays=False``, for fastrnn.keras, whose tensors
+    cannot change: it keeps the arrays themselves).
     """
     x, W, U, b, (B, T, I, H) = _checks.weights(x, kernel, recurrent_kernel,
                                                bias, 4)
@@ -143,9 +146,10 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
     dt = x.dtype
     x_in, batch_major = _kernel_input(x, go_backwards)
     mask_tm = _NO_MASK if mask is None else _time_major(mask, go_backwards).view(np.uint8)
-    # the states of every step when training (the backward reads them),
-    # else two slots that alternate; the kernel writes the outputs itself
-    hs = _aligned_empty((T + 1 if training else 2, B, H), dt)
+    # h in two slots that alternate (the outputs keep every step's h, which
+    # the kernel writes itself); c of every step when training (the
+    # backward reads them), else two slots too
+    hs = _aligned_empty((2, B, H), dt)
     hs[0] = h0
     cs = _aligned_empty((T + 1 if training else 2, B, H), dt)
     cs[0] = c0
@@ -161,18 +165,19 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
             training, threads, batch_major=batch_major)
     seen = None if mask is None else _seen(mask_tm)
     _zero_unseen(outputs, seen)
-    last = T if training else T % 2
     if training:
-        ws.data = dict(x=_saved_input(x, _keep_x), W=W, U=U, mask_tm=mask_tm,
-                       hs=hs, cs=cs, gates=gates, seen=seen)
-    return LSTMResult(outputs, hs[last].copy(), cs[last].copy(),
-                      ws if training else None)
+        ws.data = dict(_saved(x=x, h0=h0, outputs=outputs, copy=_copy_arrays),
+                       W=W, U=U, mask_tm=mask_tm, cs=cs, gates=gates, seen=seen)
+    return LSTMResult(outputs, hs[T % 2].copy(),
+                      cs[T if training else T % 2].copy(), ws if training else None)
 
 
-def _saved_input(x, keep):
-    """What a workspace keeps of the input x (B, T, I): a copy (the caller
-    may change x before the backward pass), or None when not ``keep``."""
-    return _pool.copy(x) if keep else None
+def _saved(copy, **arrays):
+    """What a workspace keeps of the arrays its backward pass reads and the
+    caller holds too (x, h0, the outputs): copies (the caller may change
+    them before the backward pass), or the arrays themselves when not
+    ``copy``."""
+    return {k: _pool.copy(a) if copy else a for k, a in arrays.items()}
 
 
 def _pack_len(backend, B, I, H, threads, kind="lstm"):
@@ -274,24 +279,27 @@ def lstm_backward(workspace, d_outputs, d_h=None, d_c=None):
     db = np.empty(4 * H, dt)
     Tc = _chunk_steps(T, B)
     dz = _aligned_empty((Tc, B, 4 * H), dt)
-    xs = _aligned_empty((2 * Tc * B * I,), dt)
+    xs = _aligned_empty((_gather_len(Tc, B, I, H),), dt)
     work = np.empty((B, H), dt)
     with blas:
         module.lstm_backward(
-            _saved_x(d), workspace.go_backwards, np.ascontiguousarray(d["W"]),
-            np.ascontiguousarray(d["U"]), d["mask_tm"], d["hs"], d["cs"],
+            *_saved_arrays(d), workspace.go_backwards, np.ascontiguousarray(d["W"]),
+            np.ascontiguousarray(d["U"]), d["mask_tm"], d["cs"],
             d["gates"], d_out, dh, dc, dx, dW, dU, db, dz, work, pack, xs,
             threads)
     return LSTMGrads(dx, dh, dc, dW, dU, db if workspace.has_bias else None)
 
 
-def _saved_x(data):
-    """The forward's input x (B, T, I), C-contiguous, from a workspace."""
-    x = data["x"]
-    if x is None:
-        raise ValueError("this workspace was made without its input "
-                         "(_keep_x=False): give it back as workspace.data['x']")
-    return np.ascontiguousarray(x)
+def _saved_arrays(data):
+    """The forward's input x (B, T, I), h0 (B, H) and outputs (B, T, H),
+    C-contiguous, from a workspace."""
+    return tuple(np.ascontiguousarray(data[k]) for k in ("x", "h0", "outputs"))
+
+
+def _gather_len(Tc, B, I, H):
+    """Length of the backward passes' ``xs`` scratch: one chunk's rows of x,
+    of dx and of h_{t-1}."""
+    return Tc * B * (2 * I + H)
 
 
 # -------------------------------------------------------------------- RNN ---
@@ -306,7 +314,7 @@ def _activation_code(activation):
 
 def rnn_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *,
                 activation="tanh", mask=None, go_backwards=False,
-                return_workspace=False, backend="auto", _keep_x=True):
+                return_workspace=False, backend="auto", _copy_arrays=True):
     """Simple RNN forward pass,
     ``h_t = activation(x_t @ kernel + h_{t-1} @ recurrent_kernel + bias)``.
 
@@ -336,22 +344,24 @@ def rnn_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *,
     dt = x.dtype
     x_in, batch_major = _kernel_input(x, go_backwards)
     mask_tm = _NO_MASK if mask is None else _time_major(mask, go_backwards).view(np.uint8)
-    hs = _aligned_empty((T + 1, B, H), dt)
-    hs[0] = h0
+    # the kernel computes the pre-activations into the outputs and each
+    # step's h in place there (no other buffer)
+    h0 = np.ascontiguousarray(h0)
     outputs = _aligned_empty((B, T, H), dt)
     work = _aligned_empty((_pack_len(name, B, I, H, threads, "rnn")
                            if dt == np.float32 else 0,), dt)
     with blas:
         _backend.module(name).rnn_forward(
             x_in, np.ascontiguousarray(W), np.ascontiguousarray(U),
-            np.ascontiguousarray(b), mask_tm, hs, outputs, work,
+            np.ascontiguousarray(b), mask_tm, h0, outputs, work,
             ACTIVATIONS[activation], threads, batch_major=batch_major)
+    h = outputs[:, T - 1].copy()   # (before unseen outputs are zeroed)
     seen = None if mask is None else _seen(mask_tm)
     _zero_unseen(outputs, seen)
     if training:
-        ws.data = dict(x=_saved_input(x, _keep_x), W=W, U=U, mask_tm=mask_tm,
-                       hs=hs, seen=seen)
-    return RNNResult(outputs, hs[T].copy(), ws if training else None)
+        ws.data = dict(_saved(x=x, h0=h0, outputs=outputs, copy=_copy_arrays),
+                       W=W, U=U, mask_tm=mask_tm, seen=seen)
+    return RNNResult(outputs, h, ws if training else None)
 
 
 def rnn_backward(workspace, d_outputs, d_h=None):
@@ -380,12 +390,12 @@ def rnn_backward(workspace, d_outputs, d_h=None):
     db = np.empty(H, dt)
     Tc = _chunk_steps(T, B)
     dz = _aligned_empty((Tc, B, H), dt)
-    xs = _aligned_empty((2 * Tc * B * I,), dt)
+    xs = _aligned_empty((_gather_len(Tc, B, I, H),), dt)
     work = np.empty((B, H), dt)
     with blas:
         _backend.module(workspace.backend).rnn_backward(
-            _saved_x(d), workspace.go_backwards, np.ascontiguousarray(d["W"]),
-            np.ascontiguousarray(d["U"]), d["mask_tm"], d["hs"],
+            *_saved_arrays(d), workspace.go_backwards, np.ascontiguousarray(d["W"]),
+            np.ascontiguousarray(d["U"]), d["mask_tm"],
             ACTIVATIONS[workspace.activation], d_out, dh, dx, dW, dU, db, dz,
             work, pack, xs, threads)
     return RNNGrads(dx, dh, dW, dU, db if workspace.has_bias else None)

@@ -7,6 +7,7 @@ rules checked directly."""
 import numpy as np
 import pytest
 
+import fastrnn
 from fastrnn import ops
 
 # (B, T, I, H)
@@ -169,30 +170,60 @@ def test_backward_is_repeatable(backend, dtype, cell, rng, kernels):
         np.testing.assert_array_equal(first, second)
 
 
-def test_workspace_keeps_its_own_input(backend, dtype, cell, rng, kernels):
-    """Changing x after the forward pass does not change the gradients: the
-    workspace keeps a copy of it."""
+def test_workspace_keeps_its_own_arrays(backend, dtype, cell, rng, kernels):
+    """Changing x, h0 or the returned outputs after the forward pass does not
+    change the gradients: the workspace keeps copies of what its backward
+    pass reads (the outputs are the states h it reads h_{t-1} from)."""
     kind, activation = cell
     p = kernels.make_problem(rng, kind, 3, 5, 2, 4, dtype,
-                             activation=activation, mask="random")
+                             activation=activation, mask="left_padded")
     expected = kernels.run_ops(p, backend)
     args = (p["x"], p["kernel"], p["recurrent_kernel"], p["bias"], p["h0"])
     if kind == "lstm":
-        ws = ops.lstm_forward(*args, p["c0"], mask=p["mask"], backend=backend,
-                              return_workspace=True).workspace
-        p["x"][...] = 7
-        got = ops.lstm_backward(ws, p["d_outputs"], p["d_h"], p["d_c"])
+        r = ops.lstm_forward(*args, p["c0"], mask=p["mask"], backend=backend,
+                             return_workspace=True)
     else:
-        ws = ops.rnn_forward(*args, activation=activation, mask=p["mask"],
-                             backend=backend, return_workspace=True).workspace
-        p["x"][...] = 7
-        got = ops.rnn_backward(ws, p["d_outputs"], p["d_h"])
+        r = ops.rnn_forward(*args, activation=activation, mask=p["mask"],
+                            backend=backend, return_workspace=True)
+    for a in (p["x"], p["h0"], r.outputs):
+        a[...] = 7
+    if kind == "lstm":
+        got = ops.lstm_backward(r.workspace, p["d_outputs"], p["d_h"], p["d_c"])
+    else:
+        got = ops.rnn_backward(r.workspace, p["d_outputs"], p["d_h"])
     for name, value in got._asdict().items():
-        want = expected["d_" + {"kernel": "kernel", "x": "x"}.get(name, name)]
+        want = expected["d_" + name]
         if value is None:
             assert want is None
         else:
             np.testing.assert_array_equal(value, want, err_msg=name)
+
+
+@pytest.mark.parametrize("backend", [b for b in fastrnn.available_backends()
+                                     if b != "numpy"])
+def test_workspace_refers_to_its_arrays_without_copies(backend, cell, rng, kernels):
+    """With ``_copy_arrays=False`` (fastrnn.keras, whose tensors cannot
+    change) a compiled workspace refers to x, h0 and the outputs as they
+    are, and keeps no other (B, T, H) or (T+1, B, H) array: the states h
+    are kept once, as the outputs."""
+    kind, activation = cell
+    B, T, I, H = 3, 5, 2, 4
+    p = kernels.make_problem(rng, kind, B, T, I, H, np.float32,
+                             activation=activation, mask="random")
+    x = np.ascontiguousarray(p["x"])
+    h0 = np.ascontiguousarray(p["h0"])
+    args = (x, p["kernel"], p["recurrent_kernel"], p["bias"], h0)
+    kw = dict(mask=p["mask"], backend=backend, return_workspace=True,
+              _copy_arrays=False)
+    if kind == "lstm":
+        r = ops.lstm_forward(*args, p["c0"], **kw)
+    else:
+        r = ops.rnn_forward(*args, activation=activation, **kw)
+    data = r.workspace.data
+    assert data["x"] is x and data["h0"] is h0 and data["outputs"] is r.outputs
+    states = [k for k, a in data.items() if isinstance(a, np.ndarray)
+              and a.shape in ((B, T, H), (T + 1, B, H)) and k != "outputs"]
+    assert states == (["cs"] if kind == "lstm" else [])
 
 
 def test_result_types(backend, rng, kernels):

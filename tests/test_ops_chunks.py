@@ -82,9 +82,10 @@ def test_chunk_steps_rule():
 @pytest.mark.parametrize("kind", ["lstm", "rnn"])
 def test_kernels_get_one_chunk_of_scratch(backend_name, kind, monkeypatch,
                                           rng, kernels):
-    """dz holds one chunk of steps (and xs one chunk's rows of x and dx);
-    x, d_outputs and dx reach the kernel batch-major (B, T, ...), the
-    caller's d_outputs itself, not time-major copies."""
+    """dz holds one chunk of steps (and xs one chunk's rows of x, dx and
+    h_{t-1}); x, the forward's outputs (the states h), d_outputs and dx
+    reach the kernel batch-major (B, T, ...), the caller's d_outputs itself,
+    not time-major copies."""
     B, T, H = 32, 100, 8
     G = 4 if kind == "lstm" else 1
     module = _backend.module(backend_name)
@@ -96,7 +97,7 @@ def test_kernels_get_one_chunk_of_scratch(backend_name, kind, monkeypatch,
         seen["dz"] = arrays[-4].shape   # ..., dz, work, pack, xs
         seen["xs"] = arrays[-1].shape
         seen["x"] = arrays[0].shape
-        seen["d_out"] = next(a for a in arrays if a.shape == (B, T, H))
+        seen["bth"] = [a for a in arrays if a.shape == (B, T, H)]
         seen["dx"] = [a.shape for a in arrays].count((B, T, 3))
         return real(*args)
 
@@ -104,9 +105,11 @@ def test_kernels_get_one_chunk_of_scratch(backend_name, kind, monkeypatch,
     p = kernels.make_problem(rng, kind, B, T, 3, H, np.float32)
     kernels.run_ops(p, backend_name)
     assert seen["dz"] == (ops._chunk_steps(T, B), B, G * H) == (9, B, G * H)
-    assert seen["xs"] == (2 * 9 * B * 3,)
+    assert seen["xs"] == (9 * B * (2 * 3 + H),)
     assert seen["x"] == (B, T, 3) and seen["dx"] == 2     # x and dx
-    assert np.shares_memory(seen["d_out"], p["d_outputs"])
+    outputs, d_out = seen["bth"]                           # and no other
+    assert np.shares_memory(d_out, p["d_outputs"])
+    assert not np.shares_memory(outputs, d_out)
 
 
 @pytest.mark.parametrize("layout", ["fortran", "strided", "read_only"])

@@ -163,7 +163,7 @@ def test_forward_with_packed_weights_matches_plain_blas(training, threads, B, H,
     runs = []
     for work in (np.empty(_cykernels.lstm_forward_work_len(B, I, H, threads), dtype),
                  np.empty(0, dtype)):
-        hs = np.zeros((T + 1 if training else 2, B, H), dtype)
+        hs = np.zeros((2, B, H), dtype)
         hs[0] = h0
         cs = np.zeros((T + 1 if training else 2, B, H), dtype)
         gates = np.empty((T, B, 4 * H), dtype)
@@ -178,10 +178,8 @@ def test_forward_with_packed_weights_matches_plain_blas(training, threads, B, H,
             np.testing.assert_allclose(got[taken] if k == 2 else got,
                                        want[taken] if k == 2 else want, **tol)
     hs, _, _, out = runs[0]
-    if training:   # the outputs are the states after each step, batch-major
-        np.testing.assert_array_equal(out, hs[1:].swapaxes(0, 1))
-    else:          # the last state is in slot T % 2
-        np.testing.assert_array_equal(out[:, -1], hs[T % 2])
+    # the last state is in slot T % 2 (and the outputs hold every step's)
+    np.testing.assert_array_equal(out[:, -1], hs[T % 2])
 
 
 @pytest.mark.parametrize("backend", ["cython", "numba"])
@@ -211,11 +209,11 @@ def test_forward_reads_x_batch_major_as_the_time_major_copy(layer, B, I, threads
     runs = []
     for batch_major in (True, False):
         xin = x if batch_major else np.ascontiguousarray(x.swapaxes(0, 1))
-        hs = np.zeros((T + 1, B, H), dtype)
-        hs[0] = h0
         out = np.full((B, T, H), np.nan, dtype)
         if layer == "lstm":
             n = module.lstm_forward_work_len(B, I, H, threads) if backend == "cython" else 0
+            hs = np.zeros((2, B, H), dtype)
+            hs[0] = h0
             cs = np.zeros((T + 1, B, H), dtype)
             gates = np.empty((T, B, 4 * H), dtype)
             module.lstm_forward(xin, W, U, b, mask, hs, cs, gates, out, np.empty(n, dtype),
@@ -223,9 +221,9 @@ def test_forward_reads_x_batch_major_as_the_time_major_copy(layer, B, I, threads
             runs.append((out, hs, cs, gates[mask.astype(bool)]))
         else:
             n = module.rnn_work_len(B, I, H, threads) if backend == "cython" else 0
-            module.rnn_forward(xin, W, U, b, mask, hs, out, np.empty(n, dtype), 0, threads,
+            module.rnn_forward(xin, W, U, b, mask, h0, out, np.empty(n, dtype), 0, threads,
                                batch_major=batch_major)
-            runs.append((out, hs))
+            runs.append((out,))
     assert not np.isnan(runs[0][0]).any()
     for got, want in zip(*runs):   # round-off relative to the array's scale
         scale = max(1.0, float(np.abs(want).max()))
@@ -324,24 +322,26 @@ def test_backward_with_packed_weights_matches_plain_blas(threads, B, H, Tc, I):
     rng = np.random.default_rng(B * 100 + H + threads + Tc + I)
     T = 7
     x, W, U, b, mask = _lstm_kernel_inputs(rng, T, B, I, H, dt)
-    hs = np.zeros((T + 1, B, H), dt)
-    hs[0] = rng.standard_normal((B, H))
+    h0 = rng.standard_normal((B, H)).astype(dt)
+    hs = np.zeros((2, B, H), dt)
+    hs[0] = h0
     cs = np.zeros((T + 1, B, H), dt)
     gates = np.empty((T, B, 4 * H), dt)
-    _cykernels.lstm_forward(x, W, U, b, mask, hs, cs, gates, np.empty((B, T, H), dt),
+    h_out = np.empty((B, T, H), dt)
+    _cykernels.lstm_forward(x, W, U, b, mask, hs, cs, gates, h_out,
                             np.empty(0, dt), True, 1)
     d_out = rng.standard_normal((B, T, H)).astype(dt)
     d_h = rng.standard_normal((B, H)).astype(dt)
     d_c = rng.standard_normal((B, H)).astype(dt)
     x_bm = np.ascontiguousarray(x.swapaxes(0, 1))   # the backward's layout
-    xs = np.empty(2 * Tc * B * I, dt)
+    xs = np.empty(Tc * B * (2 * I + H), dt)
     runs = []
     for pack in (np.empty(_cykernels.lstm_backward_work_len(B, I, H, threads), dt),
                  np.empty(0, dt)):
         out = dict(dh=d_h.copy(), dc=d_c.copy(), dx=np.empty((B, T, I), dt),
                    dW=np.empty((I, 4 * H), dt), dU=np.empty((H, 4 * H), dt),
                    db=np.empty(4 * H, dt))
-        _cykernels.lstm_backward(x_bm, False, W, U, mask, hs, cs, gates, d_out,
+        _cykernels.lstm_backward(x_bm, h0, h_out, False, W, U, mask, cs, gates, d_out,
                                  out["dh"], out["dc"], out["dx"], out["dW"], out["dU"],
                                  out["db"], np.empty((Tc, B, 4 * H), dt),
                                  np.empty((B, H), dt), pack, xs, threads)
@@ -349,7 +349,7 @@ def test_backward_with_packed_weights_matches_plain_blas(threads, B, H, Tc, I):
     for k in runs[0]:
         np.testing.assert_allclose(runs[0][k], runs[1][k], rtol=1e-4, atol=1e-5,
                                    err_msg=k)
-    args = (x_bm, False, W, U, mask, hs, cs, gates, d_out, d_h.copy(), d_c.copy(),
+    args = (x_bm, h0, h_out, False, W, U, mask, cs, gates, d_out, d_h.copy(), d_c.copy(),
             np.empty((B, T, I), dt), np.empty((I, 4 * H), dt),
             np.empty((H, 4 * H), dt), np.empty(4 * H, dt),
             np.empty((Tc, B, 4 * H), dt), np.empty((B, H), dt))
@@ -384,25 +384,22 @@ def test_rnn_with_packed_weights_matches_plain_blas(act, threads, B, H, I):
     n = _cykernels.rnn_work_len(B, I, H, threads)
     runs = []
     for scratch in (np.empty(n, dt), np.empty(0, dt)):
-        hs = np.zeros((T + 1, B, H), dt)
-        hs[0] = h0
         outputs = np.full((B, T, H), np.nan, dt)
-        _cykernels.rnn_forward(x, W, U, b, mask, hs, outputs, scratch, act, threads)
-        np.testing.assert_array_equal(outputs, hs[1:].swapaxes(0, 1))
-        out = dict(hs=hs, dh=d_h.copy(), dx=np.empty((B, T, I), dt),
+        _cykernels.rnn_forward(x, W, U, b, mask, h0, outputs, scratch, act, threads)
+        out = dict(outputs=outputs, dh=d_h.copy(), dx=np.empty((B, T, I), dt),
                    dW=np.empty((I, H), dt), dU=np.empty((H, H), dt), db=np.empty(H, dt))
-        _cykernels.rnn_backward(np.ascontiguousarray(x.swapaxes(0, 1)), False, W, U,
-                                mask, hs, act, d_out, out["dh"], out["dx"],
+        _cykernels.rnn_backward(np.ascontiguousarray(x.swapaxes(0, 1)), h0, outputs,
+                                False, W, U, mask, act, d_out, out["dh"], out["dx"],
                                 out["dW"], out["dU"], out["db"],
                                 np.empty((Tc, B, H), dt), np.empty((B, H), dt),
-                                scratch, np.empty(2 * Tc * B * I, dt), threads)
+                                scratch, np.empty(Tc * B * (2 * I + H), dt), threads)
         runs.append(out)
     for k in runs[0]:   # float32 round-off, relative to the array's scale
         scale = max(1.0, float(np.abs(runs[1][k]).max()))
         np.testing.assert_allclose(runs[0][k], runs[1][k], rtol=2e-4,
                                    atol=2e-5 * scale, err_msg=k)
     with pytest.raises(ValueError, match="work must have at least"):
-        _cykernels.rnn_forward(x, W, U, b, mask, np.zeros((T + 1, B, H), dt),
+        _cykernels.rnn_forward(x, W, U, b, mask, h0,
                                np.empty((B, T, H), dt), np.empty(2, dt), act, threads)
 
 

@@ -8,9 +8,11 @@ backward passes with ``tf.custom_gradient``, so they work eagerly, inside
 The forward pass's workspace travels to the backward pass as tensors, so
 TensorFlow owns its lifetime: nothing is kept in a Python registry, nothing
 leaks when no gradient is taken, and concurrent calls (threads, replicas of
-a ``tf.distribute`` strategy) share no state.  Its big arrays (states,
+a ``tf.distribute`` strategy) share no state.  Its big arrays (cell states,
 gates, mask) are extra outputs of the forward op; the backward op gets them
-back as NumPy views of the tensors' memory.  (``tf.numpy_function`` wraps
+back as NumPy views of the tensors' memory, and with them the forward's
+inputs x, h0, kernel, recurrent_kernel and its outputs (the states h of
+every step, which the backward pass reads: they are kept once).  (``tf.numpy_function`` wraps
 a result whose data is 64-byte aligned, as every large buffer of
 fastrnn.ops is, without a copy, and copies other results; checked in
 tests/test_keras_tf_ops.py.)  The rest
@@ -38,13 +40,14 @@ from tensorflow.python.saved_model import save_context
 
 from .. import ops
 
-# The compiled backends' Workspace.data entries that travel as tensors, with
-# their dtypes (None: the float dtype of the call).  The input x is left
-# out (the forward keeps no copy of it): the backward op gets x itself, as
-# it gets W and U, inputs of the op.
-_ARRAYS = {"lstm": (("mask_tm", np.uint8), ("hs", None), ("cs", None),
-                    ("gates", None), ("seen", np.bool_)),
-           "rnn": (("mask_tm", np.uint8), ("hs", None), ("seen", np.bool_))}
+# The compiled backends' Workspace.data entries that travel as extra outputs
+# of the forward op, with their dtypes (None: the float dtype of the call).
+# Left out: the arrays the op already has as tensors (the forward refers to
+# them without copies, see _JOINED), which the backward op gets directly.
+_ARRAYS = {"lstm": (("mask_tm", np.uint8), ("cs", None), ("gates", None),
+                    ("seen", np.bool_)),
+           "rnn": (("mask_tm", np.uint8), ("seen", np.bool_))}
+_JOINED = ("x", "h0", "W", "U", "outputs")
 
 
 def graph_fallback_reason():
@@ -77,12 +80,13 @@ def _split(ws, fields):
                      for (_, adt), a in zip(fields, arrays)]
 
 
-def _join(blob, arrays, fields, x, W, U):
-    """Inverse of ``_split``, given the op's inputs x, kernel, recurrent_kernel."""
+def _join(blob, arrays, fields, joined):
+    """Inverse of ``_split``, given the op's inputs x, h0, kernel,
+    recurrent_kernel and its outputs (``_JOINED``)."""
     ws = pickle.loads(memoryview(np.ascontiguousarray(blob)))
     if "reference" not in ws.data:
         ws.data = dict(zip((name for name, _ in fields), arrays), **ws.data,
-                       x=x, W=W, U=U)
+                       **dict(zip(_JOINED, joined)))
     return ws
 
 
@@ -116,7 +120,9 @@ def _fused(kind, forward_np, backward_np, tensors, n_diff, out_shapes, dtype):
         outs, saved = results[:n_out], results[n_out:]
         for t, shape in zip(outs, out_shapes):
             t.set_shape(shape)
-        x, W, U = inputs[0], inputs[1 + n_states], inputs[2 + n_states]
+        # the arrays _JOINED names, in its order
+        joined = [inputs[0], inputs[1], inputs[1 + n_states],
+                  inputs[2 + n_states], outs[0]]
 
         def grad(*upstream):
             given = [u is not None for u in upstream]
@@ -126,19 +132,16 @@ def _fused(kind, forward_np, backward_np, tensors, n_diff, out_shapes, dtype):
                 ups = [next(it) if g else None for g in given]
                 if keep:
                     blob, *rest = it
-                    ws = _join(blob, rest[:len(fields)], fields, *rest[len(fields):])
+                    ws = _join(blob, rest[:len(fields)], fields, rest[len(fields):])
                 else:   # no tape at forward time: rebuild the workspace
-                    x_np, *rest = it
-                    ws = forward_np(True, x_np, *rest)[-1]
-                    if "reference" not in ws.data:
-                        ws.data["x"] = x_np
+                    ws = forward_np(True, *it)[-1]
                 return [np.asarray(g, dtype=np_dtype) for g in backward_np(ws, ups)]
 
             # Without a workspace, the backward pass needs all the inputs.
             grads = tf.numpy_function(
                 backward,
                 [u for u in upstream if u is not None]
-                + (saved + [x, W, U] if keep else list(inputs)),
+                + (saved + joined if keep else list(inputs)),
                 [dtype] * n_diff, stateful=False)
             for g, t in zip(grads, inputs):
                 g.set_shape(t.shape)
@@ -170,7 +173,7 @@ def lstm(x, h0, c0, kernel, recurrent_kernel, bias=None, mask=None, *,
         r = ops.lstm_forward(x, W, U, b, h0, c0, mask=m,
                              go_backwards=go_backwards,
                              return_workspace=keep, backend=backend,
-                             _keep_x=False)
+                             _copy_arrays=False)
         return r.outputs, r.h, r.c, r.workspace
 
     def backward_np(ws, upstream):
@@ -202,7 +205,7 @@ def rnn(x, h0, kernel, recurrent_kernel, bias=None, mask=None, *,
         r = ops.rnn_forward(x, W, U, b, h0, activation=activation, mask=m,
                             go_backwards=go_backwards,
                             return_workspace=keep, backend=backend,
-                            _keep_x=False)
+                            _copy_arrays=False)
         return r.outputs, r.h, r.workspace
 
     def backward_np(ws, upstream):
