@@ -507,6 +507,17 @@ def _product_impl(a, P, out):
             np.dot(a[0], P, out[0])
         else:
             np.dot(a, P, out)
+    if isinstance(a, types.Array) and a.layout != "C":
+        # rows that are not contiguous (a step's states read from the
+        # batch-major outputs): BLAS takes a contiguous copy (a row of
+        # states per batch row, small beside the product)
+        def copied(a, P, out):
+            ac = np.ascontiguousarray(a)
+            if ac.shape[0] == 1:
+                np.dot(ac[0], P, out[0])
+            else:
+                np.dot(ac, P, out)
+        return copied
     return blas
 
 

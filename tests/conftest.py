@@ -9,6 +9,17 @@ import pytest
 
 import fastrnn
 
+
+
+def pytest_configure(config):
+    """Numba's performance warnings (an array it would have to copy, a loop
+    it cannot parallelise) fail the tests: the numba kernels must not
+    trigger them."""
+    if "numba" in fastrnn.available_backends():
+        config.addinivalue_line(
+            "filterwarnings", "error::numba.core.errors.NumbaPerformanceWarning")
+
+
 # Relative tolerance per dtype; ``assert_close`` scales the absolute part by
 # the magnitude of the expected array.
 TOL = {np.dtype(np.float32): 2e-4, np.dtype(np.float64): 1e-9}
