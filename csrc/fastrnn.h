@@ -122,13 +122,15 @@ int fr_lstm_forward_f64(const fr_dblas *blas, int nthreads, int training,
 int fr_lstm_backward_f32(const fr_sblas *blas, int nthreads, int reverse, int T, int Tc,
                          int B, int I, int H, const float *x, const float *W,
                          const float *U, const unsigned char *mask, const float *h0,
-                         const float *out, const float *cs, const float *gates, const float *d_out,
+                         const float *out, const float *cs, const float *gates,
+                         const float *d_out,
                          float *dh, float *dc, float *dx, float *dW, float *dU,
                          float *db, float *dz, float *work, float *pack, float *xs);
 int fr_lstm_backward_f64(const fr_dblas *blas, int nthreads, int reverse, int T, int Tc,
                          int B, int I, int H, const double *x, const double *W,
                          const double *U, const unsigned char *mask, const double *h0,
-                         const double *out, const double *cs, const double *gates, const double *d_out,
+                         const double *out, const double *cs, const double *gates,
+                         const double *d_out,
                          double *dh, double *dc, double *dx, double *dW, double *dU,
                          double *db, double *dz, double *work, double *pack, double *xs);
 
@@ -164,15 +166,15 @@ int fr_rnn_forward_f64(const fr_dblas *blas, int nthreads, int act, int batch_ma
 int fr_rnn_backward_f32(const fr_sblas *blas, int nthreads, int act, int reverse, int T,
                         int Tc, int B, int I, int H, const float *x, const float *W,
                         const float *U, const unsigned char *mask, const float *h0,
-                        const float *out, const float *d_out, float *dh, float *dx, float *dW,
-                        float *dU, float *db, float *dz, float *work, float *pack,
-                        float *xs);
+                        const float *out, const float *d_out, float *dh, float *dx,
+                        float *dW, float *dU, float *db, float *dz, float *work,
+                        float *pack, float *xs);
 int fr_rnn_backward_f64(const fr_dblas *blas, int nthreads, int act, int reverse, int T,
                         int Tc, int B, int I, int H, const double *x, const double *W,
                         const double *U, const unsigned char *mask, const double *h0,
-                        const double *out, const double *d_out, double *dh, double *dx, double *dW,
-                        double *dU, double *db, double *dz, double *work, double *pack,
-                        double *xs);
+                        const double *out, const double *d_out, double *dh, double *dx,
+                        double *dW, double *dU, double *db, double *dz, double *work,
+                        double *pack, double *xs);
 
 /* How the kernels were built: the compiler; 1 if the kernels can run on a
  * team of threads (POSIX threads), 0 if they always run on the caller's. */

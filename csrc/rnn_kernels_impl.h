@@ -382,7 +382,8 @@ static int FN(project_own)(const BLAS_T *blas, const FN(fwd_team) *tm, REAL *wor
         if (w > 0) {
             REAL *Wp = FN(w_panels_slot)(work, G, I, H, B, tm->nthreads, tid, 0, j0);
             fr_pack_panels(I, H, G, j0, w, W, Wp);
-            FN(project)(blas, Wp, tm->xbm, tm->zbm, 0, T * B, G, T, B, I, H, j0, w, x, W, z);
+            FN(project)(blas, Wp, tm->xbm, tm->zbm, 0, T * B, G, T, B, I, H, j0, w, x, W,
+                        z);
         }
         return 0;
     }
@@ -548,8 +549,8 @@ static void FN(lstm_forward_job)(void *arg, int tid, int n)
             else
                 FN(recurrent_projection)(a->blas, 4, B, H, j0, j1, hp, H, a->U, z, 4 * H);
             FN(lstm_cell)(B, H, j0, j1, a->bias, m, z, rec, (size_t)ldr, hp, a->cs + prev,
-                          a->hs + FN(state_slot)(0, t) * BH, a->cs + next, a->out + (size_t)t * H,
-                          (size_t)T * H);
+                          a->hs + FN(state_slot)(0, t) * BH, a->cs + next,
+                          a->out + (size_t)t * H, (size_t)T * H);
         }
         fr_barrier_wait(&a->tm.bar, n, &sense);
     }

@@ -12,10 +12,10 @@ a ``tf.distribute`` strategy) share no state.  Its big arrays (cell states,
 gates, mask) are extra outputs of the forward op; the backward op gets them
 back as NumPy views of the tensors' memory, and with them the forward's
 inputs x, h0, kernel, recurrent_kernel and its outputs (the states h of
-every step, which the backward pass reads: they are kept once).  (``tf.numpy_function`` wraps
-a result whose data is 64-byte aligned, as every large buffer of
-fastrnn.ops is, without a copy, and copies other results; checked in
-tests/test_keras_tf_ops.py.)  The rest
+every step, which the backward pass reads: they are kept once).
+(``tf.numpy_function`` wraps a result whose data is 64-byte aligned, as
+every large buffer of fastrnn.ops is, without a copy, and copies other
+results; checked in tests/test_keras_tf_ops.py.)  The rest
 (backend, shape, flags) travels as a small pickled
 :class:`fastrnn.ops.Workspace` with those arrays left out.  The numpy
 backend's workspace (also used for empty shapes) is pickled whole: it is a
