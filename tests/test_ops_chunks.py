@@ -46,6 +46,35 @@ def test_chunked_backward_matches_reference(backend, dtype, kind, activation,
                                  kernels.run_reference(p), backend)
 
 
+@pytest.mark.parametrize("go_backwards", [False, True], ids=["fwd", "bwd"])
+@pytest.mark.parametrize("kind,activation", [("lstm", "tanh"), ("rnn", "tanh"),
+                                             ("rnn", "linear")])
+def test_states_before_a_rows_first_step_come_from_h0(backend, dtype, kind,
+                                                       activation, go_backwards,
+                                                       threads, small_chunks, rng,
+                                                       kernels):
+    """The backward reads h_{t-1} from the outputs, which Keras's rule zeroes
+    before a row's first unmasked step, and from h0 up to that step: rows
+    whose first step (in reading order) is the first of the sequence, the
+    last of a chunk (3), the first of the next (4), one inside a later chunk
+    (6), the very last (9), or none, with a nonzero h0 and masked steps
+    after the first one too (chunks of 4 steps: 4 + 4 + 2)."""
+    B, T = 6, 10
+    first = [0, 3, 4, 6, 9, T]
+    mask = np.zeros((B, T), bool)
+    for b, f in enumerate(first):
+        mask[b, f:] = True
+        mask[b, f + 2::3] = False   # masked steps later on as well
+        mask[b, f:f + 1] = f < T    # (the first one taken)
+    if go_backwards:   # the same first steps in reading order
+        mask = mask[:, ::-1].copy()
+    p = kernels.make_problem(rng, kind, B, T, 3, 7, dtype, activation=activation,
+                             mask=mask, go_backwards=go_backwards)
+    assert np.abs(p["h0"]).min() > 0
+    kernels.assert_results_close(kernels.run_ops(p, backend),
+                                 kernels.run_reference(p), backend)
+
+
 @pytest.mark.parametrize("min_steps", [1, 3, 4, 10])
 @pytest.mark.parametrize("kind", ["lstm", "rnn"])
 def test_every_chunk_size_gives_the_same_gradients(backend, kind, min_steps,
