@@ -264,8 +264,8 @@ def lstm_backward(workspace, d_outputs, d_h=None, d_c=None):
         return LSTMGrads(g["x"], g["h0"], g["c0"], g["kernel"],
                          g["recurrent_kernel"],
                          g["bias"] if workspace.has_bias else None)
-    d = workspace.data
-    d_out = _kernel_d_out(d_out, d["seen"])   # outputs are in reading order
+    d = _kernel_workspace(workspace, 4)
+    d_out = _kernel_d_out(d_out, workspace.data["seen"])   # in reading order
     dh = np.array(d_h, dtype=dt, order="C", copy=True)
     dc = np.array(d_c, dtype=dt, order="C", copy=True)
     module = _backend.module(workspace.backend)
@@ -283,17 +283,45 @@ def lstm_backward(workspace, d_outputs, d_h=None, d_c=None):
     work = np.empty((B, H), dt)
     with blas:
         module.lstm_backward(
-            *_saved_arrays(d), workspace.go_backwards, np.ascontiguousarray(d["W"]),
-            np.ascontiguousarray(d["U"]), d["mask_tm"], d["cs"],
-            d["gates"], d_out, dh, dc, dx, dW, dU, db, dz, work, pack, xs,
-            threads)
+            d["x"], d["h0"], d["outputs"], workspace.go_backwards, d["W"], d["U"],
+            d["mask_tm"], d["cs"], d["gates"], d_out, dh, dc, dx, dW, dU, db, dz,
+            work, pack, xs, threads)
     return LSTMGrads(dx, dh, dc, dW, dU, db if workspace.has_bias else None)
 
 
-def _saved_arrays(data):
-    """The forward's input x (B, T, I), h0 (B, H) and outputs (B, T, H),
-    C-contiguous, from a workspace."""
-    return tuple(np.ascontiguousarray(data[k]) for k in ("x", "h0", "outputs"))
+def _kernel_workspace(workspace, G):
+    """A compiled workspace's arrays as the backward kernels read them,
+    C-contiguous: x (B, T, I), h0 (B, H), outputs (B, T, H), W, U, mask_tm
+    (T, B) uint8 (or none), and for the LSTM cs (T+1, B, H) and gates
+    (T, B, 4H).  A workspace is opaque, but one whose arrays were replaced or
+    dropped fails here with a ValueError, not in a kernel."""
+    B, T, I, H = workspace.shape
+    dt = workspace.dtype
+    want = {"x": (B, T, I), "h0": (B, H), "outputs": (B, T, H),
+            "W": (I, G * H), "U": (H, G * H)}
+    if G == 4:
+        want.update(cs=(T + 1, B, H), gates=(T, B, 4 * H))
+    d, arrays = workspace.data, {}
+    for name, shape in want.items():
+        a = d.get(name)
+        if not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != dt:
+            raise ValueError(f"workspace.data[{name!r}] must be a {dt} array of shape "
+                             f"{shape} (a workspace is made by the forward pass and "
+                             f"not changed), got {_describe(a)}")
+        arrays[name] = np.ascontiguousarray(a)
+    m = d.get("mask_tm")
+    if (not isinstance(m, np.ndarray) or m.dtype != np.uint8
+            or m.shape not in ((T, B), (0, 0))):
+        raise ValueError(f"workspace.data['mask_tm'] must be a uint8 array of shape "
+                         f"{(T, B)} or (0, 0), got {_describe(m)}")
+    arrays["mask_tm"] = np.ascontiguousarray(m)
+    return arrays
+
+
+def _describe(a):
+    if isinstance(a, np.ndarray):
+        return f"a {a.dtype} array of shape {a.shape}"
+    return type(a).__name__
 
 
 def _gather_len(Tc, B, I, H):
@@ -377,8 +405,8 @@ def rnn_backward(workspace, d_outputs, d_h=None):
         g = reference.rnn_backward(workspace.data["reference"], d_out, d_h)
         return RNNGrads(g["x"], g["h0"], g["kernel"], g["recurrent_kernel"],
                         g["bias"] if workspace.has_bias else None)
-    d = workspace.data
-    d_out = _kernel_d_out(d_out, d["seen"])   # outputs are in reading order
+    d = _kernel_workspace(workspace, 1)
+    d_out = _kernel_d_out(d_out, workspace.data["seen"])   # in reading order
     dh = np.array(d_h, dtype=dt, order="C", copy=True)
     # first, so that the pool hands it the forward's work buffer (same size)
     pack = _aligned_empty((_pack_len(workspace.backend, B, I, H, threads, "rnn")
@@ -394,8 +422,7 @@ def rnn_backward(workspace, d_outputs, d_h=None):
     work = np.empty((B, H), dt)
     with blas:
         _backend.module(workspace.backend).rnn_backward(
-            *_saved_arrays(d), workspace.go_backwards, np.ascontiguousarray(d["W"]),
-            np.ascontiguousarray(d["U"]), d["mask_tm"],
-            ACTIVATIONS[workspace.activation], d_out, dh, dx, dW, dU, db, dz,
-            work, pack, xs, threads)
+            d["x"], d["h0"], d["outputs"], workspace.go_backwards, d["W"], d["U"],
+            d["mask_tm"], ACTIVATIONS[workspace.activation], d_out, dh, dx, dW, dU,
+            db, dz, work, pack, xs, threads)
     return RNNGrads(dx, dh, dW, dU, db if workspace.has_bias else None)

@@ -5,6 +5,7 @@ results of the right shapes; NaN and inf propagate as in the reference."""
 import numpy as np
 import pytest
 
+import fastrnn
 from fastrnn import ops
 
 B, T, I, H = 2, 3, 4, 5
@@ -170,6 +171,40 @@ def test_workspace_of_the_wrong_kind_is_rejected(workspaces):
         ops.lstm_backward(workspaces["rnn"], D_OUT)
     with pytest.raises(ValueError, match="workspace was made by lstm_forward"):
         ops.rnn_backward(workspaces["lstm"], D_OUT)
+
+
+# (kind, name in Workspace.data, replacement): arrays the compiled backward
+# kernels read, replaced by ones of another shape or dtype, or dropped
+TAMPERED = {
+    "outputs_short": ("lstm", "outputs", np.zeros((B, T - 1, H))),
+    "outputs_f32": ("rnn", "outputs", np.zeros((B, T, H), f32)),
+    "h0_rows": ("rnn", "h0", np.zeros((B - 1, H))),
+    "x_features": ("lstm", "x", np.zeros((B, T, I + 1))),
+    "x_dropped": ("rnn", "x", None),
+    "W_transposed": ("rnn", "W", np.zeros((H, I))),
+    "cs_steps": ("lstm", "cs", np.zeros((T, B, H))),
+    "gates_list": ("lstm", "gates", [[0.0]]),
+    "mask_shape": ("rnn", "mask_tm", np.ones((B, T), np.uint8)),
+    "mask_bool": ("lstm", "mask_tm", np.ones((T, B), bool)),
+}
+
+
+@pytest.mark.parametrize("backend", [b for b in fastrnn.available_backends()
+                                     if b != "numpy"])
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_tampered_workspace_is_rejected_before_the_kernel(case, backend):
+    """A workspace is opaque, but one of a compiled backend whose arrays were
+    replaced fails with a ValueError naming the array (the kernels would
+    otherwise read out of bounds)."""
+    kind, name, bad = TAMPERED[case]
+    ws = _call(kind, backend, return_workspace=True).workspace
+    if bad is None:
+        del ws.data[name]
+    else:
+        ws.data[name] = bad
+    backward = ops.lstm_backward if kind == "lstm" else ops.rnn_backward
+    with pytest.raises(ValueError, match=rf"workspace.data\['{name}'\] must be"):
+        backward(ws, D_OUT)
 
 
 @pytest.mark.parametrize("not_a_workspace", [None, {}, "ws", (1, 2)],
