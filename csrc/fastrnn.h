@@ -114,8 +114,7 @@ int fr_lstm_forward_f64(const fr_dblas *blas, int nthreads, int training,
  *   work   (B, H)      scratch
  *   pack   fr_lstm_backward_work(B, I, H, nthreads) scratch, or NULL:
  *          float32, the threads' packed (transposed) rows of U for dz U^T
- *          and, from 8 rows on when it fits in the length of the forward's
- *          work, W^T packed for dx = dz W^T
+ *          and, from 8 rows on, W^T packed for dx = dz W^T
  *   xs     Tc * B * (2 * I + H) scratch: one chunk's rows of x, of dx
  *          and of h_{t-1}
  */
