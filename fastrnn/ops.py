@@ -17,6 +17,7 @@ once, as the outputs: the backward passes read h_{t-1} from them (and h0),
 so a training forward keeps no time-major copy of them.  This module
 allocates every buffer and calls one kernel entry point per pass.
 """
+import math
 from collections import namedtuple
 from dataclasses import dataclass, field
 
@@ -36,6 +37,7 @@ RNNGrads = namedtuple("RNNGrads", "x h0 kernel recurrent_kernel bias")
 
 ACTIVATIONS = {"tanh": 0, "relu": 1, "linear": 2}
 _NO_MASK = np.zeros((0, 0), dtype=np.uint8)
+_UINT8, _BOOL = np.dtype(np.uint8), np.dtype(np.bool_)
 
 
 @dataclass(eq=False)
@@ -52,6 +54,7 @@ class Workspace:
     go_backwards: bool
     has_bias: bool
     activation: str = "tanh"
+    masked: bool = False
     data: dict = field(default_factory=dict, repr=False)
 
 
@@ -78,10 +81,45 @@ def _kernel_input(x, go_backwards):
     return np.ascontiguousarray(x), True
 
 
-def _seen(mask_tm):
+def _seen(mask_tm, out=None):
     """(T, B, 1): whether the row has had an unmasked step yet (its output is
-    zero before that, while its state is still h0)."""
-    return np.logical_or.accumulate(mask_tm.astype(bool), axis=0)[:, :, None]
+    zero before that, while its state is still h0); into ``out`` if given."""
+    if out is None:
+        out = np.empty(mask_tm.shape + (1,), np.bool_)
+    np.logical_or.accumulate(mask_tm.view(np.bool_), axis=0, out=out[:, :, 0])
+    return out
+
+
+def _saved_arrays(kind, shape, dtype, masked, arena=None):
+    """The arrays a training forward makes for its backward pass, as views
+    of one 64-byte-aligned buffer, the "arena" (so that fastrnn.keras hands
+    TensorFlow one array, not four): for the LSTM cs (T+1, B, H) and gates
+    (T, B, 4H), and with a mask mask_tm (T, B) uint8 and seen (T, B, 1).
+    Returns a dict of them and "arena"; ``arena`` None allocates one (from
+    the buffer pool), else it is carved as the forward pass carved it."""
+    B, T, _, H = shape
+    dtype = np.dtype(dtype)
+    items = [("cs", (T + 1, B, H), dtype), ("gates", (T, B, 4 * H), dtype)
+             ] if kind == "lstm" else []
+    if masked:
+        items += [("mask_tm", (T, B), _UINT8), ("seen", (T, B, 1), _BOOL)]
+    spans, size = [], 0
+    for name, shp, dt in items:
+        n = math.prod(shp) * dt.itemsize
+        spans.append((name, shp, dt, size, n))
+        size += -(-n // 64) * 64
+    if arena is None:
+        arena = _pool.empty((size,), _UINT8)
+    elif not (isinstance(arena, np.ndarray) and arena.dtype == _UINT8
+              and arena.shape == (size,)):
+        raise ValueError(f"workspace arena must be a uint8 array of shape "
+                         f"{(size,)}, got {_describe(arena)}")
+    arrays = {name: arena[off:off + n].view(dt).reshape(shp)
+              for name, shp, dt, off, n in spans}
+    if not masked:
+        arrays.update(mask_tm=_NO_MASK, seen=None)
+    arrays["arena"] = arena
+    return arrays
 
 
 def _aligned_empty(shape, dt):
@@ -145,15 +183,21 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
 
     dt = x.dtype
     x_in, batch_major = _kernel_input(x, go_backwards)
-    mask_tm = _NO_MASK if mask is None else _time_major(mask, go_backwards).view(np.uint8)
+    ws.masked = mask is not None
     # h in two slots that alternate (the outputs keep every step's h, which
     # the kernel writes itself); c of every step when training (the
     # backward reads them), else two slots too
     hs = _aligned_empty((2, B, H), dt)
     hs[0] = h0
-    cs = _aligned_empty((T + 1 if training else 2, B, H), dt)
+    if training:
+        saved = _saved_arrays("lstm", ws.shape, dt, ws.masked)
+        cs, gates, mask_tm = saved["cs"], saved["gates"], _mask_tm(mask, go_backwards,
+                                                                   saved["mask_tm"])
+    else:
+        cs = _aligned_empty((2, B, H), dt)
+        gates = _aligned_empty((T, B, 4 * H), dt)
+        mask_tm = _mask_tm(mask, go_backwards)
     cs[0] = c0
-    gates = _aligned_empty((T, B, 4 * H), dt)
     outputs = _aligned_empty((B, T, H), dt)
     # the kernel's packed copy of the weights (see csrc/fastrnn.h)
     work = _aligned_empty((_pack_len(name, B, I, H, threads)
@@ -163,13 +207,25 @@ def lstm_forward(x, kernel, recurrent_kernel, bias=None, h0=None, c0=None, *,
             x_in, np.ascontiguousarray(W), np.ascontiguousarray(U),
             np.ascontiguousarray(b), mask_tm, hs, cs, gates, outputs, work,
             training, threads, batch_major=batch_major)
-    seen = None if mask is None else _seen(mask_tm)
+    seen = None if mask is None else _seen(mask_tm, saved["seen"] if training else None)
     _zero_unseen(outputs, seen)
     if training:
         ws.data = dict(_saved(x=x, h0=h0, outputs=outputs, copy=_copy_arrays),
-                       W=W, U=U, mask_tm=mask_tm, cs=cs, gates=gates, seen=seen)
+                       W=W, U=U, **saved)
     return LSTMResult(outputs, hs[T % 2].copy(),
                       cs[T if training else T % 2].copy(), ws if training else None)
+
+
+def _mask_tm(mask, go_backwards, out=None):
+    """The mask as the kernels read it: (T, B) uint8 in reading order (into
+    ``out`` if given), or an empty (0, 0) array for no mask."""
+    if mask is None:
+        return _NO_MASK
+    if out is None:
+        return _time_major(mask, go_backwards).view(np.uint8)
+    m = mask.swapaxes(0, 1)
+    np.copyto(out, m[::-1] if go_backwards else m)
+    return out
 
 
 def _saved(copy, **arrays):
@@ -371,7 +427,9 @@ def rnn_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *,
 
     dt = x.dtype
     x_in, batch_major = _kernel_input(x, go_backwards)
-    mask_tm = _NO_MASK if mask is None else _time_major(mask, go_backwards).view(np.uint8)
+    ws.masked = mask is not None
+    saved = _saved_arrays("rnn", ws.shape, dt, ws.masked) if training else None
+    mask_tm = _mask_tm(mask, go_backwards, saved["mask_tm"] if saved and ws.masked else None)
     # the kernel computes the pre-activations into the outputs and each
     # step's h in place there (no other buffer)
     h0 = np.ascontiguousarray(h0)
@@ -384,11 +442,11 @@ def rnn_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *,
             np.ascontiguousarray(b), mask_tm, h0, outputs, work,
             ACTIVATIONS[activation], threads, batch_major=batch_major)
     h = outputs[:, T - 1].copy()   # (before unseen outputs are zeroed)
-    seen = None if mask is None else _seen(mask_tm)
+    seen = None if mask is None else _seen(mask_tm, saved["seen"] if training else None)
     _zero_unseen(outputs, seen)
     if training:
         ws.data = dict(_saved(x=x, h0=h0, outputs=outputs, copy=_copy_arrays),
-                       W=W, U=U, mask_tm=mask_tm, seen=seen)
+                       W=W, U=U, **saved)
     return RNNResult(outputs, h, ws if training else None)
 
 

@@ -72,7 +72,7 @@ class CountCalls:
             real = getattr(ops, name)
 
             def wrapper(*args, _real=real, _name=name, **kwargs):
-                self.calls[_name].append(kwargs)
+                self.calls[_name].append(dict(kwargs, args=args))
                 return _real(*args, **kwargs)
             monkeypatch.setattr(ops, name, wrapper)
 
@@ -157,15 +157,71 @@ def test_each_backend(kind, backend, counter):
     assert {c["backend"] for c in counter.calls[f"{kind}_forward"]} == {backend}
 
 
+@pytest.mark.parametrize("return_state", [False, True])
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_default_initial_state(kind):
-    stock, ours = pair(kind, return_sequences=True)
+def test_default_initial_state(kind, return_state, counter):
+    """Without initial_state the kernels start from zeros themselves: the
+    op passes them no states (and asks no gradient for them)."""
+    stock, ours = pair(kind, return_sequences=True, return_state=return_state)
     x, states = data(2)
     m = make_mask("left")
     want = run(stock, x, states, m, 0, use_state=False)
     got = run(ours, x, states, m, 0, use_state=False)
     assert_same(got[0], want[0])
     assert_same(got[1], want[1])
+    n_states = KINDS[kind][2]
+    args, = [c["args"] for c in counter.calls[f"{kind}_forward"]]
+    assert args[4:4 + n_states] == (None,) * n_states      # h0 (, c0)
+    # given ones are passed
+    run(ours, x, states, m, n_states)
+    args = counter.calls[f"{kind}_forward"][-1]["args"]
+    assert all(isinstance(a, np.ndarray) for a in args[4:4 + n_states])
+
+
+def _py_funcs(fn, *args):
+    """(number of inputs, number of results) of each tf.numpy_function in
+    the graph of tf.function ``fn``, in graph order."""
+    graph = fn.get_concrete_function(*args).graph
+    return [(len(op.inputs), len(op.outputs)) for op in graph.get_operations()
+            if op.type == "PyFuncStateless"]
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_ops_take_and_return_only_what_the_layer_uses(kind):
+    """Each input and result of a tf.numpy_function costs time on every
+    call: the forward op takes x, the weights and given initial states, and
+    returns the outputs (and the final states only when the layer returns
+    or keeps them) and the workspace (metadata and one buffer); the
+    backward op takes the used results' gradients, the workspace, x, h0
+    when given, the kernels and the outputs, and returns the gradients of
+    what it took."""
+    n_states = KINDS[kind][2]
+    x = tf.constant(data(4)[0])
+    init = [tf.constant(s) for s in data(4)[1][:n_states]]
+
+    def step(layer, initial_state):
+        @tf.function
+        def f(x, init):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                out = layer(x, initial_state=init if initial_state else None)
+                out = out if isinstance(out, (list, tuple)) else [out]
+                loss = sum(tf.reduce_sum(o * o) for o in out)
+            return tape.gradient(loss, [x] + list(layer.trainable_weights))
+        return _py_funcs(f, x, init)
+
+    _, plain = pair(kind, return_sequences=True)
+    # forward: x, W, U, b -> outputs, blob, arena; backward: d_outputs,
+    # blob, arena, x, W, U, outputs -> dx, dW, dU, db
+    assert step(plain, False) == [(4, 3), (7, 4)]
+    _, full = pair(kind, return_sequences=True, return_state=True)
+    # + initial states, final states and their gradients, h0 for backward
+    assert step(full, True) == [(4 + n_states, 3 + n_states),
+                                (7 + n_states + 1, 4 + n_states)]
+    _, last = pair(kind)          # last output only: still no final states
+    assert step(last, False) == [(4, 3), (7, 4)]
+    # inference: x, W, U, b -> outputs
+    assert _py_funcs(tf.function(lambda x: plain(x)), x) == [(4, 1)]
 
 
 @pytest.mark.parametrize("activation", ["relu", "linear", None])

@@ -52,19 +52,24 @@ def upstream(kind, a, use_states):
     return ups
 
 
-def op_grads(kind, a, ups, go_backwards, backend, graph, persistent=False):
+def op_grads(kind, a, ups, go_backwards, backend, graph, persistent=False,
+             zero_states=False):
     """Gradients of sum(output * upstream) through _tf_ops (twice when
-    persistent, from one tape)."""
+    persistent, from one tape).  zero_states: the op gets no initial states
+    (None: zeros), and no gradient is taken for them."""
     fn = _tf_ops.lstm if kind == "lstm" else _tf_ops.rnn
+    want_states = any(u is not None for u in ups[1:])
 
     def run(x, states, W, U, b, mask):
         with tf.GradientTape(persistent=persistent) as tape:
             tape.watch([x, *states, W, U, b])
-            outs = fn(x, *states, W, U, b, mask, go_backwards=go_backwards,
-                      backend=backend)
+            args = [None] * len(states) if zero_states else states
+            outs = fn(x, *args, W, U, b, mask, go_backwards=go_backwards,
+                      backend=backend, states=want_states)
+            assert all(o is None for o in outs[1:]) != want_states
             loss = sum(tf.reduce_sum(o * u) for o, u in zip(outs, ups)
                        if u is not None)
-        sources = [x, *states, W, U, b]
+        sources = [x] + ([] if zero_states else [*states]) + [W, U, b]
         grads = [tape.gradient(loss, sources)]
         if persistent:
             grads.append(tape.gradient(loss, sources))
@@ -79,19 +84,22 @@ def op_grads(kind, a, ups, go_backwards, backend, graph, persistent=False):
     return [[g.numpy() for g in gs] for gs in got]
 
 
-def ops_grads(kind, a, ups, go_backwards, backend):
+def ops_grads(kind, a, ups, go_backwards, backend, zero_states=False):
     """The same gradients from fastrnn.ops directly."""
+    states = [None] * len(a["states"]) if zero_states else a["states"]
     if kind == "lstm":
-        r = ops.lstm_forward(a["x"], a["W"], a["U"], a["b"], *a["states"],
+        r = ops.lstm_forward(a["x"], a["W"], a["U"], a["b"], *states,
                              mask=a["mask"], go_backwards=go_backwards,
                              return_workspace=True, backend=backend)
         g = ops.lstm_backward(r.workspace, *ups)
-        return [g.x, g.h0, g.c0, g.kernel, g.recurrent_kernel, g.bias]
-    r = ops.rnn_forward(a["x"], a["W"], a["U"], a["b"], *a["states"],
-                        mask=a["mask"], go_backwards=go_backwards,
-                        return_workspace=True, backend=backend)
-    g = ops.rnn_backward(r.workspace, *ups)
-    return [g.x, g.h0, g.kernel, g.recurrent_kernel, g.bias]
+        d_states = [] if zero_states else [g.h0, g.c0]
+    else:
+        r = ops.rnn_forward(a["x"], a["W"], a["U"], a["b"], *states,
+                            mask=a["mask"], go_backwards=go_backwards,
+                            return_workspace=True, backend=backend)
+        g = ops.rnn_backward(r.workspace, *ups)
+        d_states = [] if zero_states else [g.h0]
+    return [g.x, *d_states, g.kernel, g.recurrent_kernel, g.bias]
 
 
 def assert_grads_equal(got, want):
@@ -105,14 +113,17 @@ def assert_grads_equal(got, want):
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
 @pytest.mark.parametrize("go_backwards", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("zero_states", [False, True], ids=["h0", "zeros"])
 @pytest.mark.parametrize("use_states", [False, True])
 @pytest.mark.parametrize("kind", sorted(G))
-def test_gradients_equal_ops(kind, use_states, masked, go_backwards, graph,
-                             backend):
+def test_gradients_equal_ops(kind, use_states, zero_states, masked,
+                             go_backwards, graph, backend):
     a = inputs(kind, masked=masked)
     ups = upstream(kind, a, use_states)
-    got, = op_grads(kind, a, ups, go_backwards, backend, graph)
-    assert_grads_equal(got, ops_grads(kind, a, ups, go_backwards, backend))
+    got, = op_grads(kind, a, ups, go_backwards, backend, graph,
+                    zero_states=zero_states)
+    assert_grads_equal(got, ops_grads(kind, a, ups, go_backwards, backend,
+                                      zero_states))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -130,26 +141,33 @@ def test_persistent_tape_reuses_workspace(kind, backend):
 
 
 @pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("kind", sorted(G))
-def test_compiled_workspace_arrays_are_not_pickled(kind, backend, monkeypatch):
-    """The forward op hands the workspace's own arrays to TensorFlow; only
-    its small metadata is pickled."""
+def test_compiled_workspace_arrays_are_not_pickled(kind, masked, backend,
+                                                   monkeypatch):
+    """The forward op hands the workspace's own arrays to TensorFlow as one
+    buffer, of which they are views; only its small metadata is pickled."""
     split = []
     real = _tf_ops._split
 
-    def spy(ws, fields):
-        out = real(ws, fields)
+    def spy(ws):
+        out = real(ws)
         split.append((ws, out))
         return out
     monkeypatch.setattr(_tf_ops, "_split", spy)
-    a = inputs(kind, B=8, T=20, I=16, H=32, seed=2)
+    a = inputs(kind, B=8, T=20, I=16, H=32, masked=masked, seed=2)
     ups = upstream(kind, a, True)
     got, = op_grads(kind, a, ups, False, backend, graph=True)
     assert_grads_equal(got, ops_grads(kind, a, ups, False, backend))
-    (ws, (blob, *arrays)), = split
+    (ws, (blob, arena)), = split
     assert blob.dtype == np.uint8 and blob.size < 1024
-    for (name, _), arr in zip(_tf_ops._ARRAYS[kind], arrays):
-        assert arr is ws.data[name]
+    assert arena is ws.data["arena"]
+    assert arena.size == 0 or arena.ctypes.data % 64 == 0
+    names = (["cs", "gates"] if kind == "lstm" else []) + (
+        ["mask_tm", "seen"] if masked else [])
+    for name in names:
+        assert ws.data[name].base is arena.base
+    assert arena.nbytes >= sum(ws.data[n].nbytes for n in names)
 
 
 @pytest.mark.parametrize("shape", [(0, 4, 3, 5), (2, 0, 3, 5)],

@@ -48,6 +48,17 @@ class _FastRNNMixin:
             # jit_compile="auto" choose the non-XLA path.
             self.supports_jit = False
 
+    def call(self, sequences, initial_state=None, mask=None, training=False):
+        # Whether the initial states are Keras's zeros (RNN.call makes them
+        # when none are given): the kernels then start from zeros without
+        # taking them as inputs (see _tf_ops).
+        self._fastrnn_zero_states = initial_state is None and not self.stateful
+        try:
+            return super().call(sequences, initial_state=initial_state,
+                                mask=mask, training=training)
+        finally:
+            self._fastrnn_zero_states = False
+
     def get_config(self):
         config = super().get_config()
         if self.fastrnn_backend is not None:
@@ -114,16 +125,21 @@ class _FastRNNMixin:
         with AutocastScope(None):
             weights = [cell.kernel.value, cell.recurrent_kernel.value,
                        cell.bias.value if cell.use_bias else None]
+        zero_states = getattr(self, "_fastrnn_zero_states", False)
         args = dict(
             x=tf.cast(x, kdt),
-            states=[tf.cast(s, kdt) for s in initial_state],
+            states=[None if zero_states else tf.cast(s, kdt) for s in initial_state],
+            # RNN.call uses the final states only for these
+            want_states=self.return_state or self.stateful,
             weights=[None if w is None else tf.cast(w, kdt) for w in weights],
             mask=None if mask is None else tf.cast(mask, tf.bool),
             backend=self.fastrnn_backend or "auto")
         return None, args
 
     def _finish(self, outputs, states, mask, dtype):
-        """(last_output, outputs, states) as Keras's loop returns them."""
+        """(last_output, outputs, states) as Keras's loop returns them.
+        States None (not computed: RNN.call drops them unless return_state
+        or stateful) are returned as the last output, which it drops."""
         import tensorflow as tf
         if mask is not None and self.zero_output_for_mask:
             m = tf.cast(mask, tf.bool)
@@ -131,7 +147,8 @@ class _FastRNNMixin:
                 m = tf.reverse(m, [1])
             outputs = tf.where(m[:, :, None], outputs, tf.zeros_like(outputs))
         outputs = tf.cast(outputs, dtype)
-        return outputs[:, -1], outputs, [tf.cast(s, dtype) for s in states]
+        last = outputs[:, -1]
+        return last, outputs, [last if s is None else tf.cast(s, dtype) for s in states]
 
 
 @keras.saving.register_keras_serializable(package="fastrnn")
@@ -204,7 +221,8 @@ class LSTM(_FastRNNMixin, keras.layers.LSTM):
         from . import _tf_ops
         outputs, h, c = _tf_ops.lstm(
             a["x"], *a["states"], *a["weights"], a["mask"],
-            go_backwards=self.go_backwards, backend=a["backend"])
+            go_backwards=self.go_backwards, backend=a["backend"],
+            states=a["want_states"])
         return self._finish(outputs, [h, c], a["mask"], sequences.dtype)
 
 
@@ -260,5 +278,6 @@ class SimpleRNN(_FastRNNMixin, keras.layers.SimpleRNN):
         outputs, h = _tf_ops.rnn(
             a["x"], *a["states"], *a["weights"], a["mask"],
             activation=_rnn_activation_name(self.cell.activation),
-            go_backwards=self.go_backwards, backend=a["backend"])
+            go_backwards=self.go_backwards, backend=a["backend"],
+            states=a["want_states"])
         return self._finish(outputs, [h], a["mask"], sequences.dtype)
