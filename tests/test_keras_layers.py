@@ -435,6 +435,40 @@ def test_concurrent_calls_from_threads():
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_concurrent_calls_with_and_without_initial_states(kind):
+    """Whether a call gave initial states is the calling thread's: two
+    threads inside one layer at once, one with states and one without, get
+    each its own result."""
+    n_states = KINDS[kind][2]
+    stock, ours = pair(kind, return_sequences=True)
+    x, states = data(30)
+    init = [tf.constant(s) for s in states[:n_states]]
+    want = {True: stock(x, initial_state=init).numpy(), False: stock(x).numpy()}
+    barrier = threading.Barrier(2, timeout=30)
+    arrived = threading.Event()
+    real = ours._check_inputs
+
+    def check_inputs(*args):          # both threads are inside call() here
+        arrived.set()
+        barrier.wait()
+        return real(*args)
+    ours._check_inputs = check_inputs
+    got = {}
+
+    def work(given):
+        got[given] = ours(x, initial_state=init if given else None).numpy()
+    # the thread with states enters first, the other one after it
+    threads = [threading.Thread(target=work, args=(g,)) for g in (True, False)]
+    threads[0].start()
+    assert arrived.wait(30)
+    threads[1].start()
+    for t in threads:
+        t.join()
+    for given in (True, False):
+        np.testing.assert_allclose(got[given], want[given], rtol=1e-4, atol=2e-5)
+
+
 # ------------------------------------------------------------- dtypes ---
 @pytest.fixture
 def float64():

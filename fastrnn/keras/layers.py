@@ -9,6 +9,8 @@ serialized config are the stock layer's.  Whenever the kernels can't serve
 a call, the layer runs the stock Keras loop instead (see the class
 docstrings for the list), so a result is never wrong, only slower.
 """
+import threading
+
 import keras
 from keras import activations
 from keras.src.backend import AutocastScope, cudnn_ok
@@ -18,6 +20,7 @@ from .._backend import BACKENDS
 __all__ = ["LSTM", "SimpleRNN"]
 
 _BACKEND_CHOICES = ("auto",) + BACKENDS
+_zero_state_calls = threading.local()   # .layers: ids of layers in such calls
 _CUDNN = "Keras uses cuDNN"
 _OTHER_BACKEND = "Keras backend is not TensorFlow"
 _RNN_ACTIVATIONS = ((activations.tanh, "tanh"), (activations.relu, "relu"),
@@ -51,13 +54,22 @@ class _FastRNNMixin:
     def call(self, sequences, initial_state=None, mask=None, training=False):
         # Whether the initial states are Keras's zeros (RNN.call makes them
         # when none are given): the kernels then start from zeros without
-        # taking them as inputs (see _tf_ops).
-        self._fastrnn_zero_states = initial_state is None and not self.stateful
+        # taking them as inputs (see _tf_ops).  Per thread: RNN.call runs
+        # inner_loop on the calling thread, and another thread may call the
+        # same layer with states of its own meanwhile.
+        calls = _zero_state_calls.__dict__.setdefault("layers", set())
+        zero = initial_state is None and not self.stateful
+        if zero:
+            calls.add(id(self))
         try:
             return super().call(sequences, initial_state=initial_state,
                                 mask=mask, training=training)
         finally:
-            self._fastrnn_zero_states = False
+            calls.discard(id(self))
+
+    def _zero_initial_states(self):
+        """Whether this thread's current call gives no initial states."""
+        return id(self) in getattr(_zero_state_calls, "layers", ())
 
     def get_config(self):
         config = super().get_config()
@@ -125,7 +137,7 @@ class _FastRNNMixin:
         with AutocastScope(None):
             weights = [cell.kernel.value, cell.recurrent_kernel.value,
                        cell.bias.value if cell.use_bias else None]
-        zero_states = getattr(self, "_fastrnn_zero_states", False)
+        zero_states = self._zero_initial_states()
         args = dict(
             x=tf.cast(x, kdt),
             states=[None if zero_states else tf.cast(s, kdt) for s in initial_state],
