@@ -227,6 +227,41 @@ def _item_pointer(context, builder, aryty, ary, index):
 
 
 @intrinsic
+def _ptr(typingctx, arr, idx):
+    """A pointer p to arr[idx] (idx: a tuple of arr.ndim indices, none
+    negative), for a loop over the elements that follow it along the last
+    axis, p[0], p[1], ..., which must be contiguous (as every array the
+    kernels loop over row by row is: ``_unit_strides``).  A view of the
+    row would do the same, but each view costs reference counting (some
+    60 ns a row: at H = 64 more than the row's arithmetic); a pointer costs
+    nothing, and LLVM vectorises loops over pointers as over views."""
+    if not (isinstance(arr, types.Array) and isinstance(idx, types.BaseTuple)
+            and len(idx) == arr.ndim
+            and all(isinstance(i, types.Integer) for i in idx)):
+        return None
+    sig = types.CPointer(arr.dtype)(arr, idx)
+
+    def codegen(context, builder, sig, args):
+        from numba.core import cgutils
+        aryty, idxty = sig.args
+        ary = context.make_array(aryty)(context, builder, args[0])
+        inds = [context.cast(builder, v, t, types.intp)
+                for v, t in zip(cgutils.unpack_tuple(builder, args[1]), idxty)]
+        return cgutils.get_item_pointer(context, builder, aryty, ary, inds)
+    return sig, codegen
+
+
+def _unit_strides(*arrays):
+    """The kernels loop over rows through pointers (``_ptr``): every array's
+    last axis must be contiguous (fastrnn.ops passes such arrays)."""
+    for a in arrays:
+        if a.size and a.strides[-1] != a.itemsize:
+            raise ValueError(f"numba kernels need arrays whose last axis is "
+                             f"contiguous, got strides {a.strides} for shape "
+                             f"{a.shape}")
+
+
+@intrinsic
 def _atomic_add(typingctx, arr, index, value):
     """arr[index] += value atomically (int64 array); returns the old value."""
     sig = types.int64(arr, types.intp, types.int64)
@@ -379,10 +414,10 @@ def _chunk_views(xs, R, I, H):
 
 
 @njit(inline="always", **_JIT)
-def _copy_vec(dst, src):
-    """dst[:] = src for two 1-d arrays of the same length (a plain loop,
-    which LLVM vectorises; Numba's slice assignment is a generic one)."""
-    for k in range(dst.shape[0]):
+def _copy_n(dst, src, n):
+    """dst[:n] = src[:n] for two pointers (``_ptr``; a plain loop, which
+    LLVM vectorises)."""
+    for k in range(n):
         dst[k] = src[k]
 
 
@@ -426,24 +461,25 @@ def _grads_rows(x, h0, out, first, reverse, WT, dz, t0, t1, r0, r1, xs, dx):
     R = (t1 - t0) * B
     if r1 <= r0:
         return
-    xc, dxc, hc = _chunk_views(xs, R, I, out.shape[2])
+    H = out.shape[2]
+    xc, dxc, hc = _chunk_views(xs, R, I, H)
     for r in range(r0, r1):
         b = r % B
         t = t0 + r // B
         if t <= first[b]:
-            _copy_vec(hc[r], h0[b])
+            _copy_n(_ptr(hc, (r, 0)), _ptr(h0, (b, 0)), H)
         else:
-            _copy_vec(hc[r], out[b, t - 1])
+            _copy_n(_ptr(hc, (r, 0)), _ptr(out, (b, t - 1, 0)), H)
     if I == 0:
         return
     for r in range(r0, r1):
         b, tt = _tm_row(B, T, reverse, t0, r)
-        _copy_vec(xc[r], x[b, tt])
+        _copy_n(_ptr(xc, (r, 0)), _ptr(x, (b, tt, 0)), I)
     dz2 = dz[:t1 - t0].reshape(R, dz.shape[2])
     project(dz2[r0:r1], WT, 1, I, 0, I, dxc[r0:r1])
     for r in range(r0, r1):
         b, tt = _tm_row(B, T, reverse, t0, r)
-        _copy_vec(dx[b, tt], dxc[r])
+        _copy_n(_ptr(dx, (b, tt, 0)), _ptr(dxc, (r, 0)), I)
 
 
 @njit(**_JIT)
@@ -480,12 +516,6 @@ def _taken(mask_tm, t, b):
 
 # ------------------------------------------------------------------- LSTM ---
 @njit(**_JIT)
-def _gate_blocks(a, H, j0, j1):
-    """Units [j0, j1) of the four gate blocks (H each) of a row a (4H,)."""
-    return a[j0:j1], a[H + j0:H + j1], a[2 * H + j0:2 * H + j1], a[3 * H + j0:3 * H + j1]
-
-
-@njit(**_JIT)
 def _lstm_cell(mask_tm, t, gates_t, rec, bias, h_prev, c_prev, h_next,
                c_next, out_t, j0, j1):
     """One step's fused pass for hidden units [j0, j1) of every row: gate
@@ -493,24 +523,27 @@ def _lstm_cell(mask_tm, t, gates_t, rec, bias, h_prev, c_prev, h_next,
     gates_t: kept for the backward pass when training, scratch otherwise),
     new c and h (also into out_t, the step's outputs, a strided view of the
     batch-major outputs).  rec (B, 4w) holds the units' h U, gate blocks of w.
-    Masked rows carry h and c.  Row by row over views, in loops that each
-    touch few arrays, which LLVM vectorises (one fused loop it does not)."""
+    Masked rows carry h and c.  Row by row through pointers (``_ptr``), in
+    loops that each touch few arrays, which LLVM vectorises (one fused loop
+    it does not)."""
     B, H = h_prev.shape
     w = j1 - j0
     cast = h_prev.dtype.type
-    bi, bf, bg, bo = _gate_blocks(bias, H, j0, j1)
+    bi, bf = _ptr(bias, (j0,)), _ptr(bias, (H + j0,))
+    bg, bo = _ptr(bias, (2 * H + j0,)), _ptr(bias, (3 * H + j0,))
     for b in range(B):
-        hn, cn, on = h_next[b, j0:j1], c_next[b, j0:j1], out_t[b, j0:j1]
-        hp, cp = h_prev[b, j0:j1], c_prev[b, j0:j1]
+        hn, cn, on = _ptr(h_next, (b, j0)), _ptr(c_next, (b, j0)), _ptr(out_t, (b, j0))
+        hp, cp = _ptr(h_prev, (b, j0)), _ptr(c_prev, (b, j0))
         if not _taken(mask_tm, t, b):
             for u in range(w):
                 hn[u] = hp[u]
                 on[u] = hp[u]
                 cn[u] = cp[u]
             continue
-        gi, gf, gg, go = _gate_blocks(gates_t[b], H, j0, j1)
-        r = rec[b]
-        ri, rf, rg, ro = r[:w], r[w:2 * w], r[2 * w:3 * w], r[3 * w:]
+        gi, gf = _ptr(gates_t, (b, j0)), _ptr(gates_t, (b, H + j0))
+        gg, go = _ptr(gates_t, (b, 2 * H + j0)), _ptr(gates_t, (b, 3 * H + j0))
+        ri, rf = _ptr(rec, (b, 0)), _ptr(rec, (b, w))
+        rg, ro = _ptr(rec, (b, 2 * w)), _ptr(rec, (b, 3 * w))
         for u in range(w):
             gi[u] = cast(_sigmoid(gi[u] + ri[u] + bi[u]))
         for u in range(w):
@@ -555,25 +588,30 @@ def _lstm_cell_grad(mask_tm, t, gates_t, c_prev, c_t, d_out_t, dh, dc,
                           dz_t, j0, j1):
     """One backward step's pass for units [j0, j1): dh += d_out_t; for taken
     rows the gate pre-activation gradients dz_t and dc <- dc at c_prev;
-    masked rows get dz_t = 0 and keep dc.  Row by row, in short loops that
-    LLVM vectorises (dz_t's o block holds tanh(c) until its last use)."""
+    masked rows get dz_t = 0 and keep dc.  Row by row through pointers, in
+    short loops that LLVM vectorises (dz_t's o block holds tanh(c) until its
+    last use)."""
     B, H = dh.shape
     w = j1 - j0
     cast = dh.dtype.type
     one = cast(1)
+    zero = cast(0)
     for b in range(B):
-        dhr, dor = dh[b, j0:j1], d_out_t[b, j0:j1]
+        dhr, dor = _ptr(dh, (b, j0)), _ptr(d_out_t, (b, j0))
         for u in range(w):
             dhr[u] += dor[u]
-        di, df, dg, do = _gate_blocks(dz_t[b], H, j0, j1)
+        di, df = _ptr(dz_t, (b, j0)), _ptr(dz_t, (b, H + j0))
+        dg, do = _ptr(dz_t, (b, 2 * H + j0)), _ptr(dz_t, (b, 3 * H + j0))
         if not _taken(mask_tm, t, b):
-            di[:] = 0
-            df[:] = 0
-            dg[:] = 0
-            do[:] = 0
+            for u in range(w):
+                di[u] = zero
+                df[u] = zero
+                dg[u] = zero
+                do[u] = zero
             continue
-        gi, gf, gg, go = _gate_blocks(gates_t[b], H, j0, j1)
-        dcr, cpr, cr = dc[b, j0:j1], c_prev[b, j0:j1], c_t[b, j0:j1]
+        gi, gf = _ptr(gates_t, (b, j0)), _ptr(gates_t, (b, H + j0))
+        gg, go = _ptr(gates_t, (b, 2 * H + j0)), _ptr(gates_t, (b, 3 * H + j0))
+        dcr, cpr, cr = _ptr(dc, (b, j0)), _ptr(c_prev, (b, j0)), _ptr(c_t, (b, j0))
         for u in range(w):
             do[u] = cast(_tanh(cr[u]))
         for u in range(w):
@@ -596,7 +634,7 @@ def _take_dh(mask_tm, t, part, dh, j0, j1):
     """dh[:, j0:j1] <- part[:, :j1 - j0] on the rows that took step t."""
     for b in range(dh.shape[0]):
         if _taken(mask_tm, t, b):
-            dh[b, j0:j1] = part[b, :j1 - j0]
+            _copy_n(_ptr(dh, (b, j0)), _ptr(part, (b, 0)), j1 - j0)
 
 
 @njit(**_JIT)
@@ -818,6 +856,7 @@ def lstm_forward(x, W, U, bias, mask_tm, hs, cs, gates, out, work, training,
     taken rows.  work (the cython kernel's scratch for packed weights) is
     not used: the weights are packed here (``_numba_panels``).  x is
     (T, B, I) in reading order, or (B, T, I) read forwards when batch_major."""
+    _unit_strides(x, bias, hs, cs, gates, out)
     x, bm = _kernel_x(x, batch_major)
     B = gates.shape[1]
     split, blocks = _plan(B, 4, U.shape[0], nthreads)
@@ -846,6 +885,7 @@ def lstm_backward(x, h0, out, reverse, W, U, mask_tm, cs, gates, d_out, dh, dc,
     (Tc * B * (2 * I + H),: a chunk's rows of x, of dx and of h_{t-1}) are
     scratch; work and pack (the cython kernel's scratch) are not used.
     x, h0 and out may be read-only."""
+    _unit_strides(x, h0, out, cs, gates, d_out, dh, dc, dx, dz, xs)
     split, blocks = _plan(x.shape[0], 4, U.shape[0], nthreads)
     W = _pack_wt(W)   # (the weight gradients' dx = dz W^T)
     first = _first_steps(mask_tm, x.shape[0])
@@ -919,14 +959,14 @@ def _rnn_cell(mask_tm, t, rec, bias, act, h0, out, j0, j1):
     w = j1 - j0
     cast = out.dtype.type
     zero = cast(0)
-    bj = bias[j0:j1]
+    bj = _ptr(bias, (j0,))
     for b in range(B):
-        hr, r = out[b, t, j0:j1], rec[b]
+        hr, r = _ptr(out, (b, t, j0)), _ptr(rec, (b, 0))
         if not _taken(mask_tm, t, b):
             if t == 0:
-                _copy_vec(hr, h0[b, j0:j1])
+                _copy_n(hr, _ptr(h0, (b, j0)), w)
             else:
-                _copy_vec(hr, out[b, t - 1, j0:j1])
+                _copy_n(hr, _ptr(out, (b, t - 1, j0)), w)
         elif act == TANH:
             for u in range(w):
                 hr[u] = cast(_tanh(hr[u] + r[u] + bj[u]))
@@ -1041,6 +1081,7 @@ def rnn_forward(x, W, U, bias, mask_tm, h0, out, work, act, nthreads,
     as for ``lstm_forward`` (float64 too reads a batch-major x as it is:
     its projection is one product into out)."""
     B, H = out.shape[0], out.shape[2]
+    _unit_strides(x, bias, h0, out)
     split, blocks = _plan(B, 1, H, nthreads)
     units = split == "units" and len(blocks) > 1
     Wp, Up = _pack_all(W, 1, units), _pack_all(U, 1, units)
@@ -1065,12 +1106,13 @@ def _rnn_cell_grad(mask_tm, t, act, out, d_out, dh, dz_t, j0, j1):
     zero = dh.dtype.type(0)
     one = dh.dtype.type(1)
     for b in range(B):
-        dhr, dor = dh[b, j0:j1], d_out[b, t, j0:j1]
-        dzr, hr = dz_t[b, j0:j1], out[b, t, j0:j1]
+        dhr, dor = _ptr(dh, (b, j0)), _ptr(d_out, (b, t, j0))
+        dzr, hr = _ptr(dz_t, (b, j0)), _ptr(out, (b, t, j0))
         for u in range(w):
             dhr[u] += dor[u]
         if not _taken(mask_tm, t, b):
-            dzr[:] = zero
+            for u in range(w):
+                dzr[u] = zero
         elif act == TANH:
             for u in range(w):
                 dzr[u] = dhr[u] * (one - hr[u] * hr[u])
@@ -1078,7 +1120,7 @@ def _rnn_cell_grad(mask_tm, t, act, out, d_out, dh, dz_t, j0, j1):
             for u in range(w):
                 dzr[u] = dhr[u] if hr[u] > zero else zero
         else:
-            dzr[:] = dhr
+            _copy_n(dzr, dhr, w)
 
 
 @njit(**_JIT)
@@ -1116,6 +1158,7 @@ def rnn_backward(x, h0, out, reverse, W, U, mask_tm, act, d_out, dh, dx, dW, dU,
     """RNN backward through time; arguments as ``lstm_backward`` without the
     cell state (dz (Tc, B, H)); act'(z_t) is taken from h_t = out[:, t].
     dh (B, H): dL/dh_T on entry, dL/dh0 on exit."""
+    _unit_strides(x, h0, out, d_out, dh, dx, dz, xs)
     split, blocks = _plan(x.shape[0], 1, U.shape[0], nthreads)
     W = _pack_wt(W)   # (the weight gradients' dx = dz W^T)
     first = _first_steps(mask_tm, x.shape[0])

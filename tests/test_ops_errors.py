@@ -386,3 +386,29 @@ def test_nan_h0_of_a_row_not_yet_started(backend, dtype, cell, rng, kernels,
     np.testing.assert_array_equal(expected["outputs"][:2, :2], 0)
     assert np.isnan(expected["outputs"][0, 2:]).all()
     _forward_close(actual, expected, assert_close, backend)
+
+
+@pytest.mark.skipif("numba" not in fastrnn.available_backends(),
+                    reason="the numba backend is not available")
+@pytest.mark.parametrize("kind", ["lstm", "rnn"])
+def test_numba_kernels_reject_rows_that_are_not_contiguous(kind):
+    """The numba kernels loop over rows through raw pointers: an array
+    whose last axis is strided (fastrnn.ops never passes one) is a
+    ValueError at the kernel's entry, not a read of the wrong memory."""
+    from fastrnn import _numba_kernels as nk
+    G = 4 if kind == "lstm" else 1
+    a = _arrays(G, np.float32)
+    x = a["x"].swapaxes(0, 1).copy()               # (T, B, I), reading order
+    W, U, b = a["kernel"], a["recurrent_kernel"], a["bias"]
+    mask = np.zeros((0, 0), np.uint8)
+    out = np.zeros((B, T, 2 * H), np.float32)[:, :, ::2]   # strided last axis
+    work = np.zeros(0, np.float32)
+    with pytest.raises(ValueError, match="last axis is contiguous"):
+        if kind == "lstm":
+            hs = np.zeros((2, B, H), np.float32)
+            cs = np.zeros((2, B, H), np.float32)
+            gates = np.zeros((T, B, 4 * H), np.float32)
+            nk.lstm_forward(x, W, U, b, mask, hs, cs, gates, out, work, False, 1)
+        else:
+            nk.rnn_forward(x, W, U, b, mask, np.zeros((B, H), np.float32), out,
+                           work, 0, 1)
