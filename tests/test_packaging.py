@@ -37,7 +37,7 @@ def sdist_members(tmp_path_factory):
 
 
 def test_sdist_has_build_inputs_docs_and_data(sdist_members):
-    expected = {"pyproject.toml", "setup.py", "README.md", "MANIFEST.in",
+    expected = {"pyproject.toml", "setup.py", "README.md", "LICENSE", "MANIFEST.in",
                 "fastrnn/_cykernels.pyx", "fastrnn/__init__.py", "fastrnn/cli.py",
                 "fastrnn/keras/__init__.py",
                 "fastrnn/data/tinyshakespeare.txt.gz", "fastrnn/data/README.md"}
