@@ -429,7 +429,7 @@ def rnn_forward(x, kernel, recurrent_kernel, bias=None, h0=None, *,
     x_in, batch_major = _kernel_input(x, go_backwards)
     ws.masked = mask is not None
     saved = _saved_arrays("rnn", ws.shape, dt, ws.masked) if training else None
-    mask_tm = _mask_tm(mask, go_backwards, saved["mask_tm"] if saved and ws.masked else None)
+    mask_tm = _mask_tm(mask, go_backwards, saved["mask_tm"] if training else None)
     # the kernel computes the pre-activations into the outputs and each
     # step's h in place there (no other buffer)
     h0 = np.ascontiguousarray(h0)
