@@ -219,11 +219,12 @@ def _tanh_impl(x):
 # The unit split needs the threads of a call to meet once per step: a
 # sense-reversing barrier on an int64 array, from LLVM atomics (Numba has
 # none of its own), spinning, then yielding the CPU while it waits long.
-def _item_pointer(context, builder, aryty, ary, index):
+def _item_pointer(context, builder, aryty, ary, indices):
+    """LLVM pointer to ary[indices] (a list of intp values, not negative)."""
     from numba.core import cgutils
     return cgutils.get_item_pointer(context, builder, aryty,
                                     context.make_array(aryty)(context, builder, ary),
-                                    [index])
+                                    indices)
 
 
 @intrinsic
@@ -244,10 +245,9 @@ def _ptr(typingctx, arr, idx):
     def codegen(context, builder, sig, args):
         from numba.core import cgutils
         aryty, idxty = sig.args
-        ary = context.make_array(aryty)(context, builder, args[0])
         inds = [context.cast(builder, v, t, types.intp)
                 for v, t in zip(cgutils.unpack_tuple(builder, args[1]), idxty)]
-        return cgutils.get_item_pointer(context, builder, aryty, ary, inds)
+        return _item_pointer(context, builder, aryty, args[0], inds)
     return sig, codegen
 
 
@@ -267,7 +267,7 @@ def _atomic_add(typingctx, arr, index, value):
     sig = types.int64(arr, types.intp, types.int64)
 
     def codegen(context, builder, sig, args):
-        ptr = _item_pointer(context, builder, sig.args[0], args[0], args[1])
+        ptr = _item_pointer(context, builder, sig.args[0], args[0], [args[1]])
         return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
     return sig, codegen
 
@@ -278,7 +278,7 @@ def _atomic_load(typingctx, arr, index):
     sig = types.int64(arr, types.intp)
 
     def codegen(context, builder, sig, args):
-        ptr = _item_pointer(context, builder, sig.args[0], args[0], args[1])
+        ptr = _item_pointer(context, builder, sig.args[0], args[0], [args[1]])
         return builder.load_atomic(ptr, "acquire", 8)
     return sig, codegen
 
@@ -289,7 +289,7 @@ def _atomic_store(typingctx, arr, index, value):
     sig = types.void(arr, types.intp, types.int64)
 
     def codegen(context, builder, sig, args):
-        ptr = _item_pointer(context, builder, sig.args[0], args[0], args[1])
+        ptr = _item_pointer(context, builder, sig.args[0], args[0], [args[1]])
         builder.store_atomic(args[2], ptr, "release", 8)
         return context.get_dummy_value()
     return sig, codegen
